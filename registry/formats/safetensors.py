@@ -1,33 +1,479 @@
-"""Strict safetensors header parser (pure: bytes in, dataclasses or errors out).
+"""Strict safetensors header parser and streamed value check (pure: bytes in, dataclasses or errors out).
 
-INTERFACE (fixed; other modules code against it):
+File layout: 8-byte little-endian N, N bytes of UTF-8 JSON (an object, optionally followed by 0x20
+padding), then the data section, covered exactly by the tensors' ``data_offsets``.
 
-    MAX_HEADER_SIZE_DEFAULT = 8 * 1024 * 1024
-    DTYPE_SIZES: dict[str, int]         # bytes per element, e.g. {"F32": 4, "BF16": 2, ...}
-    FLOAT_DTYPES: frozenset[str]
+Stricter than safetensors itself (which accepts duplicate keys, leading whitespace, extra fields):
+the header must start with ``{``; only spaces may follow the object; no repeated key anywhere; no
+float, NaN or Infinity literal; entries have exactly ``dtype``, ``shape``, ``data_offsets``;
+``__metadata__`` maps strings to strings. Shapes and offsets are bounded before any arithmetic,
+and no allocation is sized by a header value; parsing costs memory in proportion to the header's
+length alone (about 25x at worst), which the caller caps. Dtypes are safetensors 0.8.0's; the sub-byte ones (F4, F6_*) are
+refused with DtypeUnsupportedError, so every parsed dtype is a key of ``DTYPE_SIZES``.
 
-    @dataclass(frozen=True)
-    class TensorInfo:
-        name: str
-        dtype: str
-        shape: tuple[int, ...]
-        start: int   # offset in the data section (after 8 + header_size)
-        end: int
-        @property nbytes -> int
-        @property numel -> int
-
-    @dataclass(frozen=True)
-    class Header:
-        tensors: dict[str, TensorInfo]      # in data-offset order
-        metadata: dict[str, str] | None
-        header_size: int                    # N, the JSON length
-        @property data_offset -> int        # 8 + N
-        @property data_size -> int          # end of the last tensor (0 if none)
-        @property file_size -> int          # data_offset + data_size
-
-    def header_length(prefix: bytes, *, max_header_size=MAX_HEADER_SIZE_DEFAULT) -> int
-    def parse_header(header_json: bytes, *, file_size: int | None = None) -> Header
-    def read_header(read_range: Callable[[int, int], bytes], file_size: int, *,
-                    max_header_size=MAX_HEADER_SIZE_DEFAULT) -> Header
-    def read_header_from_file(path, *, max_header_size=...) -> Header
+Public: ``MAX_HEADER_SIZE_DEFAULT``, ``DTYPE_SIZES``, ``FLOAT_DTYPES``, ``SUBBYTE_DTYPES``,
+``TensorInfo``, ``Header``, ``header_length``, ``parse_header``, ``read_header``,
+``read_header_from_file``, ``ValueStats``, ``scan_values``, ``iter_tensor_chunks``.
 """
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loreg.registry.errors import (
+    DtypeUnknownError,
+    DtypeUnsupportedError,
+    DuplicateKeyError,
+    HeaderInvalidError,
+    HeaderTooLargeError,
+    OffsetInvalidError,
+    ShapeInvalidError,
+    SizeMismatchError,
+    TrailingDataError,
+)
+
+MAX_HEADER_SIZE_DEFAULT = 8 * 1024 * 1024
+
+# safetensors 0.8.0's Dtype enum, less the sub-byte members.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "C64": 8,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+}
+# Known to safetensors 0.8.0 but packed below one byte per element: refused (no LoRA uses them).
+SUBBYTE_DTYPES: frozenset[str] = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+FLOAT_DTYPES: frozenset[str] = frozenset(
+    {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+)
+
+MAX_NDIM = 32
+# 2**48 elements is far beyond any real tensor and keeps every product small.
+MAX_NUMEL = 1 << 48
+MAX_OFFSET = (1 << 63) - 1
+_MAX_INT_DIGITS = 20  # u64 max has 20 digits; longer literals are never converted
+_SHOWN_CHARS = 256  # names echoed in error details are cut here
+_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # offset in the data section (after 8 + header_size)
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]  # in data-offset order
+    metadata: dict[str, str] | None
+    header_size: int  # N, the JSON length including its space padding
+
+    @property
+    def data_offset(self) -> int:
+        return 8 + self.header_size
+
+    @property
+    def data_size(self) -> int:
+        return next(reversed(self.tensors.values())).end if self.tensors else 0
+
+    @property
+    def file_size(self) -> int:
+        return self.data_offset + self.data_size
+
+
+@dataclass(frozen=True)
+class ValueStats:
+    nonfinite: int  # NaN and ±inf elements
+    all_zero: bool  # every element is ±0 (vacuously true for no elements)
+
+
+def _show(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
+
+
+def _check_text(text: str) -> None:
+    # json accepts lone surrogate escapes ("\ud800"); they are not UTF-8 and safetensors refuses them.
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HeaderInvalidError("header holds a string with a lone surrogate escape") from None
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        _check_text(key)
+        if isinstance(value, str):
+            _check_text(value)
+        if key in obj:
+            raise DuplicateKeyError(f"header repeats the key {_show(key)!r}", detail={"key": _show(key)})
+        obj[key] = value
+    return obj
+
+
+def _parse_int(literal: str) -> int:
+    if literal == "-0":
+        raise HeaderInvalidError("header holds the literal -0")
+    digits = literal.lstrip("-")
+    if len(digits) > _MAX_INT_DIGITS:
+        # Never convert huge literals; any value past u64 is refused downstream with the tensor named.
+        return -(1 << 64) if literal.startswith("-") else 1 << 64
+    return int(literal)
+
+
+def _refuse_float(literal: str) -> Any:
+    raise HeaderInvalidError(f"header holds a float literal {_show(literal)!r}; only integers are allowed")
+
+
+def _refuse_constant(literal: str) -> Any:
+    raise HeaderInvalidError(f"header holds the literal {literal}; not JSON")
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_object_pairs,
+    parse_float=_refuse_float,
+    parse_int=_parse_int,
+    parse_constant=_refuse_constant,
+    strict=True,
+)
+
+
+def header_length(prefix: bytes, *, max_header_size: int = MAX_HEADER_SIZE_DEFAULT) -> int:
+    """The header length N from a file's first 8 bytes, refused above ``max_header_size``."""
+    if len(prefix) < 8:
+        raise HeaderInvalidError(
+            f"file is {len(prefix)} bytes, shorter than the 8-byte length prefix", detail={"size": len(prefix)}
+        )
+    n = int.from_bytes(bytes(prefix[:8]), "little")
+    if n > max_header_size:
+        raise HeaderTooLargeError(
+            f"header length {n} is over the cap of {max_header_size} bytes",
+            detail={"header_size": n, "max_header_size": max_header_size},
+        )
+    if n == 0:
+        raise HeaderInvalidError("header length is 0", detail={"header_size": 0})
+    return n
+
+
+def _decode(header_json: bytes) -> dict[str, Any]:
+    if not header_json:
+        raise HeaderInvalidError("header is empty", detail={"header_size": 0})
+    if header_json[:1] != b"{":
+        raise HeaderInvalidError(
+            "header must start with '{' (no leading whitespace or padding)", detail={"first_byte": header_json[0]}
+        )
+    try:
+        text = bytes(header_json).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeaderInvalidError("header is not valid UTF-8", detail={"position": exc.start}) from None
+    try:
+        obj, end = _DECODER.raw_decode(text)
+    except RecursionError:
+        raise HeaderInvalidError("header JSON is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise HeaderInvalidError(f"header is not valid JSON: {exc.msg}", detail={"position": exc.pos}) from None
+    if text[end:].strip(" "):
+        raise HeaderInvalidError(
+            "only space (0x20) padding may follow the header's JSON object", detail={"position": end}
+        )
+    return obj
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
+
+
+def _tensor_entry(name: str, entry: Any) -> TensorInfo:
+    shown = _show(name)
+    if not isinstance(entry, dict):
+        raise HeaderInvalidError(f"entry for tensor {shown!r} is not an object", detail={"tensor": shown})
+    keys = set(entry)
+    if keys != _FIELDS:
+        raise HeaderInvalidError(
+            f"entry for tensor {shown!r} must have exactly dtype, shape, data_offsets",
+            detail={
+                "tensor": shown,
+                "missing": sorted(_FIELDS - keys),
+                "unexpected": sorted(_show(k) for k in keys - _FIELDS)[:16],
+            },
+        )
+
+    dtype = entry["dtype"]
+    if not isinstance(dtype, str):
+        raise HeaderInvalidError(f"dtype of tensor {shown!r} is not a string", detail={"tensor": shown})
+    if dtype in SUBBYTE_DTYPES:
+        raise DtypeUnsupportedError(
+            f"tensor {shown!r} has the sub-byte dtype {dtype}, which loreg does not store",
+            detail={"tensor": shown, "dtype": dtype},
+        )
+    if dtype not in DTYPE_SIZES:
+        raise DtypeUnknownError(
+            f"tensor {shown!r} has an unknown dtype {_show(dtype)!r}", detail={"tensor": shown, "dtype": _show(dtype)}
+        )
+
+    shape = entry["shape"]
+    if not isinstance(shape, list):
+        raise HeaderInvalidError(f"shape of tensor {shown!r} is not a list", detail={"tensor": shown})
+    if len(shape) > MAX_NDIM:
+        raise ShapeInvalidError(
+            f"tensor {shown!r} has {len(shape)} dimensions, over {MAX_NDIM}",
+            detail={"tensor": shown, "ndim": len(shape)},
+        )
+    numel = 1
+    for dim in shape:
+        if type(dim) is not int:
+            raise ShapeInvalidError(
+                f"shape of tensor {shown!r} holds a {type(dim).__name__}, not an integer", detail={"tensor": shown}
+            )
+        if dim < 0 or dim > MAX_NUMEL:
+            raise ShapeInvalidError(
+                f"tensor {shown!r} has the dimension {dim}, outside [0, {MAX_NUMEL}]",
+                detail={"tensor": shown, "dim": dim},
+            )
+        numel *= dim
+        if numel > MAX_NUMEL:
+            raise ShapeInvalidError(
+                f"tensor {shown!r} has more than {MAX_NUMEL} elements", detail={"tensor": shown}
+            )
+
+    offsets = entry["data_offsets"]
+    if not (_int_list(offsets) and len(offsets) == 2):
+        raise HeaderInvalidError(
+            f"data_offsets of tensor {shown!r} is not a list of two integers", detail={"tensor": shown}
+        )
+    start, end = offsets
+    if not (0 <= start <= end <= MAX_OFFSET):
+        raise OffsetInvalidError(
+            f"tensor {shown!r} has invalid data_offsets [{start}, {end}]",
+            detail={"tensor": shown, "start": start, "end": end},
+        )
+    expected = numel * DTYPE_SIZES[dtype]
+    if end - start != expected:
+        raise SizeMismatchError(
+            f"tensor {shown!r} spans {end - start} bytes, but {dtype} {shape} needs {expected}",
+            detail={"tensor": shown, "expected": expected, "actual": end - start},
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def parse_header(header_json: bytes, *, file_size: int | None = None) -> Header:
+    """Parse the N header bytes; with ``file_size``, also check the data section fills the rest exactly."""
+    obj = _decode(header_json)
+    header_size = len(header_json)
+    metadata: dict[str, str] | None = None
+    infos: list[TensorInfo] = []
+    for key, value in obj.items():
+        if key == "__metadata__":
+            if not isinstance(value, dict):
+                raise HeaderInvalidError("__metadata__ is not an object", detail={"key": key})
+            for mkey, mvalue in value.items():
+                if not isinstance(mvalue, str):
+                    raise HeaderInvalidError(
+                        f"__metadata__ value for {_show(mkey)!r} is not a string", detail={"key": _show(mkey)}
+                    )
+            metadata = dict(value)
+        else:
+            infos.append(_tensor_entry(key, value))
+
+    # Stable sort: zero-size tensors sharing an offset keep their header order.
+    infos.sort(key=lambda t: (t.start, t.end))
+    position = 0
+    for info in infos:
+        if info.start != position:
+            kind = "overlaps the previous tensor" if info.start < position else "leaves a gap"
+            raise OffsetInvalidError(
+                f"tensor {_show(info.name)!r} starts at {info.start}, expected {position}: it {kind}",
+                detail={"tensor": _show(info.name), "start": info.start, "expected_start": position},
+            )
+        position = info.end
+    header = Header(tensors={t.name: t for t in infos}, metadata=metadata, header_size=header_size)
+
+    if file_size is not None:
+        if file_size < header.data_offset:
+            raise HeaderInvalidError(
+                f"header length {header_size} runs past the end of a {file_size}-byte file",
+                detail={"header_size": header_size, "file_size": file_size},
+            )
+        if file_size > header.file_size:
+            raise TrailingDataError(
+                f"{file_size - header.file_size} bytes follow the last tensor",
+                detail={"extra_bytes": file_size - header.file_size},
+            )
+        if file_size < header.file_size:
+            available = file_size - header.data_offset
+            short = next(t for t in infos if t.end > available)
+            raise SizeMismatchError(
+                f"data section is {header.file_size - file_size} bytes short; tensor {_show(short.name)!r} is cut",
+                detail={"tensor": _show(short.name), "missing_bytes": header.file_size - file_size},
+            )
+    return header
+
+
+def _read_exact(read_range: Callable[[int, int], bytes], start: int, end: int) -> bytes:
+    data = read_range(start, end)
+    if len(data) != end - start:
+        raise SizeMismatchError(
+            f"reading bytes [{start}, {end}) returned {len(data)} bytes",
+            detail={"start": start, "end": end, "returned": len(data)},
+        )
+    return data
+
+
+def read_header(
+    read_range: Callable[[int, int], bytes], file_size: int, *, max_header_size: int = MAX_HEADER_SIZE_DEFAULT
+) -> Header:
+    """Read and check a header with two ranged reads of at most 8 + N bytes in all.
+
+    ``read_range(start, end)`` returns bytes [start, end) of the file.
+    """
+    if file_size < 8:
+        raise HeaderInvalidError(
+            f"file is {file_size} bytes, shorter than the 8-byte length prefix", detail={"size": file_size}
+        )
+    n = header_length(_read_exact(read_range, 0, 8), max_header_size=max_header_size)
+    if n > file_size - 8:
+        raise HeaderInvalidError(
+            f"header length {n} runs past the end of a {file_size}-byte file",
+            detail={"header_size": n, "file_size": file_size},
+        )
+    return parse_header(_read_exact(read_range, 8, 8 + n), file_size=file_size)
+
+
+def read_header_from_file(path: str | os.PathLike[str], *, max_header_size: int = MAX_HEADER_SIZE_DEFAULT) -> Header:
+    with open(path, "rb") as f:
+
+        def read_range(start: int, end: int) -> bytes:
+            f.seek(start)
+            return f.read(end - start)
+
+        return read_header(read_range, os.fstat(f.fileno()).st_size, max_header_size=max_header_size)
+
+
+def iter_tensor_chunks(
+    read_range: Callable[[int, int], bytes], header: Header, name: str, chunk_size: int = 1 << 20
+) -> Iterator[bytes]:
+    """The bytes of tensor ``name`` (KeyError if absent), in pieces of at most ``chunk_size``."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    info = header.tensors[name]
+    position, end = header.data_offset + info.start, header.data_offset + info.end
+    while position < end:
+        stop = min(position + chunk_size, end)
+        yield _read_exact(read_range, position, stop)
+        position = stop
+
+
+# Each scanner gets whole elements and answers (count of non-finite, whether any element is nonzero).
+def _scan_numpy(np_dtype: str) -> Callable[[memoryview, bool], tuple[int, bool]]:
+    def scan(buf: memoryview, want_nonzero: bool) -> tuple[int, bool]:
+        values = np.frombuffer(buf, dtype=np_dtype)
+        nonfinite = values.size - int(np.count_nonzero(np.isfinite(values)))
+        return nonfinite, want_nonzero and bool(np.count_nonzero(values))  # NaN counts as nonzero, -0 as zero
+
+    return scan
+
+
+def _scan_bits(
+    uint_dtype: str, nonfinite: Callable[[np.ndarray], np.ndarray], nonzero: Callable[[np.ndarray], np.ndarray]
+) -> Callable[[memoryview, bool], tuple[int, bool]]:
+    def scan(buf: memoryview, want_nonzero: bool) -> tuple[int, bool]:
+        bits = np.frombuffer(buf, dtype=uint_dtype)
+        return int(np.count_nonzero(nonfinite(bits))), want_nonzero and bool(np.any(nonzero(bits)))
+
+    return scan
+
+
+def _no_nonfinite(bits: np.ndarray) -> np.ndarray:
+    return np.zeros(0, dtype=bool)
+
+
+_SCANNERS: dict[str, Callable[[memoryview, bool], tuple[int, bool]]] = {
+    "F16": _scan_numpy("<f2"),
+    "F32": _scan_numpy("<f4"),
+    "F64": _scan_numpy("<f8"),
+    "C64": _scan_numpy("<c8"),
+    # bfloat16: exponent all ones is inf or NaN.
+    "BF16": _scan_bits("<u2", lambda b: (b & 0x7F80) == 0x7F80, lambda b: (b & 0x7FFF) != 0),
+    # e4m3fn: no inf, NaN is S.1111.111.
+    "F8_E4M3": _scan_bits("u1", lambda b: (b & 0x7F) == 0x7F, lambda b: (b & 0x7F) != 0),
+    # e5m2: IEEE-like, exponent all ones is inf or NaN.
+    "F8_E5M2": _scan_bits("u1", lambda b: (b & 0x7C) == 0x7C, lambda b: (b & 0x7F) != 0),
+    # fnuz variants: 0x80 (the would-be -0) is the only NaN, no inf.
+    "F8_E4M3FNUZ": _scan_bits("u1", lambda b: b == 0x80, lambda b: b != 0),
+    "F8_E5M2FNUZ": _scan_bits("u1", lambda b: b == 0x80, lambda b: b != 0),
+    # e8m0: unsigned exponent only; 0xFF is NaN and no value is zero.
+    "F8_E8M0": _scan_bits("u1", lambda b: b == 0xFF, lambda b: np.ones(b.shape, dtype=bool)),
+}
+for _int_dtype in ("BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"):
+    _SCANNERS[_int_dtype] = _scan_bits("u1", _no_nonfinite, lambda b: b != 0)
+
+
+def scan_values(chunks: Iterable[bytes], dtype: str) -> ValueStats:
+    """Count non-finite values and check for all-zero over a tensor's bytes given in pieces of any size.
+
+    Memory stays at one piece: an element split across pieces is completed from the next one.
+    """
+    if dtype in SUBBYTE_DTYPES:
+        raise DtypeUnsupportedError(f"cannot scan the sub-byte dtype {dtype}", detail={"dtype": dtype})
+    if dtype not in DTYPE_SIZES:
+        raise DtypeUnknownError(f"unknown dtype {_show(str(dtype))!r}", detail={"dtype": _show(str(dtype))})
+    scan, size = _SCANNERS[dtype], DTYPE_SIZES[dtype]
+    nonfinite, any_nonzero = 0, False
+    carry = b""
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        if carry:
+            need = size - len(carry)
+            carry += bytes(view[:need])
+            view = view[need:]
+            if len(carry) < size:
+                continue
+            bad, nz = scan(memoryview(carry), not any_nonzero)
+            nonfinite, any_nonzero, carry = nonfinite + bad, any_nonzero or nz, b""
+        whole = len(view) - len(view) % size
+        if whole:
+            bad, nz = scan(view[:whole], not any_nonzero)
+            nonfinite, any_nonzero = nonfinite + bad, any_nonzero or nz
+        carry = bytes(view[whole:])
+    if carry:
+        raise SizeMismatchError(
+            f"{dtype} data ends with {len(carry)} bytes of a partial element",
+            detail={"dtype": dtype, "trailing_bytes": len(carry)},
+        )
+    return ValueStats(nonfinite=nonfinite, all_zero=not any_nonzero)

@@ -14,16 +14,25 @@ because the key is the content address.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from loreg.registry.errors import DigestInvalidError
+from loreg.registry.errors import (
+    DigestInvalidError,
+    DigestMismatchError,
+    RequestInvalidError,
+    SizeMismatchError,
+    StorageUnavailableError,
+)
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+BLOB_KEY_RE = re.compile(r"blobs/sha256/([0-9a-f]{2})/([0-9a-f]{64})")
 CHUNK_SIZE = 1024 * 1024
 
 
@@ -37,6 +46,149 @@ def check_digest(digest: str) -> str:
 def blob_key(digest: str) -> str:
     hexdigest = check_digest(digest)[len("sha256:"):]
     return f"blobs/sha256/{hexdigest[:2]}/{hexdigest}"
+
+
+def digest_from_key(key: str) -> str | None:
+    """The digest a ``blobs/sha256/ab/<hex>`` key names, or None for any other key."""
+    match = BLOB_KEY_RE.fullmatch(key)
+    if match is None or match.group(2)[:2] != match.group(1):
+        return None
+    return f"sha256:{match.group(2)}"
+
+
+def check_range(start: int, end: int | None) -> None:
+    """Refuse a byte range that no blob could satisfy (``end`` past the blob is clamped, not refused)."""
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise RequestInvalidError("range start must be an integer >= 0", detail={"start": repr(start)[:40]})
+    if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < start):
+        raise RequestInvalidError(
+            "range end must be an integer >= start", detail={"start": start, "end": repr(end)[:40]}
+        )
+
+
+class HashingReader:
+    """Reads a put's stream, hashing (sha256) and counting as it goes.
+
+    With a declared ``size`` it never asks the stream for more than one byte past it, and raises
+    SizeMismatchError as soon as that byte arrives: an oversized body is not read to its end.
+    Exceptions raised by the stream itself pass through unchanged.
+    """
+
+    def __init__(self, stream: BinaryIO, size: int | None = None):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise RequestInvalidError("size must be an integer >= 0", detail={"size": repr(size)[:40]})
+        self._stream = stream
+        self.size = size
+        self.count = 0
+        self.eof = False
+        self._hash = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end of the stream (then ``eof`` is set)."""
+        pieces: list[bytes] = []
+        got = 0
+        while got < n and not self.eof:
+            want = min(n - got, CHUNK_SIZE)
+            if self.size is not None:
+                want = min(want, self.size - self.count + 1)
+            chunk = self._stream.read(want)
+            if not chunk:
+                self.eof = True
+                break
+            self.count += len(chunk)
+            if self.size is not None and self.count > self.size:
+                raise SizeMismatchError(
+                    f"the body is longer than the declared {self.size} bytes",
+                    detail={"expected": self.size, "received_at_least": self.count},
+                )
+            self._hash.update(chunk)
+            pieces.append(bytes(chunk))
+            got += len(chunk)
+        return b"".join(pieces)
+
+    def drain(self) -> None:
+        """Read (and hash) the rest of the stream, keeping nothing."""
+        while not self.eof:
+            self.read(CHUNK_SIZE)
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{self._hash.hexdigest()}"
+
+    def verify(self, expected_digest: str) -> None:
+        """After the end of the stream: raise unless the bytes had the declared size and digest.
+
+        Raises:
+            SizeMismatchError, DigestMismatchError
+        """
+        if not self.eof:
+            raise RuntimeError("verify() before the end of the stream")
+        if self.size is not None and self.count != self.size:
+            raise SizeMismatchError(
+                f"the body has {self.count} bytes, not the declared {self.size}",
+                detail={"expected": self.size, "received": self.count},
+            )
+        if self.digest != expected_digest:
+            raise DigestMismatchError(
+                "the bytes do not hash to the expected digest",
+                detail={"expected": expected_digest, "actual": self.digest, "size": self.count},
+            )
+
+
+class RangeStream(io.RawIOBase):
+    """A read-only stream of exactly ``length`` bytes pulled from ``read``; ``close`` runs once.
+
+    A source that ends before ``length`` bytes raises StorageUnavailableError: a short blob
+    is never passed off as a whole one.
+    """
+
+    def __init__(self, read: Callable[[int], bytes], length: int, close: Callable[[], None] | None = None):
+        super().__init__()
+        self._read = read
+        self._remaining = length
+        self._close = close
+        self.length = length
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("I/O operation on closed stream")
+        if size is None or size < 0:
+            return self.readall()
+        want = min(size, self._remaining)
+        if want <= 0:
+            return b""
+        data = self._read(want)
+        if not data:
+            raise StorageUnavailableError(
+                "the stored blob ended before its expected length",
+                detail={"expected": self.length, "missing": self._remaining},
+            )
+        data = bytes(data[:want])
+        self._remaining -= len(data)
+        return data
+
+    def readall(self) -> bytes:
+        pieces = []
+        while self._remaining > 0:
+            pieces.append(self.read(CHUNK_SIZE))
+        return b"".join(pieces)
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._close is not None:
+                self._close()
+        finally:
+            super().close()
 
 
 @dataclass(frozen=True)
@@ -65,8 +217,11 @@ class BlobStore(Protocol):
     def open(self, digest: str, start: int = 0, end: int | None = None) -> BinaryIO:
         """A readable stream of bytes ``[start, end)`` of the blob (``end=None``: to the end).
 
+        Like a slice, a range past the end is clamped (``start`` at or past the end: no bytes).
+
         Raises:
             BlobNotFoundError
+            RequestInvalidError: a negative ``start`` or an ``end`` before it.
         """
         ...
 

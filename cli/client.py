@@ -1,0 +1,376 @@
+"""RegistryClient: the Python API of a loreg server (the CLI is a thin layer over it).
+
+    from loreg.cli.client import RegistryClient
+    client = RegistryClient()                      # LOREG_URL / LOREG_TOKEN / credentials file
+    result = client.push("./out", "org/support-bot", metrics={"eval_loss": 1.21}, aliases=["staging"])
+    client.pull("org/support-bot:staging", "./adapter")
+
+Errors are the server's typed errors (``loreg.registry.errors``), rebuilt from its error envelope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from loreg.cli import config
+from loreg.registry.errors import (
+    ConnectionFailedError,
+    DigestMismatchError,
+    LoregError,
+    NameInvalidError,
+    UnsupportedFormatError,
+    error_from_envelope,
+)
+from loreg.registry.formats import names
+
+CHUNK = 1 << 20
+Progress = Callable[[str, int, int], None]  # (label, advance bytes, total bytes)
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class AdapterFolder:
+    """The files of a PEFT adapter folder that loreg stores, and what it leaves out."""
+
+    root: Path
+    files: dict[str, Path]
+    skipped: list[str] = field(default_factory=list)
+
+
+def scan_adapter_folder(root: Path) -> AdapterFolder:
+    """Pick the adapter's files; refuse pickle-only weights; fail fast on an invalid adapter."""
+    from loreg.registry.formats import peft, safetensors
+
+    root = Path(root)
+    if not root.is_dir():
+        raise NameInvalidError(f"{root} is not a folder", hint="push the folder written by save_pretrained()")
+    files: dict[str, Path] = {}
+    skipped: list[str] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name in names.ADAPTER_FILES and entry.is_file() and not entry.is_symlink():
+            files[entry.name] = entry
+        else:
+            skipped.append(entry.name + ("/" if entry.is_dir() else ""))
+    if "adapter_model.safetensors" not in files:
+        pickled = [s for s in skipped if s.lower().endswith(names.PICKLE_SUFFIXES)]
+        if pickled:
+            raise UnsupportedFormatError(
+                f"{root} holds weights only as pickle ({', '.join(pickled)}); loreg never stores pickle",
+                detail={"files": pickled},
+                hint="convert to safetensors: PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True)",
+            )
+        raise NameInvalidError(
+            f"{root} has no adapter_model.safetensors", hint="push the folder written by PeftModel.save_pretrained()"
+        )
+    if "adapter_config.json" not in files:
+        raise NameInvalidError(f"{root} has no adapter_config.json", hint="push the folder written by save_pretrained()")
+    peft.parse_adapter_config(files["adapter_config.json"].read_bytes()[: 64 * 1024 + 1])
+    safetensors.read_header_from_file(files["adapter_model.safetensors"])
+    return AdapterFolder(root=root, files=files, skipped=skipped)
+
+
+class RegistryClient:
+    """A loreg server. Every method raises a ``LoregError`` subclass on failure."""
+
+    def __init__(
+        self, url: str | None = None, token: str | None = None, *, timeout: float = 60.0, http: httpx.Client | None = None
+    ):
+        self.url = config.server_url(url)
+        self.token = token if token is not None else config.token_for(self.url)
+        headers = {"User-Agent": "loreg-cli"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if http is not None:  # e.g. an in-process ASGI test client
+            http.headers.update(headers)
+            self._http = http
+        else:
+            self._http = httpx.Client(
+                base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0), follow_redirects=False
+            )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ConnectionFailedError(
+                f"cannot reach {self.url}: {exc.__class__.__name__}",
+                hint="is `loreg serve` running there? set LOREG_URL to point elsewhere",
+            ) from exc
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = None
+            raise error_from_envelope(resp.status_code, body)
+        return resp
+
+    def get_json(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs).json()
+
+    @staticmethod
+    def _path(namespace: str, name: str) -> str:
+        names.check_name(namespace, name)
+        return f"/v1/adapters/{namespace}/{name}"
+
+    # --- blobs --------------------------------------------------------------------------------
+
+    def missing_blobs(self, digests: list[str]) -> list[str]:
+        if not digests:
+            return []
+        return list(self.request("POST", "/v1/blobs:check", json={"digests": digests}).json()["missing"])
+
+    def upload_blob(self, path: Path, digest: str, size: int, progress: Progress | None = None) -> dict[str, Any]:
+        def body() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    if progress:
+                        progress(path.name, len(chunk), size)
+                    yield chunk
+
+        return self.request(
+            "PUT",
+            f"/v1/blobs/{digest}",
+            content=body(),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        ).json()
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    def push(
+        self,
+        folder: str | Path,
+        name: str,
+        *,
+        metrics: dict[str, float] | None = None,
+        aliases: list[str] | None = None,
+        message: str | None = None,
+        base: str | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Push a PEFT adapter folder as the next version of ``name`` (``ns/name``).
+
+        Uploads only the files the server lacks. Returns the version (the server's JSON) plus
+        ``bytes_uploaded``, ``files_uploaded`` and ``skipped``.
+
+        Raises:
+            LoregError: invalid adapter, name or base; server-side refusal.
+        """
+        namespace, short = names.split_name(name)
+        for a in aliases or []:
+            names.check_alias(a)
+        scanned = scan_adapter_folder(Path(folder))
+        entries = []
+        for rel, path in scanned.files.items():
+            entries.append({"path": rel, "size": path.stat().st_size, "digest": sha256_file(path)})
+        missing = set(self.missing_blobs(sorted({e["digest"] for e in entries})))
+        uploaded = 0
+        files_uploaded = []
+        done: set[str] = set()
+        for e in entries:
+            if e["digest"] in missing and e["digest"] not in done:
+                self.upload_blob(scanned.files[e["path"]], e["digest"], e["size"], progress)
+                uploaded += e["size"]
+                files_uploaded.append(e["path"])
+                done.add(e["digest"])
+        body: dict[str, Any] = {"files": entries, "metrics": metrics or {}, "aliases": aliases or []}
+        if message is not None:
+            body["message"] = message
+        if base is not None:
+            body["base"] = base
+        resp = self.request("POST", f"{self._path(namespace, short)}/versions", json=body)
+        out = resp.json()
+        out["created"] = resp.status_code == 201
+        out["bytes_uploaded"] = uploaded
+        out["files_uploaded"] = files_uploaded
+        out["skipped"] = scanned.skipped
+        return out
+
+    def version(self, ref: str) -> dict[str, Any]:
+        r = names.parse_reference(ref)
+        return self.get_json(f"{self._path(r.namespace, r.name)}/versions/{quote(r.tag, safe=':')}")
+
+    def adapter(self, name: str) -> dict[str, Any]:
+        namespace, short = names.split_name(name)
+        return self.get_json(self._path(namespace, short))
+
+    def list(self, **params: Any) -> dict[str, Any]:
+        clean = {k: v for k, v in params.items() if v is not None}
+        return self.get_json("/v1/adapters", params=clean)
+
+    def list_all(self, **params: Any) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = self.list(cursor=cursor, **params)
+            items.extend(page["items"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
+
+    def set_alias(self, ref: str, alias: str) -> dict[str, Any]:
+        r = names.parse_reference(ref)
+        names.check_alias(alias)
+        return self.request("PUT", f"{self._path(r.namespace, r.name)}/aliases/{alias}", json={"version": r.tag}).json()
+
+    def remove_alias(self, name: str, alias: str) -> dict[str, Any]:
+        namespace, short = names.split_name(name)
+        names.check_alias(alias)
+        return self.request("DELETE", f"{self._path(namespace, short)}/aliases/{alias}").json()
+
+    def add_metrics(self, ref: str, metrics: dict[str, float]) -> dict[str, Any]:
+        r = names.parse_reference(ref)
+        return self.request(
+            "POST", f"{self._path(r.namespace, r.name)}/versions/{quote(r.tag, safe=':')}/metrics", json={"metrics": metrics}
+        ).json()
+
+    def delete(self, ref: str) -> dict[str, Any]:
+        r = names.parse_reference(ref)
+        return self.request("DELETE", f"{self._path(r.namespace, r.name)}/versions/{quote(r.tag, safe=':')}").json()
+
+    # --- pull ---------------------------------------------------------------------------------
+
+    def pull(self, ref: str, dest: str | Path, *, progress: Progress | None = None) -> dict[str, Any]:
+        """Download a version into ``dest``: every file verified before an atomic move into place.
+
+        A local content-addressed cache (LOREG_HOME/cache) makes a second pull of the same bytes
+        download nothing. Returns the version plus ``bytes_downloaded`` and ``path``.
+        """
+        r = names.parse_reference(ref)
+        version = self.version(ref)
+        # pin the exact version: an alias moving mid-pull must not mix two versions' files
+        pinned = f"{self._path(r.namespace, r.name)}/versions/{version['version']}"
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        cache = BlobCache(config.cache_dir())
+        downloaded = 0
+        for f in version["files"]:
+            path = names.check_file_name(f["path"])  # a server-supplied name never leaves dest
+            target = dest / path
+            cached = cache.get(f["digest"], f["size"])
+            if cached is None:
+                downloaded += cache.fetch(
+                    self, f"{pinned}/files/{quote(path)}", f["digest"], f["size"], label=path, progress=progress
+                )
+                cached = cache.get(f["digest"], f["size"])
+                if cached is None:
+                    raise DigestMismatchError(f"{path}: download did not verify", detail={"path": path})
+            _copy_atomic(cached, target)
+        version["bytes_downloaded"] = downloaded
+        version["path"] = str(dest)
+        return version
+
+
+def _copy_atomic(src: Path, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class BlobCache:
+    """A content-addressed cache of downloaded files: ``blobs/sha256/ab/<hex>``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _path(self, digest: str) -> Path:
+        hexdigest = digest.removeprefix("sha256:")
+        if len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
+            raise DigestMismatchError(f"invalid digest {digest[:80]!r} from server")
+        return self.root / "blobs" / "sha256" / hexdigest[:2] / hexdigest
+
+    def get(self, digest: str, size: int) -> Path | None:
+        """The cached file, re-verified (size and sha256): a corrupted cache entry is dropped."""
+        path = self._path(digest)
+        try:
+            if path.stat().st_size != size:
+                path.unlink(missing_ok=True)
+                return None
+        except FileNotFoundError:
+            return None
+        if sha256_file(path) != digest:
+            path.unlink(missing_ok=True)
+            return None
+        return path
+
+    def fetch(
+        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None
+    ) -> int:
+        """Download into the cache, resuming a partial file with a Range request; verify, then publish."""
+        final = self._path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_name(final.name + ".partial")
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > size:
+            partial.unlink()
+            have = 0
+        got = 0
+        headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
+        if have < size or size == 0:
+            try:
+                with client._http.stream("GET", url, headers=headers) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        try:
+                            body = resp.json()
+                        except ValueError:
+                            body = None
+                        raise error_from_envelope(resp.status_code, body)
+                    mode = "ab" if resp.status_code == 206 else "wb"
+                    with open(partial, mode) as out:
+                        for chunk in resp.iter_bytes(CHUNK):
+                            out.write(chunk)
+                            got += len(chunk)
+                            if progress:
+                                progress(label, len(chunk), size)
+                        out.flush()
+                        os.fsync(out.fileno())
+            except httpx.TransportError as exc:
+                raise ConnectionFailedError(
+                    f"download of {label} broke off: {exc.__class__.__name__}",
+                    hint="run the pull again: it resumes where it stopped",
+                ) from exc
+        if sha256_file(partial) != digest:
+            partial.unlink(missing_ok=True)
+            raise DigestMismatchError(
+                f"{label}: downloaded bytes do not match {digest}", detail={"path": label, "digest": digest}
+            )
+        os.replace(partial, final)
+        return got
+
+
+__all__ = ["RegistryClient", "AdapterFolder", "scan_adapter_folder", "BlobCache", "LoregError"]

@@ -1,0 +1,32 @@
+"""Options shared by commands."""
+
+from __future__ import annotations
+
+import click
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+url_option = click.option("--url", envvar="LOREG_URL", default=None, help="Server URL (LOREG_URL).")
+
+
+def client(url: str | None):  # type: ignore[no-untyped-def]
+    from loreg.cli.client import RegistryClient
+
+    return RegistryClient(url)
+
+
+def parse_metrics(pairs: tuple[str, ...]) -> dict[str, float]:
+    import math
+
+    out: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: use KEY=VALUE, e.g. eval_loss=1.21", param_hint="--metric")
+        try:
+            number = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{pair!r}: {value!r} is not a number", param_hint="--metric") from None
+        if not math.isfinite(number):
+            raise click.BadParameter(f"{pair!r}: metrics must be finite", param_hint="--metric")
+        out[key] = number
+    return out

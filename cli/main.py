@@ -1,0 +1,111 @@
+"""The `loreg` command. Heavy imports (httpx, the server, torch) happen inside commands only."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from loreg.registry.errors import LoregError
+
+COMMANDS = {
+    "push": ("loreg.cli.commands.push", "push"),
+    "pull": ("loreg.cli.commands.pull", "pull"),
+    "ls": ("loreg.cli.commands.ls", "ls"),
+    "show": ("loreg.cli.commands.show", "show"),
+    "alias": ("loreg.cli.commands.alias", "alias"),
+    "metrics": ("loreg.cli.commands.metrics", "metrics"),
+    "rm": ("loreg.cli.commands.rm", "rm"),
+    "serve": ("loreg.cli.commands.serve", "serve"),
+    "db": ("loreg.cli.commands.db", "db"),
+    "token": ("loreg.cli.commands.token", "token"),
+    "login": ("loreg.cli.commands.token", "login"),
+}
+SUMMARIES = {
+    "push": "Push a PEFT adapter folder as a new immutable version.",
+    "pull": "Download a version into a folder that PEFT loads as is.",
+    "ls": "List adapters, or find them by base model, rank, target, metric.",
+    "show": "Show a version: files, config facts, metrics, aliases.",
+    "alias": "Point, show or remove aliases (prod, staging).",
+    "metrics": "Append evaluation metrics to a version.",
+    "rm": "Delete a version (its number is never reused).",
+    "serve": "Run the registry server.",
+    "db": "Database migrations (server host).",
+    "token": "Create, list and revoke API tokens.",
+    "login": "Store a token for a server in the credentials file.",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command runs: `loreg --help` stays fast."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        import importlib
+
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # summaries from the table, so that `loreg --help` imports no command module
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, SUMMARIES[name]) for name in self.list_commands(ctx)])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="loreg", prog_name="loreg")
+def cli() -> None:
+    """loreg: a registry for LoRA adapters.
+
+    The CLI talks to the server at LOREG_URL (default http://127.0.0.1:8080) with LOREG_TOKEN, or
+    the token kept for that URL in LOREG_HOME/credentials.json (`loreg serve` on the embedded
+    default writes one for itself).
+    """
+
+
+def fail(err: LoregError, as_json: bool) -> None:
+    if as_json:
+        import json
+
+        click.echo(json.dumps(err.envelope(), indent=2, sort_keys=True, default=str))
+    else:
+        click.secho(f"error: {err.message} [{err.code}]", fg="red", err=True)
+        problems = err.detail.get("problems")
+        if isinstance(problems, list):
+            for p in problems[:50]:
+                if isinstance(p, dict):
+                    where = p.get("key") or p.get("loc") or ""
+                    text = p.get("message") or ""
+                    extra = ""
+                    if "expected" in p or "actual" in p:
+                        extra = f" (expected {p.get('expected')}, got {p.get('actual')})"
+                    click.echo(f"  - {where}: {text}{extra}", err=True)
+        if err.hint:
+            click.secho(f"hint: {err.hint}", fg="cyan", err=True)
+    sys.exit(1)
+
+
+def main() -> None:
+    as_json = "--json" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except LoregError as err:
+        fail(err, as_json)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

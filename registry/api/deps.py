@@ -1,0 +1,81 @@
+"""Annotated dependencies: the registry, its services, and the permission every route declares."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from loreg.registry.errors import RequestInvalidError, UnauthorizedError
+from loreg.registry.services.adapters import AdapterService
+from loreg.registry.services.blobs import BlobService
+from loreg.registry.services.context import Registry
+from loreg.registry.services.tokens import ANONYMOUS, Principal, TokenService
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+
+def get_adapters(request: Request) -> AdapterService:
+    return request.app.state.adapters
+
+
+def get_blobs(request: Request) -> BlobService:
+    return request.app.state.blobs
+
+
+AdaptersDep = Annotated[AdapterService, Depends(get_adapters)]
+BlobsDep = Annotated[BlobService, Depends(get_blobs)]
+
+
+class Permission:
+    """A route's permission: a scope, checked against the namespace in the path when there is one.
+
+    Every route but the public health checks depends on one; tests/api/test_auth.py walks app.routes.
+    """
+
+    def __init__(self, scope: str):
+        self.scope = scope
+
+    async def __call__(self, request: Request) -> Principal:
+        if "token" in request.query_params or "access_token" in request.query_params:
+            raise RequestInvalidError("tokens in the URL are refused; send Authorization: Bearer <token>")
+        registry: Registry = request.app.state.registry
+        header = request.headers.get("authorization")
+        if header is None:
+            if registry.settings.anonymous_read and self.scope == "read":
+                principal = ANONYMOUS
+            else:
+                raise UnauthorizedError("authentication required", hint="run loreg login, or set LOREG_TOKEN")
+        else:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise UnauthorizedError("use Authorization: Bearer <token>")
+            limiter = request.app.state.auth_limiter
+            client = request.client.host if request.client else "unknown"
+            limiter.check(client)
+            tokens: TokenService = request.app.state.tokens
+            try:
+                principal = await run_in_threadpool(tokens.authenticate, token.strip())
+            except UnauthorizedError:
+                limiter.failed(client)
+                raise
+        namespace = request.path_params.get("namespace")
+        name = request.path_params.get("name")
+        principal.require(self.scope, namespace, name)
+        request.state.principal = principal
+        return principal
+
+
+READ = Permission("read")
+WRITE = Permission("write")
+ADMIN = Permission("admin")
+
+ReadDep = Annotated[Principal, Depends(READ)]
+WriteDep = Annotated[Principal, Depends(WRITE)]
+AdminDep = Annotated[Principal, Depends(ADMIN)]

@@ -1,0 +1,77 @@
+"""The error envelope: every error, ours or the framework's, leaves as {"errors": [...]}."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loreg.registry.errors import (
+    DbUnavailableError,
+    InternalError,
+    LoregError,
+    NotFoundError,
+    RequestInvalidError,
+    UnauthorizedError,
+)
+
+log = logging.getLogger("loreg.api")
+
+
+def error_response(err: LoregError) -> JSONResponse:
+    headers = {}
+    if isinstance(err, UnauthorizedError):
+        headers["WWW-Authenticate"] = 'Bearer realm="loreg"'
+    if err.status in (429, 503):
+        headers["Retry-After"] = str(err.detail.get("retry_after", 5))
+    return JSONResponse(err.envelope(), status_code=err.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LoregError)
+    async def _loreg(_request: Request, exc: LoregError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"loc": [str(p) for p in e.get("loc", ())], "message": str(e.get("msg", ""))[:300], "type": e.get("type")}
+            for e in exc.errors()[:20]
+        ]
+        first = problems[0] if problems else {"loc": [], "message": "invalid request"}
+        where = ".".join(first["loc"][1:] if len(first["loc"]) > 1 else first["loc"])
+        return error_response(RequestInvalidError(f"{where}: {first['message']}", detail={"problems": problems}))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(NotFoundError("no such route"))
+        err = RequestInvalidError(str(exc.detail))
+        resp = JSONResponse(err.envelope(), status_code=exc.status_code)
+        return resp
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
+        return error_response(DbUnavailableError("the database is unavailable; retry shortly"))
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(_request: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return error_response(DbUnavailableError("the database connection was lost; retry shortly"))
+        return _internal(exc)
+
+    @app.exception_handler(Exception)
+    async def _unknown(_request: Request, exc: Exception) -> JSONResponse:
+        return _internal(exc)
+
+
+def _internal(exc: Exception) -> JSONResponse:
+    request_id = uuid.uuid4().hex[:12]
+    log.error("unhandled error (request %s)", request_id, exc_info=exc)
+    return error_response(InternalError("internal error", detail={"request_id": request_id}))

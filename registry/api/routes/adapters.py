@@ -1,0 +1,194 @@
+"""Adapters, versions, files, aliases and metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from loreg.registry.api.deps import AdaptersDep, ReadDep, RegistryDep, WriteDep
+from loreg.registry.api.schemas import (
+    AdapterPublic,
+    AliasPublic,
+    AliasSet,
+    DeletedPublic,
+    MetricsAdd,
+    Page,
+    VersionCreate,
+    VersionPublic,
+    VersionSummary,
+)
+from loreg.registry.errors import DigestMismatchError, RequestInvalidError
+from loreg.registry.services.adapters import LookupFilters
+
+router = APIRouter(tags=["adapters"])
+RANGE_RE = re.compile(r"bytes=(\d{1,18})-(\d{0,18})")
+STREAM_CHUNK = 1 << 20
+
+
+@router.get("/v1/adapters", response_model=Page[VersionSummary])
+async def list_adapters(
+    request: Request,
+    adapters: AdaptersDep,
+    principal: ReadDep,
+    namespace: Annotated[str | None, Query(max_length=64)] = None,
+    base: Annotated[str | None, Query(max_length=300, description="base model name, name@revision or weights digest")] = None,
+    target: Annotated[str | None, Query(max_length=128)] = None,
+    min_rank: Annotated[int | None, Query(ge=0, le=1 << 20)] = None,
+    max_rank: Annotated[int | None, Query(ge=0, le=1 << 20)] = None,
+    dora: bool | None = None,
+    task_type: Annotated[str | None, Query(max_length=64)] = None,
+    metric: Annotated[str | None, Query(max_length=128)] = None,
+    metric_min: float | None = None,
+    metric_max: float | None = None,
+    order: Literal["asc", "desc"] = "desc",
+    q: Annotated[str | None, Query(max_length=200)] = None,
+    all_versions: bool = False,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[VersionSummary]:
+    """Find adapter versions: by namespace, base model, rank, target module, DoRA, task, metrics, text.
+
+    Each adapter contributes its newest matching version unless ``all_versions``.
+    """
+    if namespace is not None:
+        principal.require("read", namespace)
+    base_ids = layout_ids = None
+    if base is not None:
+        resolver = getattr(request.app.state, "bases", None)
+        if resolver is None:
+            raise RequestInvalidError("this server does not know base models")
+        base_ids, layout_ids = await run_in_threadpool(resolver.lookup_ids, base)
+    filters = LookupFilters(
+        namespace=namespace,
+        base_ids=base_ids,
+        layout_base_ids=layout_ids,
+        target=target,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        dora=dora,
+        task_type=task_type,
+        metric=metric,
+        metric_min=metric_min,
+        metric_max=metric_max,
+        order=order,
+        q=q,
+        latest_only=not all_versions,
+    )
+    page = await run_in_threadpool(adapters.lookup, filters, cursor=cursor, limit=limit)
+    if principal.namespaces:
+        page.items = [i for i in page.items if principal.covers(*i.name.split("/", 1))]
+    return page
+
+
+@router.get("/v1/adapters/{namespace}/{name}", response_model=AdapterPublic)
+def get_adapter(namespace: str, name: str, adapters: AdaptersDep, _p: ReadDep) -> AdapterPublic:
+    return adapters.adapter(namespace, name)
+
+
+@router.post(
+    "/v1/adapters/{namespace}/{name}/versions",
+    response_model=VersionPublic,
+    status_code=201,
+    responses={200: {"model": VersionPublic, "description": "identical files: the existing version"}},
+)
+def push_version(namespace: str, name: str, body: VersionCreate, adapters: AdaptersDep, p: WriteDep) -> JSONResponse:
+    """Commit a version from uploaded blobs: validated, numbered, immutable."""
+    out = adapters.push(namespace, name, body, actor=p.token_id)
+    return JSONResponse(out.model_dump(mode="json"), status_code=201 if out.created else 200)
+
+
+@router.get("/v1/adapters/{namespace}/{name}/versions/{tag}", response_model=VersionPublic)
+def get_version(namespace: str, name: str, tag: str, adapters: AdaptersDep, _p: ReadDep) -> VersionPublic:
+    """A version by number, alias, ``latest`` or manifest digest."""
+    return adapters.get(namespace, name, tag)
+
+
+@router.delete("/v1/adapters/{namespace}/{name}/versions/{tag}", response_model=DeletedPublic)
+def delete_version(namespace: str, name: str, tag: str, adapters: AdaptersDep, _p: WriteDep) -> DeletedPublic:
+    """Delete a version: it stops resolving, its aliases go, its number is never reused."""
+    full, number = adapters.delete_version(namespace, name, tag)
+    return DeletedPublic(name=full, version=number)
+
+
+@router.get(
+    "/v1/adapters/{namespace}/{name}/versions/{tag}/files/{path}",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"content": {"application/octet-stream": {}}}},
+)
+def download_file(
+    namespace: str, name: str, tag: str, path: str, request: Request, adapters: AdaptersDep, registry: RegistryDep, _p: ReadDep
+) -> StreamingResponse:
+    """A file of a version. Whole-file reads are verified while sent: a corrupt blob aborts the
+    connection at the end (the status is already out), so the client never accepts bad bytes."""
+    entry = adapters.file_entry(namespace, name, tag, path)
+    store = registry.store
+    headers = {"ETag": f'"{entry.digest}"', "Accept-Ranges": "bytes", "X-Loreg-Digest": entry.digest}
+    range_header = request.headers.get("range")
+    if range_header:
+        m = RANGE_RE.fullmatch(range_header.strip())
+        if m is None:
+            raise RequestInvalidError("unsupported Range header; use bytes=START- or bytes=START-END")
+        start = int(m.group(1))
+        end = int(m.group(2)) + 1 if m.group(2) else entry.size
+        end = min(end, entry.size)
+        if start >= max(end, 1) and not (start == 0 and entry.size == 0):
+            return StreamingResponse(iter(()), status_code=416, headers={"Content-Range": f"bytes */{entry.size}"})
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
+        headers["Content-Length"] = str(end - start)
+
+        def ranged() -> Iterator[bytes]:
+            with store.open(entry.digest, start, end) as f:
+                while chunk := f.read(STREAM_CHUNK):
+                    yield chunk
+
+        return StreamingResponse(ranged(), status_code=206, media_type="application/octet-stream", headers=headers)
+
+    headers["Content-Length"] = str(entry.size)
+    stream = store.open(entry.digest)
+
+    def verified() -> Iterator[bytes]:
+        # the last chunk is held back until the digest checks out: with Content-Length already
+        # sent, only a short body tells the client that the bytes were bad
+        h = hashlib.sha256()
+        held = b""
+        with stream as f:
+            while chunk := f.read(STREAM_CHUNK):
+                h.update(chunk)
+                if held:
+                    yield held
+                held = chunk
+        if "sha256:" + h.hexdigest() != entry.digest:
+            raise DigestMismatchError(f"stored blob {entry.digest} is corrupt", detail={"digest": entry.digest})
+        if held:
+            yield held
+
+    return StreamingResponse(verified(), media_type="application/octet-stream", headers=headers)
+
+
+@router.put("/v1/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasPublic)
+def set_alias(namespace: str, name: str, alias: str, body: AliasSet, adapters: AdaptersDep, p: WriteDep) -> AliasPublic:
+    """Point an alias at a version (number, another alias or digest); the move is recorded."""
+    return adapters.set_alias(namespace, name, alias, str(body.version), actor=p.token_id)
+
+
+@router.get("/v1/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasPublic)
+def get_alias(namespace: str, name: str, alias: str, adapters: AdaptersDep, _p: ReadDep) -> AliasPublic:
+    """An alias, with its history of moves."""
+    return adapters.get_alias(namespace, name, alias)
+
+
+@router.delete("/v1/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasPublic)
+def remove_alias(namespace: str, name: str, alias: str, adapters: AdaptersDep, p: WriteDep) -> AliasPublic:
+    return adapters.remove_alias(namespace, name, alias, actor=p.token_id)
+
+
+@router.post("/v1/adapters/{namespace}/{name}/versions/{tag}/metrics", response_model=VersionPublic)
+def add_metrics(namespace: str, name: str, tag: str, body: MetricsAdd, adapters: AdaptersDep, _p: WriteDep) -> VersionPublic:
+    """Append evaluations to a version (the version itself never changes)."""
+    return adapters.add_metrics(namespace, name, tag, body.metrics)

@@ -1,0 +1,51 @@
+"""Liveness and readiness: the only public routes."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from loreg.registry.api.deps import RegistryDep
+from loreg.registry.api.schemas import Health
+
+router = APIRouter(tags=["health"])
+PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready"})
+
+
+def loreg_version() -> str:
+    try:
+        return version("loreg")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@router.get("/v1/health", response_model=Health)
+async def health() -> Health:
+    return Health(status="ok", version=loreg_version())
+
+
+@router.get("/v1/ready", response_model=Health, responses={503: {"model": Health}})
+async def ready(registry: RegistryDep) -> JSONResponse:
+    def probe() -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            with registry.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        try:
+            registry.store.exists("sha256:" + "0" * 64)
+            checks["storage"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["storage"] = f"unavailable: {type(exc).__name__}"
+        return checks
+
+    checks = await run_in_threadpool(probe)
+    ok = all(v == "ok" for v in checks.values())
+    body = Health(status="ok" if ok else "unavailable", version=loreg_version(), checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

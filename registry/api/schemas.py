@@ -1,0 +1,174 @@
+"""Wire models: the REST contract that the server and the CLI share.
+
+Requests are strict (``"r": "8"`` is an error, unknown fields are refused, no NaN or infinity).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$", max_length=71)]
+MetricKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")]
+
+
+class StrictRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class ErrorItem(Response):
+    code: str
+    message: str
+    detail: dict[str, Any] = {}
+
+
+class ErrorEnvelope(Response):
+    errors: list[ErrorItem]
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+class Health(Response):
+    status: Literal["ok", "unavailable"]
+    version: str
+    checks: dict[str, str] = {}
+
+
+# --- blobs ------------------------------------------------------------------------------------
+
+
+class BlobCheck(StrictRequest):
+    digests: list[Digest] = Field(max_length=1000)
+
+
+class BlobCheckResult(Response):
+    missing: list[str]
+
+
+class BlobPublic(Response):
+    digest: str
+    size: int
+    created: bool
+
+
+# --- adapters and versions --------------------------------------------------------------------
+
+
+class FileEntry(StrictRequest):
+    path: str = Field(min_length=1, max_length=128)
+    size: int = Field(ge=0)
+    digest: Digest
+
+
+class VersionCreate(StrictRequest):
+    files: list[FileEntry] = Field(min_length=1, max_length=256)
+    message: str | None = Field(default=None, max_length=4096)
+    metrics: dict[MetricKey, float] = Field(default_factory=dict, max_length=256)
+    aliases: list[str] = Field(default_factory=list, max_length=32)
+    base: str | None = Field(default=None, max_length=300)
+
+
+class FilePublic(Response):
+    path: str
+    size: int
+    digest: str
+
+
+class MetricPublic(Response):
+    key: str
+    value: float
+    created_at: datetime
+
+
+class BaseRef(Response):
+    weights_digest: str
+    layout_digest: str
+    names: list[str] = []
+
+
+class VersionPublic(Response):
+    name: str
+    version: int
+    digest: str
+    size: int
+    message: str | None
+    created_at: datetime
+    files: list[FilePublic]
+    config: dict[str, Any]
+    facts: dict[str, Any]
+    warnings: list[dict[str, Any]]
+    metrics: dict[str, float]
+    metrics_history: list[MetricPublic]
+    aliases: list[str]
+    base: BaseRef | None
+    created: bool = False
+
+
+class VersionSummary(Response):
+    name: str
+    version: int
+    digest: str
+    size: int
+    created_at: datetime
+    rank: int
+    lora_alpha: float | None
+    target_modules: list[str]
+    task_type: str | None
+    use_dora: bool
+    base: BaseRef | None
+    metrics: dict[str, float]
+    aliases: list[str]
+    warnings: list[dict[str, Any]]
+    match: Literal["validated", "layout"] | None = None
+
+
+class AdapterPublic(Response):
+    name: str
+    created_at: datetime
+    latest: int | None
+    aliases: dict[str, int]
+    versions: list[VersionSummary]
+
+
+class Page(Response, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class AliasSet(StrictRequest):
+    version: int | str
+
+
+class AliasEventPublic(Response):
+    version: int | None
+    actor: str | None
+    created_at: datetime
+
+
+class AliasPublic(Response):
+    name: str
+    alias: str
+    version: int | None
+    history: list[AliasEventPublic] = []
+
+
+class MetricsAdd(StrictRequest):
+    metrics: dict[MetricKey, float] = Field(min_length=1, max_length=256)
+
+
+class DeletedPublic(Response):
+    name: str
+    version: int
+    deleted: bool = True

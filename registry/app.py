@@ -1,0 +1,62 @@
+"""create_app(settings) -> FastAPI. Nothing is built at import time (asgi.py holds the one app)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from loreg.registry.api.errors import install_error_handlers
+from loreg.registry.api.ratelimit import FailureLimiter
+from loreg.registry.api.routes import adapters, blobs, health, tokens
+from loreg.registry.services.adapters import AdapterService
+from loreg.registry.services.blobs import BlobService
+from loreg.registry.services.context import Registry, open_registry
+from loreg.registry.services.tokens import TokenService
+from loreg.registry.settings import Settings
+
+log = logging.getLogger("loreg")
+
+
+def create_app(settings: Settings | None = None, *, registry: Registry | None = None) -> FastAPI:
+    """Build the API over ``registry`` (or one opened from ``settings``; its schema must be current)."""
+    settings = settings or (registry.settings if registry else Settings())
+    owned = registry is None
+    reg = registry or open_registry(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            reg.close()
+
+    app = FastAPI(
+        title="loreg",
+        summary="A registry and versioning service for LoRA adapters",
+        version=_version(),
+        lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,
+    )
+    app.state.registry = reg
+    app.state.settings = settings
+    app.state.blobs = BlobService(reg)
+    app.state.tokens = TokenService(reg)
+    app.state.auth_limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_s)
+    app.state.adapters = AdapterService(reg)
+    install_error_handlers(app)
+    for module in (health, blobs, adapters, tokens):
+        app.include_router(module.router)
+    return app
+
+
+def _version() -> str:
+    from loreg.registry.api.routes.health import loreg_version
+
+    return loreg_version()
+
+
+def api_routes(app: FastAPI) -> list[APIRoute]:
+    return [r for r in app.routes if isinstance(r, APIRoute)]

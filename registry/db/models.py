@@ -1,0 +1,235 @@
+"""ORM models. Tables are plural snake_case; digests are ``sha256:<hex>`` under a CHECK constraint."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from loreg.registry.db.base import Base
+
+DIGEST_LEN = 71  # "sha256:" + 64 hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def digest_check(column: str) -> CheckConstraint:
+    # LIKE, not a regex: it must run on SQLite and Postgres alike; the API validates the full form.
+    return CheckConstraint(f"{column} LIKE 'sha256:%' AND length({column}) = {DIGEST_LEN}", name=f"{column}_sha256")
+
+
+class Blob(Base):
+    __tablename__ = "blobs"
+    __table_args__ = (digest_check("digest"),)
+
+    digest: Mapped[str] = mapped_column(String(DIGEST_LEN), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # bumped by uploads and by blobs:check answering "present": GC spares blobs seen within the grace period
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("namespace", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128))
+    # last number handed out: numbers are never reused, even after a version is deleted
+    last_number: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    versions: Mapped[list[Version]] = relationship(back_populates="adapter", passive_deletes=True)
+    aliases: Mapped[list[Alias]] = relationship(back_populates="adapter", passive_deletes=True)
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class BaseModel(Base):
+    __tablename__ = "base_models"
+    __table_args__ = (digest_check("weights_digest"), digest_check("layout_digest"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    weights_digest: Mapped[str] = mapped_column(String(DIGEST_LEN), unique=True)
+    layout_digest: Mapped[str] = mapped_column(String(DIGEST_LEN), index=True)
+    model_type: Mapped[str | None] = mapped_column(String(128))
+    architectures: Mapped[list[str]] = mapped_column(JSON, default=list)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # [[name, dtype, shape, file, tensor sha256]] in checkpoint order
+    tensors: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # [{"path", "size", "digest"}] of the checkpoint's files
+    files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    weights_uploaded: Mapped[bool] = mapped_column(Boolean, default=False)
+    parameter_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    names: Mapped[list[BaseName]] = relationship(back_populates="base_model", passive_deletes=True)
+
+
+class BaseName(Base):
+    """A name (and revision) of a base model; one name may point at several fingerprints over time."""
+
+    __tablename__ = "base_names"
+    __table_args__ = (UniqueConstraint("name", "revision", "base_model_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), index=True)
+    revision: Mapped[str] = mapped_column(String(128), default="")
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    base_model: Mapped[BaseModel] = relationship(back_populates="names")
+
+
+class Version(Base):
+    __tablename__ = "versions"
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "number"),
+        UniqueConstraint("adapter_id", "manifest_digest"),
+        digest_check("manifest_digest"),
+        CheckConstraint("number > 0", name="number_positive"),
+        Index("ix_versions_base_rank", "base_model_id", "rank_max"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    manifest_digest: Mapped[str] = mapped_column(String(DIGEST_LEN), index=True)
+    message: Mapped[str | None] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    warnings: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # denormalised facts for lookup on indexed columns
+    rank_min: Mapped[int] = mapped_column(Integer)
+    rank_max: Mapped[int] = mapped_column(Integer)
+    use_dora: Mapped[bool] = mapped_column(Boolean, default=False)
+    task_type: Mapped[str | None] = mapped_column(String(64), index=True)
+    base_model_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
+    base_mapping: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    adapter: Mapped[Adapter] = relationship(back_populates="versions")
+    files: Mapped[list[VersionFile]] = relationship(
+        back_populates="version", passive_deletes=True, order_by="VersionFile.path"
+    )
+    targets: Mapped[list[VersionTarget]] = relationship(passive_deletes=True)
+    metrics: Mapped[list[Metric]] = relationship(passive_deletes=True, order_by="Metric.id")
+    base_model: Mapped[BaseModel | None] = relationship()
+
+
+class VersionFile(Base):
+    __tablename__ = "version_files"
+    __table_args__ = (digest_check("digest"),)
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(256), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest", ondelete="RESTRICT"), index=True)
+
+    version: Mapped[Version] = relationship(back_populates="files")
+
+
+class VersionTarget(Base):
+    """One adapted module leaf name (q_proj, c_attn, …) of a version, for lookup by target."""
+
+    __tablename__ = "version_targets"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True)
+    target: Mapped[str] = mapped_column(String(256), primary_key=True, index=True)
+
+
+class Metric(Base):
+    """An evaluation appended to a version; lookups use each key's latest value."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (Index("ix_metrics_key_version", "key", "version_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(128))
+    value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Alias(Base):
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("adapter_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    adapter: Mapped[Adapter] = relationship(back_populates="aliases")
+    version: Mapped[Version] = relationship()
+
+
+class AliasEvent(Base):
+    """History of alias moves; version_number None = removed."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
+    alias: Mapped[str] = mapped_column(String(64))
+    version_number: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Token(Base):
+    """An API token; only the sha256 of its secret is stored."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(16))
+    namespaces: Mapped[list[str]] = mapped_column(JSON, default=list)
+    description: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,0 +1,741 @@
+"""An adapter against a base model's layout, from safetensors headers alone (PEFT_FORMAT.md §6).
+
+Every problem is collected, then one error is raised whose detail lists them all:
+``{"problems": [{"key", "code", "expected", "actual", "message"}, ...]}``; its class is the first
+problem's. Order: tensor dtypes/sizes, key names, unsupported features, unknown modules, per-module checks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from loreg.registry.errors import (
+    AdapterInvalidError,
+    DtypeUnsupportedError,
+    DuplicateKeyError,
+    EmptyTensorError,
+    LoregError,
+    RankMismatchError,
+    ShapeMismatchError,
+    UnknownModuleError,
+)
+from loreg.registry.formats import peft
+from loreg.registry.formats.peft import AdapterConfig, TensorKey, TensorKeyError
+
+if TYPE_CHECKING:
+    from loreg.registry.formats.safetensors import Header
+
+# PEFT writes adapters in these; fp8/int adapters are not something PEFT produces or merges.
+ADAPTER_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+MAX_PROBLEMS = 200
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+# transformers Conv1D (weight stored [in, out]) is used by these families for these leaves only.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_ARCH_PREFIXES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
+CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+OUTPUT_EMBEDDING_LEAVES = frozenset({"lm_head", "embed_out"})
+INPUT_EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+    "shared.weight",
+)
+# tensors whose row count is the vocabulary: a saved copy may have more rows (resized tokenizer)
+VOCAB_LEAVES = OUTPUT_EMBEDDING_LEAVES | {s.split(".")[0] for s in INPUT_EMBEDDING_SUFFIXES}
+
+# transformers >= 5 renames some modules at load while checkpoints keep the old names; adapters saved by
+# PEFT on transformers 5 carry the new module paths. Both directions, first match wins.
+_RENAMES: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
+    "vit": tuple(
+        (re.compile(p), r)
+        for p, r in (
+            (r"(^|\.)layers\.(\d+)\.attention\.q_proj$", r"\1encoder.layer.\2.attention.attention.query"),
+            (r"(^|\.)layers\.(\d+)\.attention\.k_proj$", r"\1encoder.layer.\2.attention.attention.key"),
+            (r"(^|\.)layers\.(\d+)\.attention\.v_proj$", r"\1encoder.layer.\2.attention.attention.value"),
+            (r"(^|\.)layers\.(\d+)\.attention\.o_proj$", r"\1encoder.layer.\2.attention.output.dense"),
+            (r"(^|\.)layers\.(\d+)\.mlp\.fc1$", r"\1encoder.layer.\2.intermediate.dense"),
+            (r"(^|\.)layers\.(\d+)\.mlp\.fc2$", r"\1encoder.layer.\2.output.dense"),
+            (r"(^|\.)layers\.(\d+)\.(layernorm_before|layernorm_after)$", r"\1encoder.layer.\2.\3"),
+            (r"(^|\.)encoder\.layer\.(\d+)\.attention\.attention\.query$", r"\1layers.\2.attention.q_proj"),
+            (r"(^|\.)encoder\.layer\.(\d+)\.attention\.attention\.key$", r"\1layers.\2.attention.k_proj"),
+            (r"(^|\.)encoder\.layer\.(\d+)\.attention\.attention\.value$", r"\1layers.\2.attention.v_proj"),
+            (r"(^|\.)encoder\.layer\.(\d+)\.attention\.output\.dense$", r"\1layers.\2.attention.o_proj"),
+            (r"(^|\.)encoder\.layer\.(\d+)\.intermediate\.dense$", r"\1layers.\2.mlp.fc1"),
+            (r"(^|\.)encoder\.layer\.(\d+)\.output\.dense$", r"\1layers.\2.mlp.fc2"),
+            (r"(^|\.)encoder\.layer\.(\d+)\.(layernorm_before|layernorm_after)$", r"\1layers.\2.\3"),
+        )
+    ),
+}
+
+_ERROR_CLASSES: dict[str, type[LoregError]] = {
+    "SHAPE_MISMATCH": ShapeMismatchError,
+    "RANK_MISMATCH": RankMismatchError,
+    "UNKNOWN_MODULE": UnknownModuleError,
+    "DTYPE_UNSUPPORTED": DtypeUnsupportedError,
+    "EMPTY_TENSOR": EmptyTensorError,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# base layout
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """What validation needs of a base model: tensor names, dtypes and shapes, and config.json facts."""
+
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    model_type: str | None = None
+    architectures: tuple[str, ...] = ()
+    tie_word_embeddings: bool = True
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        entry = self.tensors.get(name)
+        return None if entry is None else entry[1]
+
+
+def base_layout_from_headers(headers: Iterable[Header], config_json: Mapping[str, Any] | None) -> BaseLayout:
+    """Merge the headers of every shard with config.json's model_type/architectures/tie_word_embeddings.
+
+    Raises:
+        DuplicateKeyError: two shards hold a tensor of the same name.
+    """
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for header in headers:
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise DuplicateKeyError(f"tensor {name!r} appears in two shards", detail={"key": name})
+            tensors[name] = (info.dtype, tuple(info.shape))
+    cfg = dict(config_json or {})
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures")
+    tie = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", True))
+    return BaseLayout(
+        tensors=tensors,
+        model_type=model_type if isinstance(model_type, str) else None,
+        architectures=tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else (),
+        # transformers' default; a checkpoint without lm_head.weight is tied whatever the flag says
+        tie_word_embeddings=tie if isinstance(tie, bool) else True,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# facts (no base needed)
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    r: int
+    lora_alpha: int | float
+    ranks: list[int]  # sorted unique ranks found in the tensors
+    target_modules: list[str] | str | None  # as stored in the config
+    modules: list[str]  # modules with LoRA tensors (sorted, PEFT prefix removed)
+    use_dora: bool
+    use_rslora: bool
+    bias: str
+    task_type: str | None
+    base_model_name_or_path: str | None
+    revision: str | None
+    peft_version: str | None
+    dtypes: list[str]
+    dtype: str | None  # the one dtype of all tensors, "mixed", or None without tensors
+    parameter_count: int
+    size_bytes: int
+    tensor_count: int
+    modules_to_save: list[str]  # modules stored whole (weights replaced on merge)
+    has_modules_to_save: bool
+    has_bias: bool
+    has_embedding: bool
+    has_conv: bool
+    has_trainable_tokens: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _parse_keys(header: Header) -> tuple[dict[str, TensorKey], dict[str, TensorKeyError]]:
+    parsed: dict[str, TensorKey] = {}
+    bad: dict[str, TensorKeyError] = {}
+    for key in sorted(header.tensors):
+        try:
+            parsed[key] = peft.parse_tensor_key(key)
+        except TensorKeyError as exc:
+            bad[key] = exc
+    return parsed, bad
+
+
+def describe_adapter(config: AdapterConfig, header: Header) -> AdapterFacts:
+    """Facts about an adapter from its config and header alone; keys that do not parse are left out."""
+    parsed, _ = _parse_keys(header)
+    ranks: set[int] = set()
+    modules: set[str] = set()
+    saved: set[str] = set()
+    has_bias = config.bias != "none"
+    has_embedding = has_conv = has_tt = False
+    for key, tk in parsed.items():
+        shape = tuple(header.tensors[key].shape)
+        if tk.kind in (peft.LORA_A, peft.EMBEDDING_A) and shape:
+            ranks.add(shape[0])
+        if tk.kind in peft.LORA_KINDS:
+            modules.add(tk.module)
+        if tk.kind in (peft.EMBEDDING_A, peft.EMBEDDING_B):
+            has_embedding = True
+        if tk.kind == peft.LORA_A and len(shape) >= 3:
+            has_conv = True
+        if tk.kind == peft.LORA_B_BIAS:
+            has_bias = True
+        if tk.kind == peft.TRAINABLE_TOKENS:
+            has_tt = True
+        if tk.kind == peft.FULL and (tk.param == "weight" or ".modules_to_save." in key):
+            saved.add(tk.module)
+    infos = list(header.tensors.values())
+    dtypes = sorted({i.dtype for i in infos})
+    return AdapterFacts(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        ranks=sorted(ranks),
+        target_modules=config.target_modules,
+        modules=sorted(modules),
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        bias=config.bias,
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        peft_version=config.peft_version,
+        dtypes=dtypes,
+        dtype=(dtypes[0] if len(dtypes) == 1 else "mixed") if dtypes else None,
+        parameter_count=sum(i.numel for i in infos),
+        size_bytes=sum(i.nbytes for i in infos),
+        tensor_count=len(infos),
+        modules_to_save=sorted(saved),
+        has_modules_to_save=bool(saved),
+        has_bias=has_bias,
+        has_embedding=has_embedding,
+        has_conv=has_conv,
+        has_trainable_tokens=has_tt,
+    )
+
+
+def serving_verdicts(config: AdapterConfig, facts: AdapterFacts) -> dict[str, dict[str, Any]]:
+    """Whether serving engines load this adapter with their defaults, and why not (PEFT_FORMAT.md §9)."""
+    reasons: list[str] = []
+    rank = max([config.r, *config.rank_pattern.values(), *facts.ranks])
+    needed = next((m for m in VLLM_MAX_LORA_RANKS if m >= rank), None)
+    if needed is None:
+        reasons.append(f"rank {rank} exceeds vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    elif rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        reasons.append(f"rank {rank} exceeds vLLM's default max_lora_rank {VLLM_DEFAULT_MAX_LORA_RANK} "
+                       f"(start vLLM with --max-lora-rank {needed})")
+    if config.use_dora:
+        reasons.append("vLLM does not support DoRA")
+    if config.bias != "none":
+        reasons.append(f"vLLM refuses bias={config.bias!r}")
+    if config.lora_bias:
+        reasons.append("vLLM does not load lora_B.bias (lora_bias=true)")
+    if config.modules_to_save or facts.has_modules_to_save:
+        reasons.append("vLLM refuses modules_to_save")
+    if facts.has_trainable_tokens:
+        reasons.append("trainable tokens need a recent vLLM with max_lora_trainable_tokens set")
+    if facts.has_conv:
+        reasons.append("vLLM has no LoRA for convolution layers")
+    return {"vllm": {"loads": not reasons, "reasons": reasons, "max_lora_rank": needed}}
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    facts: AdapterFacts
+    warnings: list[dict[str, Any]]
+    mapping: dict[str, str]  # adapter module -> base tensor it changes (…weight, or …bias for bias-only)
+    variant: str  # how adapter module paths were mapped to base names ("as-is", "add:model", ...)
+    key_map: dict[str, str | None]  # adapter key -> base tensor it feeds; None: not applied (original_module)
+    layer_types: dict[str, str]  # LoRA module -> "linear" | "conv1d" | "embedding" | "conv"
+    scalings: dict[str, float]  # LoRA module -> scale from r/alpha/rank_pattern/alpha_pattern/rslora
+    serving: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "facts": self.facts.to_dict(),
+            "warnings": self.warnings,
+            "mapping": self.mapping,
+            "variant": self.variant,
+            "key_map": self.key_map,
+            "layer_types": self.layer_types,
+            "scalings": self.scalings,
+            "serving": self.serving,
+        }
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def add(self, key: str | None, code: str, message: str, expected: Any = None, actual: Any = None) -> None:
+        self.items.append({"key": key, "code": code, "expected": expected, "actual": actual, "message": message})
+
+    def raise_if_any(self, variant: str) -> None:
+        if not self.items:
+            return
+        first = self.items[0]
+        cls = _ERROR_CLASSES.get(first["code"], AdapterInvalidError)
+        count = len(self.items)
+        more = f" (and {count - 1} more)" if count > 1 else ""
+        raise cls(
+            f"{first['message']}{more}",
+            detail={"problems": self.items[:MAX_PROBLEMS], "problem_count": count, "variant": variant},
+        )
+
+
+def _shape(header: Header, key: str) -> list[int]:
+    return list(header.tensors[key].shape)
+
+
+def _is_conv1d(base: BaseLayout, base_module: str, config: AdapterConfig) -> bool:
+    gpt2_family = base.model_type in CONV1D_MODEL_TYPES or any(
+        a.startswith(CONV1D_ARCH_PREFIXES) for a in base.architectures
+    )
+    if gpt2_family:
+        return base_module.rsplit(".", 1)[-1] in CONV1D_LEAVES
+    if base.model_type is None and not base.architectures:
+        return config.fan_in_fan_out  # nothing else to go on
+    return False
+
+
+def _rename(model_type: str | None, module: str) -> str:
+    for pattern, repl in _RENAMES.get(model_type or "", ()):
+        new, n = pattern.subn(repl, module, count=1)
+        if n:
+            return new
+    return module
+
+
+def _variants(modules: Iterable[str], base: BaseLayout) -> list[tuple[str, Callable[[str], str]]]:
+    adapter_firsts = sorted({m.split(".", 1)[0] for m in modules if "." in m})
+    base_firsts = sorted({n.split(".", 1)[0] for n in base.tensors if "." in n})
+    plain: list[tuple[str, Callable[[str], str]]] = [("as-is", lambda m: m)]
+    for p in adapter_firsts:
+        plain.append((f"strip:{p}", lambda m, p=p: m[len(p) + 1 :] if m.startswith(p + ".") else m))
+    for p in base_firsts:
+        plain.append((f"add:{p}", lambda m, p=p: f"{p}.{m}"))
+    if base.model_type not in _RENAMES:
+        return plain
+    out: list[tuple[str, Callable[[str], str]]] = []
+    for name, fn in plain:
+        out.append((name, fn))
+        out.append((f"{name}+renamed", lambda m, fn=fn: _rename(base.model_type, fn(m))))
+    return out
+
+
+class _Validator:
+    def __init__(self, config: AdapterConfig, header: Header, base: BaseLayout):
+        self.config = config
+        self.header = header
+        self.base = base
+        self.problems = _Problems()
+        self.warnings: list[dict[str, Any]] = []
+        self.mapping: dict[str, str] = {}
+        self.key_map: dict[str, str | None] = {}
+        self.layer_types: dict[str, str] = {}
+        self.scalings: dict[str, float] = {}
+        self.variant = "as-is"
+        self._input_embedding: str | None | bool = False
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def input_embedding(self) -> str | None:
+        if self._input_embedding is False:
+            found = None
+            for suffix in INPUT_EMBEDDING_SUFFIXES:
+                names = sorted((n for n in self.base.tensors if n == suffix or n.endswith("." + suffix)), key=len)
+                if names:
+                    found = names[0]
+                    break
+            self._input_embedding = found
+        return self._input_embedding  # type: ignore[return-value]
+
+    def locate(self, module: str, param: str) -> str | None:
+        name = f"{module}.{param}"
+        if name in self.base.tensors:
+            return name
+        if (
+            param == "weight"
+            and module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDING_LEAVES
+            and self.base.tie_word_embeddings
+        ):
+            return self.input_embedding()
+        return None
+
+    @staticmethod
+    def primary_param(keys: list[TensorKey]) -> str:
+        bias_only = all(tk.param == "bias" for tk in keys)
+        return "bias" if bias_only else "weight"
+
+    # -- phases -----------------------------------------------------------------------------------
+
+    def run(self, base_name: str | None, base_revision: str | None) -> None:
+        header, config = self.header, self.config
+        for key in sorted(header.tensors):
+            info = header.tensors[key]
+            if info.dtype not in ADAPTER_DTYPES:
+                self.problems.add(
+                    key, "DTYPE_UNSUPPORTED", f"tensor {key!r} is {info.dtype}; adapters hold floating-point tensors",
+                    expected=sorted(ADAPTER_DTYPES), actual=info.dtype,
+                )
+            if any(d == 0 for d in info.shape):
+                self.problems.add(
+                    key, "EMPTY_TENSOR", f"tensor {key!r} has no elements", expected="non-empty",
+                    actual=list(info.shape),
+                )
+        parsed, bad = _parse_keys(header)
+        for key, exc in bad.items():
+            self.problems.add(key, "UNKNOWN_KEY", f"tensor {key!r}: {exc.reason}")
+        if not header.tensors:
+            self.problems.add(None, "NO_TENSORS", "adapter_model.safetensors holds no tensors")
+        if config.target_parameters:
+            self.problems.add(
+                None, "UNSUPPORTED", "target_parameters (LoRA on nn.Parameter, MoE experts) is not supported yet",
+                actual=list(config.target_parameters),
+            )
+
+        groups: dict[str, list[TensorKey]] = {}
+        for tk in parsed.values():
+            groups.setdefault(tk.module, []).append(tk)
+        self.choose_variant(groups)
+        fn = dict(_variants(groups, self.base))[self.variant] if groups else (lambda m: m)
+        for module in sorted(groups):
+            self.check_module(module, fn(module), groups[module])
+
+        self.collect_warnings(groups, base_name, base_revision)
+
+    def choose_variant(self, groups: dict[str, list[TensorKey]]) -> None:
+        best: tuple[int, int] | None = None
+        for index, (name, fn) in enumerate(_variants(groups, self.base)):
+            found = sum(1 for m, keys in groups.items() if self.locate(fn(m), self.primary_param(keys)))
+            if found == len(groups):
+                self.variant = name
+                return
+            if best is None or found > best[0]:
+                best = (found, index)
+                self.variant = name
+
+    def check_module(self, module: str, target: str, keys: list[TensorKey]) -> None:
+        problems, header = self.problems, self.header
+        param = self.primary_param(keys)
+        primary = self.locate(target, param)
+        if primary is None:
+            for tk in keys:
+                problems.add(
+                    tk.key, "UNKNOWN_MODULE",
+                    f"{tk.key!r}: the base has no tensor {target}.{param}"
+                    + (f" (module {module!r} mapped by {self.variant})" if target != module else ""),
+                    expected=f"{target}.{param}",
+                )
+            return
+        self.mapping[module] = primary
+        if primary != f"{target}.{param}":
+            self.warnings.append({
+                "code": "TIED_REDIRECT", "module": module, "tensor": primary,
+                "message": f"{module} is tied to {primary} in the base; merging changes the input embedding too",
+            })
+
+        seen: dict[tuple[str, str | None, bool], str] = {}
+        by_kind: dict[str, TensorKey] = {}
+        for tk in keys:
+            dup = (tk.kind, tk.param, ".modules_to_save." in tk.key)
+            if dup in seen:
+                problems.add(tk.key, "DUPLICATE_TENSOR", f"{tk.key!r} repeats {seen[dup]!r}")
+                continue
+            seen[dup] = tk.key
+            if tk.kind in (peft.BASE_LAYER, peft.FULL, peft.ORIGINAL_MODULE):
+                by_kind.setdefault(f"{tk.kind}.{tk.param}", tk)
+            else:
+                by_kind[tk.kind] = tk
+
+        w_name = self.locate(target, "weight")
+        b_name = f"{target}.bias" if f"{target}.bias" in self.base.tensors else None
+        w_shape = list(self.base.shape(w_name) or ()) if w_name else None
+        vocab_like = target.rsplit(".", 1)[-1] in VOCAB_LEAVES or (w_name is not None and w_name != f"{target}.weight")
+
+        # full tensors: modules_to_save copies, trained biases, base_layer copies
+        for kind_param, tk in by_kind.items():
+            if tk.kind == peft.ORIGINAL_MODULE:
+                self.key_map[tk.key] = None
+                continue
+            if tk.kind not in (peft.BASE_LAYER, peft.FULL):
+                continue
+            base_tensor = w_name if tk.param == "weight" else b_name
+            if base_tensor is None:
+                problems.add(tk.key, "UNKNOWN_MODULE", f"{tk.key!r}: the base has no tensor {target}.{tk.param}",
+                             expected=f"{target}.{tk.param}")
+                continue
+            self.key_map[tk.key] = base_tensor
+            actual = _shape(header, tk.key)
+            expected = list(self.base.shape(base_tensor) or ())
+            if actual == expected:
+                continue
+            if tk.param == "weight" and vocab_like and len(actual) == 2 and actual[1:] == expected[1:]:
+                self.warnings.append({
+                    "code": "RESIZED_VOCAB", "key": tk.key, "expected": expected, "actual": actual,
+                    "message": f"{tk.key!r} has {actual[0]} rows where the base has {expected[0]} (resized vocab)",
+                })
+                if tk.kind == peft.BASE_LAYER:
+                    w_shape = actual
+                continue
+            problems.add(tk.key, "SHAPE_MISMATCH", f"{tk.key!r} is {actual}; base {base_tensor} is {expected}",
+                         expected=expected, actual=actual)
+
+        if peft.TRAINABLE_TOKENS in by_kind:
+            self.check_trainable_tokens(module, by_kind[peft.TRAINABLE_TOKENS], w_name, w_shape)
+
+        lora = {k: by_kind[k] for k in (peft.LORA_A, peft.LORA_B, peft.EMBEDDING_A, peft.EMBEDDING_B) if k in by_kind}
+        extras = {k: by_kind[k] for k in (peft.MAGNITUDE, peft.LORA_B_BIAS) if k in by_kind}
+        if not lora:
+            for tk in extras.values():
+                problems.add(tk.key, "MISSING_TENSOR", f"{tk.key!r} has no lora_A/lora_B pair for {module}",
+                             expected=[f"{module}.lora_A.weight", f"{module}.lora_B.weight"])
+            return
+        if w_name is None or w_shape is None:
+            for tk in lora.values():
+                problems.add(tk.key, "UNKNOWN_MODULE", f"{tk.key!r}: the base has no tensor {target}.weight",
+                             expected=f"{target}.weight")
+            return
+        embedding = peft.EMBEDDING_A in lora or peft.EMBEDDING_B in lora
+        if embedding and (peft.LORA_A in lora or peft.LORA_B in lora):
+            for tk in lora.values():
+                problems.add(tk.key, "MIXED_LORA", f"{module} has both linear and embedding LoRA tensors")
+            return
+        a_kind, b_kind = (peft.EMBEDDING_A, peft.EMBEDDING_B) if embedding else (peft.LORA_A, peft.LORA_B)
+        missing = False
+        for have, want in ((a_kind, b_kind), (b_kind, a_kind)):
+            if have in lora and want not in lora:
+                tk = lora[have]
+                want_key = tk.key[: -len(_suffix(have))] + _suffix(want)
+                problems.add(want_key, "MISSING_TENSOR", f"{module} has {tk.key!r} but no {want_key!r}",
+                             expected=want_key)
+                missing = True
+        if missing:
+            return
+        a, b = lora[a_kind], lora[b_kind]
+        a_shape, b_shape = _shape(header, a.key), _shape(header, b.key)
+        for tk in (a, b):
+            self.key_map[tk.key] = w_name
+        if embedding:
+            layer = "embedding"
+        elif len(a_shape) >= 3 or len(w_shape) >= 3:
+            layer = "conv"
+        elif _is_conv1d(self.base, target, self.config):
+            layer = "conv1d"
+        else:
+            layer = "linear"
+        self.layer_types[module] = layer
+        self.scalings[module] = self.config.scaling_for(module)
+        if self.config.fan_in_fan_out != (layer == "conv1d") and layer in ("linear", "conv1d"):
+            self.warnings.append({
+                "code": "FAN_IN_FAN_OUT_IGNORED", "module": module, "layer": layer,
+                "message": f"fan_in_fan_out={self.config.fan_in_fan_out} in the config, but {w_name} is "
+                           f"{'a Conv1D' if layer == 'conv1d' else 'not a Conv1D'} weight; the layer type decides",
+            })
+
+        r_a = a_shape[0] if a_shape else 0
+        r_b = b_shape[1] if len(b_shape) >= 2 else 0
+        out = self.check_pair(module, layer, a.key, a_shape, b.key, b_shape, w_name, w_shape)
+        r_res = self.config.rank_for(module)
+        via = "rank_pattern" if self.config.rank_pattern and r_res != self.config.r else "r"
+        if r_a != r_res or r_b != r_res:
+            for tk, r in ((a, r_a), (b, r_b)):
+                if r != r_res:
+                    problems.add(tk.key, "RANK_MISMATCH",
+                                 f"{tk.key!r} has rank {r}; the config's {via} gives {r_res} for {module}",
+                                 expected=[r_res], actual=[r])
+
+        if peft.MAGNITUDE in extras:
+            tk = extras[peft.MAGNITUDE]
+            self.key_map[tk.key] = w_name
+            if not self.config.use_dora:
+                self.warnings.append({"code": "MAGNITUDE_IGNORED", "key": tk.key,
+                                      "message": f"{tk.key!r} is stored but use_dora is false; PEFT ignores it"})
+            if layer == "conv":
+                expected = [1, w_shape[0]] + [1] * (len(w_shape) - 2)
+            elif layer == "linear":
+                expected = [w_shape[0]]
+            else:  # conv1d [in, out] and embedding [num, dim]: the second axis
+                expected = [w_shape[1]]
+            actual = _shape(header, tk.key)
+            if actual != expected:
+                problems.add(tk.key, "SHAPE_MISMATCH", f"{tk.key!r} is {actual}; DoRA magnitude of {w_name} is "
+                             f"{expected}", expected=expected, actual=actual)
+        elif self.config.use_dora:
+            want_key = a.key[: -len(_suffix(a_kind))] + _suffix(peft.MAGNITUDE)
+            problems.add(want_key, "MISSING_TENSOR", f"use_dora is true but {module} has no lora_magnitude_vector",
+                         expected=want_key)
+
+        if peft.LORA_B_BIAS in extras:
+            tk = extras[peft.LORA_B_BIAS]
+            if b_name is None:
+                problems.add(tk.key, "BASE_BIAS_MISSING", f"{tk.key!r} needs a bias in the base, "
+                             f"and {target}.bias does not exist", expected=f"{target}.bias")
+            else:
+                self.key_map[tk.key] = b_name
+                actual = _shape(header, tk.key)
+                if out is not None and actual != [out]:
+                    problems.add(tk.key, "SHAPE_MISMATCH", f"{tk.key!r} is {actual}; {module} has {out} outputs",
+                                 expected=[out], actual=actual)
+
+    def check_pair(
+        self, module: str, layer: str, a_key: str, a: list[int], b_key: str, b: list[int],
+        w_name: str, w: list[int],
+    ) -> int | None:
+        """Shape checks of A and B against W (ranks are checked by the caller); returns the output size."""
+        problems = self.problems
+        r_a = a[0] if a else 0
+        r_b = b[1] if len(b) >= 2 else 0
+        if layer == "conv":
+            if len(w) < 3:
+                problems.add(a_key, "SHAPE_MISMATCH", f"{a_key!r} is a convolution LoRA but {w_name} is {w}",
+                             expected=[r_a, *w[1:]], actual=a)
+                return None
+            exp_a = [r_a, *w[1:]]
+            exp_b = [w[0], r_b] + [1] * (len(w) - 2)
+            out = w[0]
+        elif len(w) != 2:
+            problems.add(a_key, "SHAPE_MISMATCH", f"{a_key!r} is a {layer} LoRA but {w_name} is {w}",
+                         expected=[r_a, "?"], actual=a)
+            return None
+        elif layer == "embedding":
+            exp_a, exp_b, out = [r_a, w[0]], [w[1], r_b], w[1]
+        elif layer == "conv1d":
+            exp_a, exp_b, out = [r_a, w[0]], [w[1], r_b], w[1]
+        else:
+            exp_a, exp_b, out = [r_a, w[1]], [w[0], r_b], w[0]
+        for key, actual, expected in ((a_key, a, exp_a), (b_key, b, exp_b)):
+            if actual != expected:
+                hint = ""
+                if layer == "conv" and key == a_key and len(a) > 1 and w[1] and a[1] != w[1] and a[1] % w[1] == 0:
+                    hint = " (grouped convolution: LoRA on conv groups > 1 cannot be merged)"
+                problems.add(key, "SHAPE_MISMATCH",
+                             f"{key!r} is {actual}, expected {expected} for {layer} base {w_name} {w}{hint}",
+                             expected=expected, actual=actual)
+        return out
+
+    def check_trainable_tokens(self, module: str, tk: TensorKey, w_name: str | None, w: list[int] | None) -> None:
+        problems = self.problems
+        if w_name is None or w is None or len(w) != 2:
+            problems.add(tk.key, "UNKNOWN_MODULE", f"{tk.key!r}: no 2-D embedding {module}.weight in the base",
+                         expected=f"{module}.weight")
+            return
+        self.key_map[tk.key] = w_name
+        indices = self.config.trainable_token_indices
+        if isinstance(indices, dict):
+            indices = next((v for k, v in indices.items() if peft.target_module_matches(k, module)), None)
+        if indices is None:
+            problems.add(tk.key, "MISSING_CONFIG", f"{tk.key!r} is stored but trainable_token_indices does not "
+                         f"name {module}", expected="trainable_token_indices")
+            return
+        actual = _shape(self.header, tk.key)
+        expected = [len(indices), w[1]]
+        if actual != expected:
+            problems.add(tk.key, "SHAPE_MISMATCH", f"{tk.key!r} is {actual}; {len(indices)} token rows of "
+                         f"{w_name} {w} need {expected}", expected=expected, actual=actual)
+        out_of_range = sorted({i for i in indices if not 0 <= i < w[0]})
+        if out_of_range:
+            problems.add(tk.key, "INDEX_OUT_OF_RANGE", f"trainable_token_indices {out_of_range[:10]} are outside "
+                         f"the vocabulary of {w_name} ({w[0]} rows)", expected=[0, w[0] - 1], actual=out_of_range[:50])
+
+    def collect_warnings(self, groups: dict[str, list[TensorKey]], base_name: str | None,
+                         base_revision: str | None) -> None:
+        config = self.config
+        lora_modules = sorted(m for m, keys in groups.items() if any(tk.kind in peft.LORA_KINDS for tk in keys))
+        if isinstance(config.target_modules, list):
+            for target in config.target_modules:
+                if not any(peft.target_module_matches(target, m) for m in lora_modules):
+                    self.warnings.append({
+                        "code": "TARGET_MODULE_UNUSED", "target": target,
+                        "message": f"target_modules lists {target!r} but no tensor adapts it",
+                    })
+        if base_name is not None and config.base_model_name_or_path != base_name:
+            self.warnings.append({
+                "code": "BASE_NAME_MISMATCH", "expected": base_name, "actual": config.base_model_name_or_path,
+                "message": f"the adapter names base {config.base_model_name_or_path!r}; validated against "
+                           f"{base_name!r}",
+            })
+        if base_revision is not None and config.revision is not None and config.revision != base_revision:
+            self.warnings.append({
+                "code": "BASE_REVISION_MISMATCH", "expected": base_revision, "actual": config.revision,
+                "message": f"the adapter names revision {config.revision!r}; validated against {base_revision!r}",
+            })
+        init = config.init_lora_weights
+        if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
+            self.warnings.append({
+                "code": "INIT_MODIFIES_BASE", "init_lora_weights": init,
+                "message": f"init_lora_weights={init!r} changes the base at init; this adapter is only right on "
+                           "that residual base unless it was converted when saved",
+            })
+        if config.lora_bias and not any(tk.kind == peft.LORA_B_BIAS for keys in groups.values() for tk in keys):
+            self.warnings.append({"code": "LORA_BIAS_MISSING",
+                                  "message": "lora_bias is true but no lora_B.bias tensor is stored"})
+
+
+def _suffix(kind: str) -> str:
+    return {
+        peft.LORA_A: ".lora_A.weight",
+        peft.LORA_B: ".lora_B.weight",
+        peft.EMBEDDING_A: ".lora_embedding_A",
+        peft.EMBEDDING_B: ".lora_embedding_B",
+        peft.MAGNITUDE: ".lora_magnitude_vector",
+    }[kind]
+
+
+def validate_adapter(
+    config: AdapterConfig,
+    header: Header,
+    base: BaseLayout,
+    *,
+    base_name: str | None = None,
+    base_revision: str | None = None,
+) -> ValidationReport:
+    """Check every adapter tensor against the base layout (headers only).
+
+    Args:
+        base_name / base_revision: the base the adapter is validated against; a different
+            base_model_name_or_path / revision in the config is a warning.
+
+    Raises:
+        ShapeMismatchError, RankMismatchError, UnknownModuleError, DtypeUnsupportedError,
+        EmptyTensorError, AdapterInvalidError: the first problem's class; ``detail["problems"]`` lists all.
+    """
+    validator = _Validator(config, header, base)
+    validator.run(base_name, base_revision)
+    validator.problems.raise_if_any(validator.variant)
+    facts = describe_adapter(config, header)
+    serving = serving_verdicts(config, facts)
+    warnings = list(validator.warnings)
+    for engine, verdict in serving.items():
+        if not verdict["loads"]:
+            warnings.append({
+                "code": "SERVING_UNSUPPORTED", "engine": engine, "reasons": verdict["reasons"],
+                "message": f"{engine} will not load this adapter with its defaults: " + "; ".join(verdict["reasons"]),
+            })
+    return ValidationReport(
+        facts=facts,
+        warnings=warnings,
+        mapping=validator.mapping,
+        variant=validator.variant,
+        key_map=validator.key_map,
+        layer_types=validator.layer_types,
+        scalings=validator.scalings,
+        serving=serving,
+    )

@@ -1,0 +1,124 @@
+"""Blob uploads and presence checks: streamed, hashed while written, refused early when hostile."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+from sqlalchemy import select, update
+
+from loreg.registry.db.models import Blob
+from loreg.registry.errors import TooLargeError, UnsupportedFormatError
+from loreg.registry.services.context import Registry
+from loreg.registry.storage.base import check_digest
+
+# What needs no context to refuse: pickle (protocol 2-5 opcode PROTO) and zip (torch.save) magic.
+MAGIC_PREFIX_LEN = 4
+
+
+def sniff_refused(prefix: bytes) -> str | None:
+    """Name of the refused format the first bytes reveal, or None."""
+    if len(prefix) >= 2 and prefix[0] == 0x80 and 2 <= prefix[1] <= 5:
+        return "pickle"
+    if prefix.startswith(b"PK\x03\x04") or prefix.startswith(b"PK\x05\x06"):
+        return "zip (torch.save)"
+    return None
+
+
+class GuardedStream(io.RawIOBase):
+    """Wraps an upload stream: refuses pickle/zip magic in the first bytes and enforces a size cap."""
+
+    def __init__(self, raw: BinaryIO, *, limit: int):
+        self._raw = raw
+        self._limit = limit
+        self._count = 0
+        self._head = b""
+        self._checked = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        if not self._checked:
+            while len(self._head) < MAGIC_PREFIX_LEN:
+                more = self._raw.read(MAGIC_PREFIX_LEN - len(self._head))
+                if not more:
+                    break
+                self._head += more
+            self._checked = True
+            refused = sniff_refused(self._head)
+            if refused:
+                raise UnsupportedFormatError(
+                    f"upload refused: the bytes are {refused}; loreg never stores pickle",
+                    detail={"format": refused},
+                    hint="save weights as safetensors (safe_serialization=True)",
+                )
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+        else:
+            data = self._raw.read(len(buffer))
+            n = len(data)
+            buffer[:n] = data
+        self._count += n
+        if self._count > self._limit:
+            raise TooLargeError(f"upload is larger than the limit of {self._limit} bytes", detail={"limit": self._limit})
+        return n
+
+
+class BlobService:
+    """Content-addressed uploads shared by every adapter version, base model and export."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def missing(self, digests: Iterable[str]) -> list[str]:
+        """Digests the store lacks, in the order given. Present ones are touched (GC grace restarts).
+
+        Raises:
+            DigestInvalidError
+        """
+        wanted = list(dict.fromkeys(check_digest(d) for d in digests))
+        with self.registry.sessions.begin() as session:
+            known = set(session.scalars(select(Blob.digest).where(Blob.digest.in_(wanted))))
+            present = [d for d in wanted if d in known and self.registry.store.exists(d)]
+            if present:
+                session.execute(update(Blob).where(Blob.digest.in_(present)).values(last_seen_at=datetime.now(UTC)))
+        present_set = set(present)
+        return [d for d in wanted if d not in present_set]
+
+    def exists(self, digest: str) -> bool:
+        with self.registry.sessions.begin() as session:
+            row = session.get(Blob, check_digest(digest))
+        return row is not None and self.registry.store.exists(digest)
+
+    def upload(self, digest: str, stream: BinaryIO, size: int | None) -> tuple[int, bool]:
+        """Store the stream as blob ``digest``. Returns (size, created).
+
+        Raises:
+            DigestInvalidError, DigestMismatchError, SizeMismatchError, TooLargeError,
+            UnsupportedFormatError, storage errors.
+        """
+        check_digest(digest)
+        limit = self.registry.settings.max_file_size
+        if size is not None and size > limit:
+            raise TooLargeError(f"upload of {size} bytes is over the limit of {limit}", detail={"limit": limit})
+        if self.exists(digest):
+            stat = self.registry.store.stat(digest)
+            self._record(digest, stat.size)
+            return stat.size, False
+        stat = self.registry.store.put(GuardedStream(stream, limit=limit), digest, size)  # type: ignore[arg-type]
+        self._record(digest, stat.size)
+        return stat.size, True
+
+    def _record(self, digest: str, size: int) -> None:
+        now = datetime.now(UTC)
+        with self.registry.sessions.begin() as session:
+            row = session.get(Blob, digest)
+            if row is None:
+                session.add(Blob(digest=digest, size=size, created_at=now, last_seen_at=now))
+            else:
+                row.last_seen_at = now

@@ -1,0 +1,37 @@
+"""The running registry's parts, built once per process from Settings (never at import time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from loreg.registry.db.session import make_engine, make_session_factory
+from loreg.registry.settings import Settings
+from loreg.registry.storage.base import BlobStore
+from loreg.registry.storage.factory import store_from_url
+
+
+@dataclass
+class Registry:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: BlobStore
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_registry(settings: Settings, *, store: BlobStore | None = None) -> Registry:
+    engine = make_engine(settings.effective_database_url)
+    if store is None:
+        store = store_from_url(
+            settings.effective_storage_url,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            s3_region=settings.s3_region,
+        )
+    return Registry(settings=settings, engine=engine, sessions=make_session_factory(engine), store=store)

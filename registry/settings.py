@@ -1,0 +1,55 @@
+"""Settings from LOREG_* environment variables (pydantic-settings). Built on demand, never at import."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def default_home() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "loreg"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOREG_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    database_url: str | None = None
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    # limits: each answered with its own status before the whole body is read
+    max_file_size: int = 4 * GiB
+    max_config_size: int = 64 * 1024
+    max_header_size: int = 8 * MiB
+    max_card_size: int = 1 * MiB
+    max_files_per_version: int = 64
+    max_json_body: int = 1 * MiB
+    max_metrics_per_request: int = 256
+
+    anonymous_read: bool = False
+    auth_max_failures: int = 10
+    auth_failure_window_s: float = 300.0
+    gc_grace_seconds: int = 24 * 3600
+    export_concurrency: int = 1
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.database_url.startswith("sqlite")
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'loreg.db'}"
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or (self.home / "blobs").as_uri()

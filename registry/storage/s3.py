@@ -1,0 +1,371 @@
+"""Blobs in an S3-compatible bucket (AWS S3, MinIO, R2, Ceph), through boto3.
+
+Layout: ``<prefix>/blobs/sha256/<first 2 hex>/<64 hex>`` (no leading slash when the prefix is empty).
+
+Verify before publish: a body up to ``part_size`` is buffered, hashed, and sent with one
+PutObject only after its digest and size matched. A larger body goes to the final key as a
+multipart upload, which stays invisible until completed; its parts are sent while the stream is
+hashed, and the upload is completed only if the digest and size matched, else aborted. Any
+failure aborts it too, so a failed put leaves no object and no open multipart upload (a crashed
+process may leave one: ``abort_stale_multipart_uploads`` is for garbage collection).
+
+Every botocore exception is translated into a loreg storage error before it leaves this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, BinaryIO, cast
+
+import boto3
+import urllib3.exceptions
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+
+from loreg.registry.errors import (
+    BlobNotFoundError,
+    LoregError,
+    RequestInvalidError,
+    StorageTimeoutError,
+    StorageUnavailableError,
+)
+from loreg.registry.storage.base import (
+    BlobStat,
+    HashingReader,
+    RangeStream,
+    blob_key,
+    check_digest,
+    check_range,
+    digest_from_key,
+)
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+MIN_PART_SIZE = 5 * MIB  # S3 refuses smaller parts (except the last)
+MAX_PARTS = 10_000
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_TIMEOUT = {"RequestTimeout"}
+
+
+def _storage_error(exc: Exception, action: str) -> LoregError:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Unknown"))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        detail = {"s3_code": code, "http_status": status, "action": action}
+        if code in _TIMEOUT:
+            return StorageTimeoutError(f"S3 timed out while trying to {action}", detail=detail)
+        return StorageUnavailableError(f"S3 refused to {action}: {code}", detail=detail)
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError | urllib3.exceptions.TimeoutError | TimeoutError):
+        return StorageTimeoutError(f"S3 did not answer in time while trying to {action}", detail={"action": action})
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return StorageUnavailableError("no usable S3 credentials", detail={"action": action})
+    return StorageUnavailableError(
+        f"S3 is unreachable while trying to {action}: {type(exc).__name__}",
+        detail={"action": action, "error": type(exc).__name__},
+    )
+
+
+_BACKEND_ERRORS = (BotoCoreError, ClientError, urllib3.exceptions.HTTPError, OSError)
+
+
+@contextmanager
+def _s3(action: str, digest: str | None = None) -> Iterator[None]:
+    """Translate what boto3 raises; a missing key becomes BlobNotFoundError when ``digest`` is given."""
+    try:
+        yield
+    except ClientError as exc:
+        if digest is not None and str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND:
+            raise BlobNotFoundError("no such blob", detail={"digest": digest}) from None
+        raise _storage_error(exc, action) from exc
+    except _BACKEND_ERRORS as exc:
+        raise _storage_error(exc, action) from exc
+
+
+def _utc(value: Any) -> datetime | None:
+    return value.astimezone(UTC) if isinstance(value, datetime) else None
+
+
+class S3BlobStore:
+    """BlobStore on an S3 bucket; see the module docstring for how a put is verified first.
+
+    Args:
+        bucket: the bucket, which must exist.
+        prefix: a folder inside the bucket (slashes at either end are ignored).
+        endpoint_url: for S3-compatible servers (MinIO, R2, Ceph); path-style addressing is used then.
+        region: the bucket's region (else boto3's default chain).
+        part_size: multipart part size and the largest body sent with one PutObject (>= 5 MiB).
+        max_concurrency: parts in flight per put; a put holds at most (max_concurrency + 1) parts in memory.
+        connect_timeout, read_timeout: seconds, per request.
+        max_attempts: total attempts per request (botocore "standard" retry mode).
+        client: a ready boto3 S3 client (then the connection settings above are ignored).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        part_size: int = 8 * MIB,
+        max_concurrency: int = 4,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 3,
+        client: Any = None,
+    ):
+        if not bucket:
+            raise ValueError("bucket must not be empty")
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (the S3 minimum)")
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.part_size = part_size
+        self.max_concurrency = max_concurrency
+        if client is None:
+            options: dict[str, Any] = {
+                "connect_timeout": connect_timeout,
+                "read_timeout": read_timeout,
+                "retries": {"mode": "standard", "max_attempts": max_attempts},
+                "max_pool_connections": max(10, 2 * max_concurrency),
+            }
+            if endpoint_url:
+                # Custom endpoints rarely have wildcard DNS for virtual-hosted buckets.
+                options["s3"] = {"addressing_style": "path"}
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options)
+            )
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"S3BlobStore(bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    def close(self) -> None:
+        """Close the client's connection pool."""
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> S3BlobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _key(self, digest: str) -> str:
+        key = blob_key(digest)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @property
+    def _blobs_prefix(self) -> str:
+        return f"{self.prefix}/blobs/sha256/" if self.prefix else "blobs/sha256/"
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def put(self, stream: BinaryIO, expected_digest: str, size: int | None = None) -> BlobStat:
+        """Store the stream as blob ``expected_digest``; see BlobStore.put.
+
+        If the key exists already, the stream is still read and verified, and nothing is written.
+        Exceptions raised by ``stream`` pass through unchanged (after the multipart upload is aborted).
+
+        Raises:
+            DigestInvalidError, DigestMismatchError, SizeMismatchError, StorageUnavailableError,
+            StorageTimeoutError
+        """
+        key = self._key(expected_digest)
+        reader = HashingReader(stream, size)
+        try:
+            existing: BlobStat | None = self.stat(expected_digest)
+        except BlobNotFoundError:
+            existing = None
+        if existing is not None:
+            reader.drain()
+            reader.verify(expected_digest)
+            return existing
+        first = reader.read(self.part_size)
+        second = b"" if reader.eof else reader.read(self.part_size)
+        if not second:
+            reader.verify(expected_digest)
+            with _s3("store a blob"):
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=first, ContentLength=len(first))
+            return BlobStat(expected_digest, reader.count)
+        self._put_multipart(key, reader, expected_digest, [first, second])
+        return BlobStat(expected_digest, reader.count)
+
+    def _put_multipart(self, key: str, reader: HashingReader, expected_digest: str, head: list[bytes]) -> None:
+        with _s3("start a multipart upload"):
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        inflight: deque[Future[dict[str, Any]]] = deque()
+        done: list[dict[str, Any]] = []
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="loreg-s3-part")
+        try:
+            number = 0
+            while True:
+                data = head.pop(0) if head else reader.read(self.part_size)
+                if not data:
+                    break
+                number += 1
+                if number > MAX_PARTS:
+                    raise RequestInvalidError(
+                        f"the body needs more than {MAX_PARTS} parts of {self.part_size} bytes",
+                        detail={"part_size": self.part_size},
+                    )
+                # Bounded memory: wait for the oldest part before reading past max_concurrency.
+                while len(inflight) >= self.max_concurrency:
+                    done.append(inflight.popleft().result())
+                inflight.append(pool.submit(self._upload_part, key, upload_id, number, data))
+                del data
+            reader.verify(expected_digest)
+            while inflight:
+                done.append(inflight.popleft().result())
+            parts = sorted(done, key=lambda part: part["PartNumber"])
+            with _s3("complete a multipart upload"):
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
+        except BaseException:
+            # Parts still being sent must finish before the abort, or one could land after it.
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._abort(key, upload_id)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        with _s3("upload a part"):
+            answer = self._client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+            )
+        return {"ETag": answer["ETag"], "PartNumber": number}
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            with _s3("abort a multipart upload"):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except LoregError:
+            # The put's own error is the one to report; GC aborts what is left.
+            log.warning("could not abort multipart upload %s of %s", upload_id, key, exc_info=True)
+
+    def abort_stale_multipart_uploads(self, older_than: datetime) -> int:
+        """Abort multipart uploads under this store's prefix started before ``older_than``.
+
+        Returns:
+            how many were aborted.
+        """
+        if older_than.tzinfo is None:
+            raise ValueError("older_than must be timezone-aware")
+        stale = []
+        with _s3("list multipart uploads"):
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self._blobs_prefix
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    initiated = _utc(upload.get("Initiated"))
+                    if initiated is not None and initiated < older_than:
+                        stale.append((upload["Key"], upload["UploadId"]))
+        for key, upload_id in stale:
+            with _s3("abort a multipart upload"):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        return len(stale)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def open(self, digest: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        """Bytes ``[start, end)`` of the blob with one GetObject, ``end`` clamped to its size.
+
+        Raises:
+            DigestInvalidError, RequestInvalidError (a negative or reversed range),
+            BlobNotFoundError, StorageUnavailableError, StorageTimeoutError
+        """
+        key = self._key(digest)
+        check_range(start, end)
+        if end is not None and end == start:
+            self.stat(digest)
+            return cast(BinaryIO, RangeStream(lambda n: b"", 0))
+        request: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if start > 0 or end is not None:
+            request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            with _s3("read a blob", digest):
+                answer = self._client.get_object(**request)
+        except StorageUnavailableError as exc:
+            if exc.detail.get("s3_code") == "InvalidRange":
+                # The range starts at or past the end of the blob, which exists (else 404).
+                return cast(BinaryIO, RangeStream(lambda n: b"", 0))
+            raise
+        body = answer["Body"]
+
+        def read(n: int) -> bytes:
+            with _s3("read a blob"):
+                return cast(bytes, body.read(n))
+
+        return cast(BinaryIO, RangeStream(read, int(answer["ContentLength"]), body.close))
+
+    def read_range(self, digest: str, start: int, end: int) -> bytes:
+        with self.open(digest, start, end) as stream:
+            return stream.read()
+
+    def exists(self, digest: str) -> bool:
+        try:
+            self.stat(digest)
+        except BlobNotFoundError:
+            return False
+        return True
+
+    def stat(self, digest: str) -> BlobStat:
+        key = self._key(digest)
+        with _s3("stat a blob", digest):
+            answer = self._client.head_object(Bucket=self.bucket, Key=key)
+        return BlobStat(digest, int(answer["ContentLength"]), _utc(answer.get("LastModified")))
+
+    def delete(self, digest: str) -> None:
+        key = self._key(digest)
+        with _s3("delete a blob"):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def iter_digests(self) -> Iterator[BlobStat]:
+        """Every blob under the prefix; other keys there are skipped."""
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        with _s3("list blobs"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._blobs_prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    digest = digest_from_key(item["Key"][skip:])
+                    if digest is not None:
+                        yield BlobStat(digest, int(item["Size"]), _utc(item.get("LastModified")))
+
+    def local_path(self, digest: str) -> None:
+        check_digest(digest)
+        return None
+
+    def presign_get(self, digest: str, expires_s: int = 3600) -> str:
+        """A GET URL for the blob, valid ``expires_s`` seconds (at most 7 days, as S3 allows)."""
+        key = self._key(digest)
+        if not 1 <= expires_s <= 7 * 24 * 3600:
+            raise RequestInvalidError("expires_s must be between 1 s and 7 days", detail={"expires_s": expires_s})
+        with _s3("sign a URL"):
+            return cast(
+                str,
+                self._client.generate_presigned_url(
+                    "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+                ),
+            )
