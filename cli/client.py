@@ -255,6 +255,86 @@ class RegistryClient:
         r = names.parse_reference(ref)
         return self.request("DELETE", f"{self._path(r.namespace, r.name)}/versions/{quote(r.tag, safe=':')}").json()
 
+    # --- base models --------------------------------------------------------------------------
+
+    def register_base(
+        self,
+        folder: str | Path,
+        name: str,
+        *,
+        revision: str | None = None,
+        upload_weights: bool = False,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Register a local checkpoint as a base model (by content: layout and weights digests).
+
+        Reads every safetensors file once (in parallel), hashing each tensor. With
+        ``upload_weights`` the shards, config and tokenizer files are uploaded as blobs (only
+        those the server lacks), so the server can merge into them.
+        """
+        from loreg.cli.checkpoint import scan_checkpoint
+
+        names.check_base_name(name)
+        if revision:
+            names.check_base_revision(revision)
+        ckpt = scan_checkpoint(Path(folder), progress=(lambda n: progress("hashing", n, 0)) if progress else None)
+        files = ckpt.files
+        uploaded = 0
+        if upload_weights:
+            missing = set(self.missing_blobs(sorted({f.digest for f in files})))
+            done: set[str] = set()
+            for f in files:
+                if f.digest in missing and f.digest not in done:
+                    self.upload_blob(ckpt.root / f.path, f.digest, f.size, progress)
+                    uploaded += f.size
+                    done.add(f.digest)
+        body = {
+            "name": name,
+            "revision": revision,
+            "config": ckpt.config,
+            "tensors": [{"name": t[0], "dtype": t[1], "shape": t[2], "file": t[3], "digest": t[4]} for t in ckpt.tensors],
+            "files": [{"path": f.path, "size": f.size, "digest": f.digest} for f in files],
+            "weights_uploaded": upload_weights,
+        }
+        resp = self.request("POST", "/v1/base-models", json=body)
+        out = resp.json()
+        out["created"] = resp.status_code == 201
+        out["bytes_uploaded"] = uploaded
+        return out
+
+    def base(self, ref: str) -> dict[str, Any]:
+        return self.get_json(f"/v1/base-models/{_base_path(ref)}")
+
+    def base_layout(self, ref: str) -> dict[str, Any]:
+        return self.get_json(f"/v1/base-models/{_base_path(ref)}/layout")
+
+    def bases(self) -> list[dict[str, Any]]:
+        return list(self.get_json("/v1/base-models")["items"])
+
+    def check(self, folder: str | Path, base: str | None = None) -> dict[str, Any]:
+        """Validate an adapter folder against a registered base locally (a dry run: uploads nothing)."""
+        from loreg.registry.formats import peft, safetensors, validate
+
+        scanned = scan_adapter_folder(Path(folder))
+        config = peft.parse_adapter_config(scanned.files["adapter_config.json"].read_bytes())
+        header = safetensors.read_header_from_file(scanned.files["adapter_model.safetensors"])
+        ref = base or config.base_model_name_or_path
+        if not ref:
+            raise NameInvalidError("adapter_config.json names no base model", hint="pass --base ORG/MODEL")
+        lay = self.base_layout(ref)
+        layout = validate.BaseLayout(
+            tensors={t[0]: (t[1], tuple(t[2])) for t in lay["tensors"]},
+            model_type=lay["model_type"],
+            architectures=tuple(lay["architectures"]),
+            tie_word_embeddings=bool(lay["config"].get("tie_word_embeddings", True)),
+        )
+        report = validate.validate_adapter(config, header, layout, base_name=ref.split("@")[0] if not ref.startswith("sha256:") else None)
+        out = report.to_dict()
+        out["facts"]["targets"] = peft.leaf_targets(out["facts"]["modules"])
+        out["base"] = {"weights_digest": lay["weights_digest"], "layout_digest": lay["layout_digest"], "ref": ref}
+        out["valid"] = True
+        return out
+
     # --- pull ---------------------------------------------------------------------------------
 
     def pull(self, ref: str, dest: str | Path, *, progress: Progress | None = None) -> dict[str, Any]:
@@ -286,6 +366,20 @@ class RegistryClient:
         version["bytes_downloaded"] = downloaded
         version["path"] = str(dest)
         return version
+
+
+def _base_path(ref: str) -> str:
+    """A base reference as a URL path: names keep their slash, everything else is quoted."""
+    if ref.startswith("sha256:"):
+        if names.DIGEST.fullmatch(ref) is None:
+            raise NameInvalidError(f"invalid digest {ref[:80]!r}")
+        return ref
+    name, _, revision = ref.partition("@")
+    names.check_base_name(name)
+    if revision:
+        names.check_base_revision(revision)
+        return f"{name}@{quote(revision, safe='')}"
+    return name
 
 
 def _copy_atomic(src: Path, target: Path) -> None:

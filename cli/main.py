@@ -20,6 +20,9 @@ COMMANDS = {
     "db": ("loreg.cli.commands.db", "db"),
     "token": ("loreg.cli.commands.token", "token"),
     "login": ("loreg.cli.commands.token", "login"),
+    "base": ("loreg.cli.commands.base", "base"),
+    "check": ("loreg.cli.commands.check", "check"),
+    "inspect": ("loreg.cli.commands.inspect", "inspect"),
 }
 SUMMARIES = {
     "push": "Push a PEFT adapter folder as a new immutable version.",
@@ -33,6 +36,9 @@ SUMMARIES = {
     "db": "Database migrations (server host).",
     "token": "Create, list and revoke API tokens.",
     "login": "Store a token for a server in the credentials file.",
+    "base": "Register, list and show base models (known by content).",
+    "check": "Validate an adapter against its base model locally (dry run).",
+    "inspect": "Show what an adapter changes, per module (norms, effective rank).",
 }
 
 

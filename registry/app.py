@@ -11,9 +11,11 @@ from fastapi.routing import APIRoute
 
 from loreg.registry.api.errors import install_error_handlers
 from loreg.registry.api.ratelimit import FailureLimiter
-from loreg.registry.api.routes import adapters, blobs, health, tokens
+from loreg.registry.api.routes import adapters, bases, blobs, health, tokens
 from loreg.registry.services.adapters import AdapterService
+from loreg.registry.services.bases import BaseService
 from loreg.registry.services.blobs import BlobService
+from loreg.registry.services.inspect import InspectService
 from loreg.registry.services.context import Registry, open_registry
 from loreg.registry.services.tokens import TokenService
 from loreg.registry.settings import Settings
@@ -45,9 +47,11 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.blobs = BlobService(reg)
     app.state.tokens = TokenService(reg)
     app.state.auth_limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_s)
-    app.state.adapters = AdapterService(reg)
+    app.state.bases = BaseService(reg)
+    app.state.adapters = AdapterService(reg, validator=app.state.bases.validate_push)
+    app.state.inspect = InspectService(reg, app.state.adapters)
     install_error_handlers(app)
-    for module in (health, blobs, adapters, tokens):
+    for module in (health, blobs, adapters, bases, tokens):
         app.include_router(module.router)
     return app
 

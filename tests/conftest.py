@@ -177,8 +177,8 @@ def anon(app: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
-def client(app: Any, admin_token: str, loreg_home: Path) -> Iterator[Any]:
-    """The real RegistryClient (as the CLI uses it) over the in-process app."""
+def bare_client(app: Any, admin_token: str, loreg_home: Path) -> Iterator[Any]:
+    """The real RegistryClient (as the CLI uses it) over the in-process app; no base registered."""
     from fastapi.testclient import TestClient
 
     from loreg.cli.client import RegistryClient
@@ -188,7 +188,16 @@ def client(app: Any, admin_token: str, loreg_home: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def live_server(app: Any, admin_token: str) -> Iterator[str]:
+def client(bare_client: Any, tiny_llama: dict[str, Path]) -> Any:
+    """RegistryClient with the tiny LLaMA base registered (headers and digests only)."""
+    from tests import factories
+
+    bare_client.register_base(tiny_llama["base"], factories.base_name("llama"))
+    return bare_client
+
+
+@pytest.fixture
+def live_server(app: Any, admin_token: str, tiny_llama: dict[str, Path]) -> Iterator[str]:
     """The app served by uvicorn on 127.0.0.1 in a thread (real HTTP, for CLI and concurrency tests)."""
     import threading
     import time
@@ -206,7 +215,13 @@ def live_server(app: Any, admin_token: str) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+    from loreg.cli.client import RegistryClient
+    from tests import factories
+
+    with RegistryClient(url, admin_token) as c:
+        c.register_base(tiny_llama["base"], factories.base_name("llama"))
+    yield url
     server.should_exit = True
     thread.join(timeout=30)
 

@@ -172,3 +172,50 @@ class DeletedPublic(Response):
     name: str
     version: int
     deleted: bool = True
+
+
+# --- base models ------------------------------------------------------------------------------
+
+
+class BaseTensor(StrictRequest):
+    name: str = Field(min_length=1, max_length=512)
+    dtype: str = Field(min_length=1, max_length=16)
+    shape: list[Annotated[int, Field(ge=0, le=1 << 48)]] = Field(max_length=32)
+    file: str = Field(min_length=1, max_length=128)
+    digest: Digest
+
+
+class BaseCreate(StrictRequest):
+    name: str = Field(min_length=1, max_length=200)
+    revision: str | None = Field(default=None, max_length=128)
+    config: dict[str, Any] = Field(default_factory=dict)
+    tensors: list[BaseTensor] = Field(min_length=1, max_length=200_000)
+    files: list[FileEntry] = Field(min_length=1, max_length=4096)
+    weights_uploaded: bool = False
+
+
+class BasePublic(Response):
+    weights_digest: str
+    layout_digest: str
+    names: list[str]
+    model_type: str | None
+    architectures: list[str]
+    tensor_count: int
+    parameter_count: int
+    weights_uploaded: bool
+    files: list[dict[str, Any]]
+    created_at: datetime
+    created: bool = False
+
+
+class BaseLayoutPublic(Response):
+    weights_digest: str
+    layout_digest: str
+    model_type: str | None
+    architectures: list[str]
+    config: dict[str, Any]
+    tensors: list[list[Any]]
+
+
+class BaseList(Response):
+    items: list[BasePublic]

@@ -469,3 +469,8 @@ def parse_tensor_key(key: str) -> TensorKey:
             key, f"unexpected {reserved[0]!r} inside the module path (adapter name left in, or another format)"
         )
     return TensorKey(key=key, module=module, kind=kind, param=param, prefixed=prefixed)
+
+
+def leaf_targets(modules: list[str]) -> list[str]:
+    """Leaf names of adapted module paths (``model.layers.0.self_attn.q_proj`` -> ``q_proj``), for lookup."""
+    return sorted({m.rsplit(".", 1)[-1] for m in modules})

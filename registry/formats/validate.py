@@ -7,6 +7,7 @@ problem's. Order: tensor dtypes/sizes, key names, unsupported features, unknown 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -352,20 +353,16 @@ class _Validator:
         self.layer_types: dict[str, str] = {}
         self.scalings: dict[str, float] = {}
         self.variant = "as-is"
-        self._input_embedding: str | None | bool = False
 
     # -- helpers ----------------------------------------------------------------------------------
 
+    @functools.cached_property
     def input_embedding(self) -> str | None:
-        if self._input_embedding is False:
-            found = None
-            for suffix in INPUT_EMBEDDING_SUFFIXES:
-                names = sorted((n for n in self.base.tensors if n == suffix or n.endswith("." + suffix)), key=len)
-                if names:
-                    found = names[0]
-                    break
-            self._input_embedding = found
-        return self._input_embedding  # type: ignore[return-value]
+        for suffix in INPUT_EMBEDDING_SUFFIXES:
+            names = sorted((n for n in self.base.tensors if n == suffix or n.endswith("." + suffix)), key=len)
+            if names:
+                return names[0]
+        return None
 
     def locate(self, module: str, param: str) -> str | None:
         name = f"{module}.{param}"
@@ -376,7 +373,7 @@ class _Validator:
             and module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDING_LEAVES
             and self.base.tie_word_embeddings
         ):
-            return self.input_embedding()
+            return self.input_embedding
         return None
 
     @staticmethod
@@ -416,8 +413,13 @@ class _Validator:
             groups.setdefault(tk.module, []).append(tk)
         self.choose_variant(groups)
         fn = dict(_variants(groups, self.base))[self.variant] if groups else (lambda m: m)
-        for module in sorted(groups):
-            self.check_module(module, fn(module), groups[module])
+        located = {}
+        for module in sorted(groups):  # unknown modules first: a wrong base explains everything after
+            target = fn(module)
+            if self.locate_module(module, target, groups[module]):
+                located[module] = target
+        for module, target in located.items():
+            self.check_module(module, target, groups[module])
 
         self.collect_warnings(groups, base_name, base_revision)
 
@@ -432,36 +434,40 @@ class _Validator:
                 best = (found, index)
                 self.variant = name
 
-    def check_module(self, module: str, target: str, keys: list[TensorKey]) -> None:
-        problems, header = self.problems, self.header
+    def locate_module(self, module: str, target: str, keys: list[TensorKey]) -> bool:
         param = self.primary_param(keys)
         primary = self.locate(target, param)
         if primary is None:
             for tk in keys:
-                problems.add(
+                self.problems.add(
                     tk.key, "UNKNOWN_MODULE",
                     f"{tk.key!r}: the base has no tensor {target}.{param}"
                     + (f" (module {module!r} mapped by {self.variant})" if target != module else ""),
                     expected=f"{target}.{param}",
                 )
-            return
+            return False
         self.mapping[module] = primary
         if primary != f"{target}.{param}":
             self.warnings.append({
                 "code": "TIED_REDIRECT", "module": module, "tensor": primary,
                 "message": f"{module} is tied to {primary} in the base; merging changes the input embedding too",
             })
+        return True
 
+    def check_module(self, module: str, target: str, keys: list[TensorKey]) -> None:
+        problems, header = self.problems, self.header
         seen: dict[tuple[str, str | None, bool], str] = {}
         by_kind: dict[str, TensorKey] = {}
+        full: list[TensorKey] = []
         for tk in keys:
+            # bias="all" stores a module_to_save's bias twice: `m.bias` and `m.modules_to_save.bias`
             dup = (tk.kind, tk.param, ".modules_to_save." in tk.key)
             if dup in seen:
                 problems.add(tk.key, "DUPLICATE_TENSOR", f"{tk.key!r} repeats {seen[dup]!r}")
                 continue
             seen[dup] = tk.key
             if tk.kind in (peft.BASE_LAYER, peft.FULL, peft.ORIGINAL_MODULE):
-                by_kind.setdefault(f"{tk.kind}.{tk.param}", tk)
+                full.append(tk)
             else:
                 by_kind[tk.kind] = tk
 
@@ -471,11 +477,9 @@ class _Validator:
         vocab_like = target.rsplit(".", 1)[-1] in VOCAB_LEAVES or (w_name is not None and w_name != f"{target}.weight")
 
         # full tensors: modules_to_save copies, trained biases, base_layer copies
-        for kind_param, tk in by_kind.items():
+        for tk in full:
             if tk.kind == peft.ORIGINAL_MODULE:
                 self.key_map[tk.key] = None
-                continue
-            if tk.kind not in (peft.BASE_LAYER, peft.FULL):
                 continue
             base_tensor = w_name if tk.param == "weight" else b_name
             if base_tensor is None:

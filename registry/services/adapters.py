@@ -629,5 +629,5 @@ def peft_facts(config: peft.AdapterConfig, header: safetensors.Header) -> dict[s
 
 def with_targets(facts: dict[str, Any]) -> dict[str, Any]:
     """Add ``targets``: the leaf names of the adapted modules (q_proj, c_attn, …), for lookup."""
-    facts["targets"] = sorted({m.rsplit(".", 1)[-1] for m in facts.get("modules", [])})
+    facts["targets"] = peft.leaf_targets(facts.get("modules", []))
     return facts

@@ -24,6 +24,9 @@ class Registry:
 
     def close(self) -> None:
         self.engine.dispose()
+        close_store = getattr(self.store, "close", None)
+        if callable(close_store):
+            close_store()
 
 
 def open_registry(settings: Settings, *, store: BlobStore | None = None) -> Registry:

@@ -447,9 +447,9 @@ def s3_store(endpoint_url: str, bucket: str, **options: Any) -> Any:
 
 
 @pytest.fixture
-def s3_blob_store(moto_server: MotoServer) -> Iterator[Any]:
+def s3_blob_store(moto_server: MotoServer, s3: Any) -> Iterator[Any]:
     bucket = f"loreg-s3-{os.urandom(8).hex()}"
-    make_bucket(moto_server.endpoint_url, bucket)
+    make_bucket(moto_server.endpoint_url, bucket, client=s3)
     store = s3_store(moto_server.endpoint_url, bucket, prefix="/team/", part_size=TEST_PART_SIZE)
     yield store
     store.close()
@@ -466,7 +466,7 @@ def test_s3_keys_live_under_the_prefix(s3_blob_store: Any, s3: Any) -> None:
 
 def test_s3_empty_prefix_has_no_leading_slash(moto_server: MotoServer, s3: Any) -> None:
     bucket = f"loreg-s3-{os.urandom(8).hex()}"
-    make_bucket(moto_server.endpoint_url, bucket)
+    make_bucket(moto_server.endpoint_url, bucket, client=s3)
     with s3_store(moto_server.endpoint_url, bucket, prefix="/") as store:
         store.put(io.BytesIO(b"x"), sha(b"x"), 1)
         keys = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"]]
@@ -504,10 +504,10 @@ def test_s3_part_upload_failure_aborts_the_multipart_upload(
 
 
 def test_s3_parts_in_flight_stay_within_max_concurrency(
-    moto_server: MotoServer, large: bytes, monkeypatch: pytest.MonkeyPatch
+    moto_server: MotoServer, s3: Any, large: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bucket = f"loreg-s3-{os.urandom(8).hex()}"
-    make_bucket(moto_server.endpoint_url, bucket)
+    make_bucket(moto_server.endpoint_url, bucket, client=s3)
     lock = threading.Lock()
     in_flight = peak = 0
     with s3_store(moto_server.endpoint_url, bucket, part_size=TEST_PART_SIZE, max_concurrency=2) as store:

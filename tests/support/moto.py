@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import boto3
 import httpx
@@ -132,7 +133,7 @@ def start_moto(port: int | None = None) -> MotoServer:
     raise RuntimeError(f"moto server did not start on 127.0.0.1:\n{failure}")
 
 
-def s3_client(endpoint_url: str):  # type: ignore[no-untyped-def]
+def s3_client(endpoint_url: str) -> Any:
     """A plain boto3 client on the test server, for setting up and inspecting buckets."""
     return boto3.session.Session().client(
         "s3",
@@ -143,9 +144,13 @@ def s3_client(endpoint_url: str):  # type: ignore[no-untyped-def]
     )
 
 
-def make_bucket(endpoint_url: str, name: str) -> None:
-    client = s3_client(endpoint_url)
-    try:
+def make_bucket(endpoint_url: str, name: str, *, client: Any = None) -> None:
+    """Create bucket ``name`` (with ``client`` when given: building one costs ~50 ms)."""
+    if client is not None:
         client.create_bucket(Bucket=name)
+        return
+    own = s3_client(endpoint_url)
+    try:
+        own.create_bucket(Bucket=name)
     finally:
-        client.close()
+        own.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -192,3 +192,12 @@ def remove_alias(namespace: str, name: str, alias: str, adapters: AdaptersDep, p
 def add_metrics(namespace: str, name: str, tag: str, body: MetricsAdd, adapters: AdaptersDep, _p: WriteDep) -> VersionPublic:
     """Append evaluations to a version (the version itself never changes)."""
     return adapters.add_metrics(namespace, name, tag, body.metrics)
+
+
+@router.get("/v1/adapters/{namespace}/{name}/versions/{tag}/inspect")
+def inspect_version(namespace: str, name: str, tag: str, request: Request, _p: ReadDep) -> dict[str, Any]:
+    """Per adapted module: ||scale·B·A||_F, effective ranks, and ||ΔW||/||W|| when base weights are stored.
+
+    Most-changed modules first; computed from the r x r factors, never the full matrix.
+    """
+    return request.app.state.inspect.inspect(namespace, name, tag)

@@ -1,0 +1,65 @@
+"""Base models: register (admin), list, show, layout, and the adapters that fit one."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from loreg.registry.api.deps import AdminDep, ReadDep
+from loreg.registry.api.schemas import BaseCreate, BaseLayoutPublic, BaseList, BasePublic, Page, VersionSummary
+from loreg.registry.services.adapters import LookupFilters
+from loreg.registry.services.bases import BaseService
+
+router = APIRouter(tags=["base-models"])
+
+
+def _svc(request: Request) -> BaseService:
+    return request.app.state.bases
+
+
+@router.post("/v1/base-models", response_model=BasePublic, status_code=201, responses={200: {"model": BasePublic}})
+def register_base(body: BaseCreate, request: Request, _p: AdminDep) -> JSONResponse:
+    """Register a base model by content (headers, tensor digests; optionally its uploaded weights)."""
+    out = _svc(request).register(body)
+    return JSONResponse(out.model_dump(mode="json"), status_code=201 if out.created else 200)
+
+
+@router.get("/v1/base-models", response_model=BaseList)
+def list_bases(request: Request, _p: ReadDep) -> BaseList:
+    return BaseList(items=_svc(request).list())
+
+
+# the /adapters and /layout routes come first: {ref:path} would swallow their suffix
+@router.get("/v1/base-models/{ref:path}/adapters", response_model=Page[VersionSummary])
+async def base_adapters(
+    ref: str,
+    request: Request,
+    principal: ReadDep,
+    target: Annotated[str | None, Query(max_length=128)] = None,
+    max_rank: Annotated[int | None, Query(ge=0, le=1 << 20)] = None,
+    order: Literal["asc", "desc"] = "desc",
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[VersionSummary]:
+    """Adapters validated against this base, then those of other bases with the same layout."""
+    validated, layout = await run_in_threadpool(_svc(request).lookup_ids, ref)
+    filters = LookupFilters(base_ids=validated, layout_base_ids=layout, target=target, max_rank=max_rank, order=order)
+    page = await run_in_threadpool(request.app.state.adapters.lookup, filters, cursor=cursor, limit=limit)
+    if principal.namespaces:
+        page.items = [i for i in page.items if principal.covers(*i.name.split("/", 1))]
+    return page
+
+
+@router.get("/v1/base-models/{ref:path}/layout", response_model=BaseLayoutPublic)
+def base_layout(ref: str, request: Request, _p: ReadDep) -> BaseLayoutPublic:
+    """The tensor layout (names, dtypes, shapes) and config facts, for client-side validation."""
+    return _svc(request).layout(ref)
+
+
+@router.get("/v1/base-models/{ref:path}", response_model=BasePublic)
+def get_base(ref: str, request: Request, _p: ReadDep) -> BasePublic:
+    """A base model by name, name@revision or weights digest."""
+    return _svc(request).get(ref)

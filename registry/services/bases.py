@@ -1,0 +1,291 @@
+"""Base models known by content: registration, resolution, and validation of adapters against them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from loreg.registry.api.schemas import BaseCreate, BaseLayoutPublic, BasePublic
+from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseName, Blob
+from loreg.registry.errors import (
+    BaseNotFoundError,
+    BaseUnknownError,
+    BlobMissingError,
+    DigestInvalidError,
+    ManifestInvalidError,
+)
+from loreg.registry.formats import fingerprint, names, peft, safetensors, validate
+from loreg.registry.services.context import Registry
+
+MAX_TENSORS = 200_000
+
+
+def split_base_ref(ref: str) -> tuple[str, str | None]:
+    """``name``, ``name@revision`` -> (name, revision); digests are handled by the caller."""
+    name, sep, revision = ref.partition("@")
+    names.check_base_name(name)
+    if sep:
+        names.check_base_revision(revision)
+        return name, revision
+    return name, None
+
+
+def layout_of(row: BaseRow) -> validate.BaseLayout:
+    cfg = row.config or {}
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    tie = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", True))
+    return validate.BaseLayout(
+        tensors={t[0]: (t[1], tuple(t[2])) for t in row.tensors},
+        model_type=row.model_type,
+        architectures=tuple(row.architectures or ()),
+        tie_word_embeddings=tie if isinstance(tie, bool) else True,
+    )
+
+
+class BaseService:
+    """Base models: registered by an admin from a local checkpoint's headers (and optionally weights)."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    # --- register -----------------------------------------------------------------------------
+
+    def register(self, body: BaseCreate) -> BasePublic:
+        """Register a base model; the same weights under another name add that name.
+
+        The layout and weights digests are recomputed here from the tensor list. With
+        ``weights_uploaded`` every file must be a stored blob, and each shard's header (a ranged
+        read) must list exactly the tensors claimed for it.
+
+        Raises:
+            NameInvalidError, ManifestInvalidError, BlobMissingError, header errors.
+        """
+        names.check_base_name(body.name)
+        revision = names.check_base_revision(body.revision) if body.revision else ""
+        if len(body.tensors) > MAX_TENSORS:
+            raise ManifestInvalidError(f"a base model lists at most {MAX_TENSORS} tensors")
+        files = {f.path: f for f in body.files}
+        for f in body.files:
+            names.check_file_name(f.path)
+        tensors = []
+        seen: set[str] = set()
+        for t in body.tensors:
+            if t.name in seen:
+                raise ManifestInvalidError(f"tensor {t.name} is listed twice", detail={"key": t.name})
+            seen.add(t.name)
+            if t.dtype not in safetensors.DTYPE_SIZES:
+                raise ManifestInvalidError(f"tensor {t.name} has unknown dtype {t.dtype}", detail={"key": t.name})
+            if t.file not in files:
+                raise ManifestInvalidError(f"tensor {t.name} is in {t.file}, which is not listed", detail={"key": t.name})
+            tensors.append([t.name, t.dtype, list(t.shape), t.file, t.digest])
+        if not tensors:
+            raise ManifestInvalidError("a base model needs at least one tensor")
+        if body.weights_uploaded:
+            self._check_uploaded(body, tensors)
+        layout_digest = fingerprint.layout_digest((t[0], t[1], t[2]) for t in tensors)
+        weights_digest = fingerprint.weights_digest((t[0], t[1], t[2], t[4]) for t in tensors)
+        cfg = body.config
+        model_type = cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None
+        archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)] if isinstance(cfg.get("architectures"), list) else []
+        param_count = 0
+        for t in tensors:
+            n = 1
+            for d in t[2]:
+                n *= d
+            param_count += n
+        created = False
+        for _attempt in range(5):
+            try:
+                with self.registry.sessions.begin() as session:
+                    row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == weights_digest).with_for_update())
+                    if row is None:
+                        row = BaseRow(
+                            weights_digest=weights_digest,
+                            layout_digest=layout_digest,
+                            model_type=model_type,
+                            architectures=archs,
+                            config=cfg,
+                            tensors=tensors,
+                            files=[{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files],
+                            weights_uploaded=body.weights_uploaded,
+                            parameter_count=param_count,
+                        )
+                        session.add(row)
+                        session.flush()
+                        created = True
+                    elif body.weights_uploaded and not row.weights_uploaded:
+                        row.files = [{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files]
+                        row.weights_uploaded = True
+                    exists = session.scalar(
+                        select(BaseName).where(
+                            BaseName.name == body.name, BaseName.revision == revision, BaseName.base_model_id == row.id
+                        )
+                    )
+                    if exists is None:
+                        session.add(BaseName(name=body.name, revision=revision, base_model_id=row.id))
+                    session.flush()
+                    out = self._public(session, row)
+                break
+            except IntegrityError:
+                continue
+        out.created = created
+        return out
+
+    def _check_uploaded(self, body: BaseCreate, tensors: list[list[Any]]) -> None:
+        store = self.registry.store
+        with self.registry.sessions.begin() as session:
+            known = set(session.scalars(select(Blob.digest).where(Blob.digest.in_([f.digest for f in body.files]))))
+        by_file: dict[str, list[list[Any]]] = {}
+        for t in tensors:
+            by_file.setdefault(t[3], []).append(t)
+        for f in body.files:
+            if f.digest not in known or not store.exists(f.digest):
+                raise BlobMissingError(f"{f.path}: blob {f.digest} was not uploaded", detail={"path": f.path})
+            if store.stat(f.digest).size != f.size:
+                raise ManifestInvalidError(f"{f.path}: size differs from the stored blob", detail={"path": f.path})
+            if f.path not in by_file:
+                continue
+            header = safetensors.read_header(
+                lambda s, e, d=f.digest: store.read_range(d, s, e),
+                f.size,
+                max_header_size=self.registry.settings.max_header_size,
+            )
+            claimed = {t[0]: (t[1], tuple(t[2])) for t in by_file[f.path]}
+            actual = {n: (i.dtype, tuple(i.shape)) for n, i in header.tensors.items()}
+            if claimed != actual:
+                diff = sorted(set(claimed.items()) ^ set(actual.items()))[:20]
+                raise ManifestInvalidError(
+                    f"{f.path}: the tensor list does not match the uploaded file's header",
+                    detail={"path": f.path, "differences": [[k, v[0], list(v[1])] for k, v in diff]},
+                )
+
+    # --- resolve ------------------------------------------------------------------------------
+
+    def _by_ref(self, session: Session, ref: str) -> BaseRow:
+        if ref.startswith("sha256:"):
+            names.DIGEST.fullmatch(ref) or _invalid_digest(ref)
+            row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == ref))
+            if row is None:
+                raise BaseNotFoundError(f"no base model with weights digest {ref}", detail={"base": ref})
+            return row
+        name, revision = split_base_ref(ref)
+        query = select(BaseName).where(BaseName.name == name)
+        if revision is not None:
+            query = query.where(BaseName.revision == revision)
+        alias = session.scalar(query.order_by(BaseName.id.desc()).limit(1))
+        if alias is None:
+            raise BaseNotFoundError(
+                f"base model {ref} is not registered",
+                detail={"base": ref},
+                hint=f"register it: loreg base register ./checkpoint --name {name}",
+            )
+        return session.get_one(BaseRow, alias.base_model_id)
+
+    def get(self, ref: str) -> BasePublic:
+        with self.registry.sessions.begin() as session:
+            return self._public(session, self._by_ref(session, ref))
+
+    def layout(self, ref: str) -> BaseLayoutPublic:
+        with self.registry.sessions.begin() as session:
+            row = self._by_ref(session, ref)
+            return BaseLayoutPublic(
+                weights_digest=row.weights_digest,
+                layout_digest=row.layout_digest,
+                model_type=row.model_type,
+                architectures=row.architectures,
+                config=row.config,
+                tensors=[[t[0], t[1], t[2]] for t in row.tensors],
+            )
+
+    def list(self) -> list[BasePublic]:
+        with self.registry.sessions.begin() as session:
+            rows = session.scalars(select(BaseRow).options(selectinload(BaseRow.names)).order_by(BaseRow.id.desc()))
+            return [self._public(session, r) for r in rows]
+
+    def lookup_ids(self, ref: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(ids of the bases ``ref`` names, ids of other bases with the same layout)."""
+        with self.registry.sessions.begin() as session:
+            if ref.startswith("sha256:"):
+                rows = [self._by_ref(session, ref)]
+            else:
+                name, revision = split_base_ref(ref)
+                query = select(BaseName.base_model_id).where(BaseName.name == name)
+                if revision is not None:
+                    query = query.where(BaseName.revision == revision)
+                ids = set(session.scalars(query))
+                if not ids:
+                    self._by_ref(session, ref)  # raises the not-registered error with its hint
+                rows = list(session.scalars(select(BaseRow).where(BaseRow.id.in_(ids))))
+            validated = tuple(sorted(r.id for r in rows))
+            layouts = {r.layout_digest for r in rows}
+            same_layout = session.scalars(
+                select(BaseRow.id).where(BaseRow.layout_digest.in_(layouts), BaseRow.id.not_in(validated))
+            )
+            return validated, tuple(sorted(same_layout))
+
+    def _public(self, session: Session, row: BaseRow) -> BasePublic:
+        labels = session.scalars(
+            select(BaseName).where(BaseName.base_model_id == row.id).order_by(BaseName.id)
+        ).all()
+        return BasePublic(
+            weights_digest=row.weights_digest,
+            layout_digest=row.layout_digest,
+            names=[f"{n.name}@{n.revision}" if n.revision else n.name for n in labels],
+            model_type=row.model_type,
+            architectures=row.architectures,
+            tensor_count=len(row.tensors),
+            parameter_count=row.parameter_count,
+            weights_uploaded=row.weights_uploaded,
+            files=row.files,
+            created_at=row.created_at,
+        )
+
+    # --- validation hook used by AdapterService.push ------------------------------------------
+
+    def validate_push(
+        self, config: peft.AdapterConfig, header: safetensors.Header, facts: dict[str, Any], requested: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        """Resolve the adapter's base and validate its tensors against the base layout (headers only)."""
+        ref = requested
+        if ref is None:
+            name = config.base_model_name_or_path
+            if not name:
+                raise BaseUnknownError(
+                    "adapter_config.json names no base model (base_model_name_or_path is empty)",
+                    hint="pass the base explicitly: loreg push DIR NAME --base ORG/MODEL",
+                )
+            try:
+                names.check_base_name(name)
+            except Exception:
+                raise BaseUnknownError(
+                    f"base_model_name_or_path {name[:200]!r} is not a registered base model name",
+                    detail={"base": name[:200]},
+                    hint="pass the base explicitly: loreg push DIR NAME --base ORG/MODEL (or a sha256 digest)",
+                ) from None
+            ref = f"{name}@{config.revision}" if config.revision and config.revision != "main" else name
+        with self.registry.sessions.begin() as session:
+            try:
+                row = self._by_ref(session, ref)
+            except BaseNotFoundError as exc:
+                raise BaseUnknownError(exc.message, detail=exc.detail) from None
+            if row is None and "@" in ref:  # pragma: no cover - _by_ref raises
+                raise BaseUnknownError(f"base model {ref} is not registered")
+            layout = layout_of(row)
+            base_id, base_labels = row.id, [n.name for n in row.names]
+        expected_name = ref if not ref.startswith("sha256:") else (base_labels[0] if base_labels else None)
+        report = validate.validate_adapter(config, header, layout, base_name=expected_name.split("@")[0] if expected_name else None)
+        out = report.to_dict()
+        from loreg.registry.services.adapters import with_targets
+
+        out["facts"] = with_targets(out["facts"])
+        out["facts"]["serving"] = report.serving
+        out["mapping"] = {"variant": report.variant, "modules": report.mapping, "layer_types": report.layer_types}
+        return base_id, out
+
+
+def _invalid_digest(ref: str) -> None:
+    raise DigestInvalidError(f"invalid digest {ref[:80]!r}", hint="digests look like sha256:<64 lowercase hex>")

@@ -1,0 +1,154 @@
+"""What an adapter changes, per module: ||scale·B·A||_F and its effective rank, from the r x r factors.
+
+With B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), scale·B·A = Q_b (scale·R_b R_aᵀ) Q_aᵀ, so its singular
+values are those of the r x r core: nothing of size out x in is ever formed. With the base weights
+stored, ||ΔW||_F / ||W||_F is added (W streamed once from the store, in chunks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from loreg.registry.db.models import Adapter, Version, VersionFile
+from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.errors import MergeUnsupportedError
+from loreg.registry.formats import peft, safetensors
+from loreg.registry.services.adapters import AdapterService
+from loreg.registry.services.context import Registry
+
+MAX_FACTOR_BYTES = 512 << 20  # one A or B read at a time; adapters are small next to this
+NORM_CHUNK = 8 << 20
+
+
+def to_float32(raw: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype == "F32":
+        arr = np.frombuffer(raw, dtype="<f4")
+    elif dtype == "F16":
+        arr = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    elif dtype == "F64":
+        arr = np.frombuffer(raw, dtype="<f8").astype(np.float32)
+    elif dtype == "BF16":
+        arr = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise MergeUnsupportedError(f"cannot read {dtype} tensors as numbers")
+    return arr.reshape(shape) if shape else arr
+
+
+def core_singular_values(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """Singular values of scale·B·A for A [r, in], B [out, r] (float64, descending)."""
+    a64 = a.astype(np.float64)
+    b64 = b.astype(np.float64)
+    r_b = np.linalg.qr(b64, mode="r")
+    r_a = np.linalg.qr(a64.T, mode="r")
+    return np.linalg.svd(scale * (r_b @ r_a.T), compute_uv=False)
+
+
+def effective_ranks(sv: np.ndarray) -> tuple[int, float]:
+    if sv.size == 0 or sv[0] <= 0:
+        return 0, 0.0
+    count = int((sv > 0.01 * sv[0]).sum())
+    p = sv / sv.sum()
+    p = p[p > 0]
+    entropy = float(-(p * np.log(p)).sum())
+    return count, math.exp(entropy)
+
+
+class InspectService:
+    def __init__(self, registry: Registry, adapters: AdapterService):
+        self.registry = registry
+        self.adapters = adapters
+
+    def inspect(self, namespace: str, name: str, tag: str) -> dict[str, Any]:
+        """Per adapted module: delta norm, effective ranks (and relative change when weights are stored)."""
+        with self.registry.sessions.begin() as session:
+            version = self.adapters._resolve(session, namespace, name, tag)
+            adapter = session.get_one(Adapter, version.adapter_id)
+            files = {f.path: f for f in session.scalars(select(VersionFile).where(VersionFile.version_id == version.id))}
+            config_raw = dict(version.config)
+            mapping = dict((version.base_mapping or {}).get("modules", {}))
+            layer_types = dict((version.base_mapping or {}).get("layer_types", {}))
+            base = session.get(BaseRow, version.base_model_id) if version.base_model_id else None
+            base_info = None
+            if base is not None and base.weights_uploaded:
+                by_path = {f["path"]: f for f in base.files}
+                base_info = {t[0]: (t[1], tuple(t[2]), by_path[t[3]]) for t in base.tensors if t[3] in by_path}
+            number, full = version.number, adapter.full_name
+        import json
+
+        config = peft.parse_adapter_config(json.dumps(config_raw).encode(), max_size=1 << 22)
+        store = self.registry.store
+        st = files["adapter_model.safetensors"]
+
+        def read(s: int, e: int) -> bytes:
+            return store.read_range(st.digest, s, e)
+
+        header = safetensors.read_header(read, st.size, max_header_size=self.registry.settings.max_header_size)
+        pairs: dict[str, dict[str, Any]] = {}
+        for key, info in header.tensors.items():
+            try:
+                tk = peft.parse_tensor_key(key)
+            except Exception:  # noqa: BLE001 - validated at push; anything else is not a LoRA factor
+                continue
+            if tk.kind in (peft.LORA_A, peft.EMBEDDING_A):
+                pairs.setdefault(tk.module, {})["A"] = info
+            elif tk.kind in (peft.LORA_B, peft.EMBEDDING_B):
+                pairs.setdefault(tk.module, {})["B"] = info
+        modules = []
+        for module, pair in sorted(pairs.items()):
+            if "A" not in pair or "B" not in pair:
+                continue
+            a_info, b_info = pair["A"], pair["B"]
+            if max(a_info.nbytes, b_info.nbytes) > MAX_FACTOR_BYTES:
+                continue
+            a = to_float32(read(header.data_offset + a_info.start, header.data_offset + a_info.end), a_info.dtype, a_info.shape)
+            b = to_float32(read(header.data_offset + b_info.start, header.data_offset + b_info.end), b_info.dtype, b_info.shape)
+            r = a.shape[0]
+            a2 = a.reshape(r, -1)
+            b2 = b.reshape(b.shape[0], -1)
+            scale = config.scaling_for(module)
+            sv = core_singular_values(a2, b2, scale)
+            norm = float(np.sqrt((sv**2).sum()))
+            count, entropy_rank = effective_ranks(sv)
+            entry: dict[str, Any] = {
+                "module": module,
+                "layer_type": layer_types.get(module),
+                "rank": int(r),
+                "scale": scale,
+                "delta_norm": norm,
+                "effective_rank": count,
+                "entropy_rank": entropy_rank,
+                "singular_values": [float(x) for x in sv[:64]],
+            }
+            target = mapping.get(module)
+            if base_info is not None and target in base_info:
+                w_norm = self._base_norm(*base_info[target], tensor=target)
+                entry["base_tensor"] = target
+                entry["base_norm"] = w_norm
+                entry["relative_change"] = norm / w_norm if w_norm > 0 else None
+            modules.append(entry)
+        modules.sort(key=lambda m: m["delta_norm"], reverse=True)
+        return {"name": full, "version": number, "modules": modules, "base_weights": base_info is not None}
+
+    def _base_norm(self, dtype: str, shape: tuple[int, ...], file: dict[str, Any], *, tensor: str) -> float:
+        store = self.registry.store
+        digest, size = file["digest"], file["size"]
+        header = safetensors.read_header(lambda s, e: store.read_range(digest, s, e), size)
+        info = header.tensors[tensor]
+        total = 0.0
+        item = safetensors.DTYPE_SIZES[dtype]
+        chunk = NORM_CHUNK - NORM_CHUNK % item
+        start = header.data_offset + info.start
+        end = header.data_offset + info.end
+        while start < end:
+            stop = min(end, start + chunk)
+            values = to_float32(store.read_range(digest, start, stop), dtype, ()).astype(np.float64)
+            total += float((values * values).sum())
+            start = stop
+        return math.sqrt(total)
+
+
+__all__ = ["InspectService", "core_singular_values", "effective_ranks", "Version"]
