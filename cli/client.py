@@ -335,6 +335,67 @@ class RegistryClient:
         out["valid"] = True
         return out
 
+    # --- exports ------------------------------------------------------------------------------
+
+    def export(
+        self,
+        refs: list[str],
+        dest: str | Path,
+        *,
+        weights: list[float] | None = None,
+        base: str | None = None,
+        dtype: str = "auto",
+        poll_s: float = 0.5,
+        timeout_s: float | None = None,
+        on_state: Callable[[dict[str, Any]], None] | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Ask the server to merge ``refs`` (weighted) into their base, wait, and download the result.
+
+        An identical request is answered from the stored result. Returns the export (the
+        server's JSON) plus ``path`` and ``bytes_downloaded``.
+        """
+        import time
+
+        weights = list(weights or [1.0] * len(refs))
+        if len(weights) != len(refs):
+            raise NameInvalidError("give one --weight per adapter reference, in order")
+        for r in refs:
+            names.parse_reference(r)
+        body: dict[str, Any] = {"adapters": [{"ref": r, "weight": float(w)} for r, w in zip(refs, weights)], "dtype": dtype}
+        if base is not None:
+            body["base"] = base
+        job = self.request("POST", "/v1/exports", json=body).json()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while job["state"] in ("queued", "running"):
+            if on_state:
+                on_state(job)
+            if deadline is not None and time.monotonic() > deadline:
+                raise ConnectionFailedError(f"export {job['id']} is still {job['state']}", hint=f"loreg export resumes it")
+            time.sleep(poll_s)
+            job = self.get_json(f"/v1/exports/{job['id']}")
+        if on_state:
+            on_state(job)
+        if job["state"] == "failed":
+            err = job.get("error") or {}
+            raise error_from_envelope(500, {"errors": [err]} if err else None)
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        cache = BlobCache(config.cache_dir())
+        downloaded = 0
+        for f in job["files"]:
+            path = names.check_file_name(f["path"])
+            cached = cache.get(f["digest"], f["size"])
+            if cached is None:
+                downloaded += cache.fetch(
+                    self, f"/v1/exports/{job['id']}/files/{quote(path)}", f["digest"], f["size"], label=path, progress=progress
+                )
+                cached = cache.path(f["digest"])
+            _place(cached, dest / path)
+        job["path"] = str(dest)
+        job["bytes_downloaded"] = downloaded
+        return job
+
     # --- pull ---------------------------------------------------------------------------------
 
     def pull(self, ref: str, dest: str | Path, *, progress: Progress | None = None) -> dict[str, Any]:
@@ -359,10 +420,8 @@ class RegistryClient:
                 downloaded += cache.fetch(
                     self, f"{pinned}/files/{quote(path)}", f["digest"], f["size"], label=path, progress=progress
                 )
-                cached = cache.get(f["digest"], f["size"])
-                if cached is None:
-                    raise DigestMismatchError(f"{path}: download did not verify", detail={"path": path})
-            _copy_atomic(cached, target)
+                cached = cache.path(f["digest"])
+            _place(cached, target)
         version["bytes_downloaded"] = downloaded
         version["path"] = str(dest)
         return version
@@ -380,6 +439,20 @@ def _base_path(ref: str) -> str:
         names.check_base_revision(revision)
         return f"{name}@{quote(revision, safe='')}"
     return name
+
+
+def _place(src: Path, target: Path) -> None:
+    """Put a verified cache file at ``target`` atomically: a hard link when the cache shares the
+    file system (no second copy of the bytes), else a copy. A linked file edited in place is
+    caught by the cache's re-verification on its next use."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        _copy_atomic(src, target)
 
 
 def _copy_atomic(src: Path, target: Path) -> None:
@@ -400,6 +473,9 @@ class BlobCache:
 
     def __init__(self, root: Path):
         self.root = root
+
+    def path(self, digest: str) -> Path:
+        return self._path(digest)
 
     def _path(self, digest: str) -> Path:
         hexdigest = digest.removeprefix("sha256:")
@@ -433,6 +509,11 @@ class BlobCache:
             partial.unlink()
             have = 0
         got = 0
+        hasher = hashlib.sha256()
+        if have:
+            with open(partial, "rb") as f:  # resume: the bytes already here count toward the digest
+                while chunk := f.read(CHUNK):
+                    hasher.update(chunk)
         headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
         if have < size or size == 0:
             try:
@@ -444,10 +525,13 @@ class BlobCache:
                         except ValueError:
                             body = None
                         raise error_from_envelope(resp.status_code, body)
+                    if resp.status_code != 206:
+                        hasher = hashlib.sha256()
                     mode = "ab" if resp.status_code == 206 else "wb"
                     with open(partial, mode) as out:
                         for chunk in resp.iter_bytes(CHUNK):
                             out.write(chunk)
+                            hasher.update(chunk)
                             got += len(chunk)
                             if progress:
                                 progress(label, len(chunk), size)
@@ -458,7 +542,7 @@ class BlobCache:
                     f"download of {label} broke off: {exc.__class__.__name__}",
                     hint="run the pull again: it resumes where it stopped",
                 ) from exc
-        if sha256_file(partial) != digest:
+        if "sha256:" + hasher.hexdigest() != digest or partial.stat().st_size != size:
             partial.unlink(missing_ok=True)
             raise DigestMismatchError(
                 f"{label}: downloaded bytes do not match {digest}", detail={"path": label, "digest": digest}

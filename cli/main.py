@@ -23,6 +23,10 @@ COMMANDS = {
     "base": ("loreg.cli.commands.base", "base"),
     "check": ("loreg.cli.commands.check", "check"),
     "inspect": ("loreg.cli.commands.inspect", "inspect"),
+    "export": ("loreg.cli.commands.export", "export"),
+    "worker": ("loreg.cli.commands.worker", "worker"),
+    "gc": ("loreg.cli.commands.maintenance", "gc"),
+    "fsck": ("loreg.cli.commands.maintenance", "fsck"),
 }
 SUMMARIES = {
     "push": "Push a PEFT adapter folder as a new immutable version.",
@@ -39,6 +43,10 @@ SUMMARIES = {
     "base": "Register, list and show base models (known by content).",
     "check": "Validate an adapter against its base model locally (dry run).",
     "inspect": "Show what an adapter changes, per module (norms, effective rank).",
+    "export": "Merge adapters into their base on the server and download the model.",
+    "worker": "Run a standalone export worker (Postgres; one per GPU).",
+    "gc": "Delete unreferenced blobs past the grace period (server host).",
+    "fsck": "Re-hash stored blobs and report corruption (server host).",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,10 +12,11 @@ from fastapi.routing import APIRoute
 
 from loreg.registry.api.errors import install_error_handlers
 from loreg.registry.api.ratelimit import FailureLimiter
-from loreg.registry.api.routes import adapters, bases, blobs, health, tokens
+from loreg.registry.api.routes import adapters, bases, blobs, exports, health, tokens
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.blobs import BlobService
+from loreg.registry.services.exports import ExportService
 from loreg.registry.services.inspect import InspectService
 from loreg.registry.services.context import Registry, open_registry
 from loreg.registry.services.tokens import TokenService
@@ -30,10 +32,21 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     reg = registry or open_registry(settings)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owned:
-            reg.close()
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = None
+        if settings.export_worker == "inprocess" and importlib.util.find_spec("torch") is not None:
+            from loreg.registry.merge.worker import WorkerPool
+
+            pool = WorkerPool(reg, settings.export_concurrency)
+            pool.start()
+            app.state.exports.on_queued.append(pool.notify)
+        try:
+            yield
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            if owned:
+                reg.close()
 
     app = FastAPI(
         title="loreg",
@@ -50,8 +63,9 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.bases = BaseService(reg)
     app.state.adapters = AdapterService(reg, validator=app.state.bases.validate_push)
     app.state.inspect = InspectService(reg, app.state.adapters)
+    app.state.exports = ExportService(reg, app.state.adapters, app.state.bases)
     install_error_handlers(app)
-    for module in (health, blobs, adapters, bases, tokens):
+    for module in (health, blobs, adapters, bases, exports, tokens):
         app.include_router(module.router)
     return app
 

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     auth_failure_window_s: float = 300.0
     gc_grace_seconds: int = 24 * 3600
     export_concurrency: int = 1
+    # "inprocess": `loreg serve` runs export workers as threads (the embedded default);
+    # "external": only `loreg worker` processes merge (Postgres), the API just queues
+    export_worker: str = "inprocess"
+    export_lease_s: float = 60.0
+    export_device: str = "auto"
+    work_dir: Path | None = None  # scratch space for merges (default: a temp folder)
 
     @property
     def embedded(self) -> bool:

@@ -118,6 +118,8 @@ def settings(request: pytest.FixtureRequest, backend: str, loreg_home: Path, mon
         storage_url=storage_url,
         s3_endpoint_url=endpoint,
         s3_region=REGION if endpoint else None,
+        # tests run export jobs explicitly (ExportWorker.run_once) unless they ask for threads
+        export_worker="external",
     )
 
 

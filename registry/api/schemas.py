@@ -219,3 +219,46 @@ class BaseLayoutPublic(Response):
 
 class BaseList(Response):
     items: list[BasePublic]
+
+
+# --- exports ----------------------------------------------------------------------------------
+
+
+class ExportAdapter(StrictRequest):
+    ref: str = Field(min_length=3, max_length=300)
+    weight: float = 1.0
+
+
+class ExportCreate(StrictRequest):
+    adapters: list[ExportAdapter] = Field(min_length=1, max_length=16)
+    base: str | None = Field(default=None, max_length=300)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class ExportInputPublic(Response):
+    name: str | None
+    version: int | None
+    digest: str
+    weight: float
+
+
+class ExportPublic(Response):
+    id: str
+    state: Literal["queued", "running", "done", "failed"]
+    request_digest: str
+    base: BaseRef
+    adapters: list[ExportInputPublic]
+    dtype: str
+    progress: dict[str, Any]
+    error: dict[str, Any] | None
+    files: list[FilePublic]
+    device: str | None
+    attempts: int
+    loreg_version: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ExportList(Response):
+    items: list[ExportPublic]

@@ -233,3 +233,60 @@ class Token(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Export(Base):
+    """A merge request (base weights, weighted adapter versions, dtype) and its result.
+
+    ``request_digest`` is the sha256 of the canonical request: an identical request is answered
+    from the stored result. Workers claim queued jobs (or running ones whose lease expired).
+    """
+
+    __tablename__ = "exports"
+    __table_args__ = (
+        digest_check("request_digest"),
+        CheckConstraint("state IN ('queued', 'running', 'done', 'failed')", name="state_valid"),
+        Index("ix_exports_state_created", "state", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    request_digest: Mapped[str] = mapped_column(String(DIGEST_LEN), unique=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    dtype: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    loreg_version: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    inputs: Mapped[list[ExportInput]] = relationship(passive_deletes=True, order_by="ExportInput.position")
+    files: Mapped[list[ExportFile]] = relationship(passive_deletes=True, order_by="ExportFile.path")
+
+
+class ExportInput(Base):
+    """Lineage: which adapter version (with which weight) went into an export."""
+
+    __tablename__ = "export_inputs"
+
+    export_id: Mapped[str] = mapped_column(ForeignKey("exports.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id", ondelete="SET NULL"), index=True)
+    manifest_digest: Mapped[str] = mapped_column(String(DIGEST_LEN))
+    weight: Mapped[float] = mapped_column(Float)
+
+
+class ExportFile(Base):
+    __tablename__ = "export_files"
+    __table_args__ = (digest_check("digest"),)
+
+    export_id: Mapped[str] = mapped_column(ForeignKey("exports.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(256), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest", ondelete="RESTRICT"), index=True)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from loreg.registry.errors import ConfigInvalidError, ConfigTooLargeError
+from loreg.registry.errors import AdapterInvalidError, ConfigInvalidError, ConfigTooLargeError
 
 MAX_CONFIG_SIZE = 64 * 1024
 MAX_RANK = 65536
@@ -418,14 +418,13 @@ class TensorKey:
     prefixed: bool  # the key started with "base_model.model."
 
 
-class TensorKeyError(ValueError):
-    """A key that matches no PEFT LoRA naming rule; ``detail`` says why."""
+class TensorKeyError(AdapterInvalidError):
+    """A key that matches no PEFT LoRA naming rule (422 ADAPTER_INVALID); ``detail`` names it and why."""
 
     def __init__(self, key: str, reason: str):
-        super().__init__(f"{key!r}: {reason}")
+        super().__init__(f"tensor {key!r}: {reason}", detail={"key": key, "reason": reason})
         self.key = key
         self.reason = reason
-        self.detail = {"key": key, "code": "UNKNOWN_KEY", "message": reason}
 
 
 _SUFFIXES: tuple[tuple[str, str, str | None], ...] = (

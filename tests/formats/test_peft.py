@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loreg.registry.errors import ConfigInvalidError, ConfigTooLargeError
+from loreg.registry.errors import AdapterInvalidError, ConfigInvalidError, ConfigTooLargeError
 from loreg.registry.formats import peft
 from loreg.registry.formats.peft import (
     TensorKeyError,
@@ -325,8 +325,9 @@ def test_tensor_key_suffixes(suffix: str, kind: str, param: str | None, prefix: 
 def test_unknown_tensor_keys_are_refused_with_detail(key: str) -> None:
     with pytest.raises(TensorKeyError) as info:
         parse_tensor_key(key)
+    assert isinstance(info.value, AdapterInvalidError) and info.value.status == 422
     assert info.value.detail["key"] == key
-    assert info.value.detail["code"] == "UNKNOWN_KEY"
+    assert info.value.detail["reason"]
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "vit", "patterns", "everything", "dora", "lora_bias"])

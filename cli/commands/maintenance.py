@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import sys
+
+import click
+
+from loreg.cli.commands._common import json_option
+from loreg.cli.output import emit_json, human_size
+
+
+def _registry():  # type: ignore[no-untyped-def]
+    from loreg.registry.db import migrate
+    from loreg.registry.errors import DbUnavailableError
+    from loreg.registry.services.context import open_registry
+    from loreg.registry.settings import Settings
+
+    registry = open_registry(Settings())
+    if not migrate.is_up_to_date(registry.engine):
+        registry.close()
+        raise DbUnavailableError("the database schema is not current", hint="run `loreg db upgrade`")
+    return registry
+
+
+@click.command()
+@click.option("--grace", default=None, type=float, metavar="HOURS", help="Keep blobs seen within this many hours (default: LOREG_GC_GRACE_SECONDS).")
+@click.option("--dry-run", is_flag=True, help="Report what would go; delete nothing.")
+@json_option
+def gc(grace: float | None, dry_run: bool, as_json: bool) -> None:
+    """Delete unreferenced blobs older than the grace period (server host; safe while pushes run)."""
+    from datetime import timedelta
+
+    from loreg.registry.services.maintenance import MaintenanceService
+
+    registry = _registry()
+    try:
+        report = MaintenanceService(registry).gc(grace=None if grace is None else timedelta(hours=grace), dry_run=dry_run)
+    finally:
+        registry.close()
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {len(report.deleted) + len(report.stray_deleted)} blobs ({human_size(report.bytes_freed)}); "
+               f"kept {report.kept_recent} recent unreferenced; {report.staging_removed} staging files, "
+               f"{report.multipart_aborted} multipart uploads cleaned")
+
+
+@click.command()
+@json_option
+def fsck(as_json: bool) -> None:
+    """Re-hash every stored blob and report corruption (server host). Exits 1 if any is bad."""
+    from loreg.registry.services.maintenance import MaintenanceService
+
+    registry = _registry()
+    try:
+        report = MaintenanceService(registry).fsck()
+    finally:
+        registry.close()
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        click.echo(f"checked {report.checked} blobs ({human_size(report.bytes_checked)})")
+        for c in report.corrupt:
+            click.secho(f"CORRUPT {c['digest']} (hashes to {c['actual']}, {c['actual_size']} of {c['size']} bytes)", fg="red")
+        for m in report.missing:
+            click.secho(f"MISSING {m}", fg="red")
+    if not report.ok:
+        sys.exit(1)

@@ -1,0 +1,82 @@
+"""Exports: merge adapters into a stored base on demand; poll; download the merged model."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loreg.registry.api.deps import ReadDep, WriteDep
+from loreg.registry.api.schemas import ExportCreate, ExportList, ExportPublic
+from loreg.registry.errors import DigestMismatchError
+from loreg.registry.formats import names
+from loreg.registry.services.exports import ExportService
+from loreg.registry.services.tokens import Principal
+
+router = APIRouter(tags=["exports"])
+STREAM_CHUNK = 1 << 20
+
+
+def _svc(request: Request) -> ExportService:
+    return request.app.state.exports
+
+
+def _authorize(svc: ExportService, export_id: str, principal: Principal) -> None:
+    for namespace, name in svc.namespaces(export_id):
+        principal.require("read", namespace, name)
+
+
+@router.post("/v1/exports", response_model=ExportPublic, status_code=202, responses={200: {"model": ExportPublic}})
+def create_export(body: ExportCreate, request: Request, principal: WriteDep) -> JSONResponse:
+    """Queue a merge (202 with the job), or answer an identical request from its stored result (200)."""
+    for a in body.adapters:
+        ref = names.parse_reference(a.ref)
+        principal.require("read", ref.namespace, ref.name)
+    out, done = _svc(request).request(body)
+    return JSONResponse(out.model_dump(mode="json"), status_code=200 if done else 202)
+
+
+@router.get("/v1/exports/{export_id}", response_model=ExportPublic)
+def get_export(export_id: str, request: Request, principal: ReadDep) -> ExportPublic:
+    """State (queued, running, done, failed with the reason), progress, and the result's files."""
+    svc = _svc(request)
+    _authorize(svc, export_id, principal)
+    return svc.get(export_id)
+
+
+@router.get(
+    "/v1/exports/{export_id}/files/{path}",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_export_file(export_id: str, path: str, request: Request, principal: ReadDep) -> StreamingResponse:
+    """A file of a finished export, verified while sent (a corrupt blob aborts the connection)."""
+    svc = _svc(request)
+    _authorize(svc, export_id, principal)
+    entry = svc.file_entry(export_id, path)
+    stream = request.app.state.registry.store.open(entry.digest)
+
+    def verified() -> Iterator[bytes]:
+        h = hashlib.sha256()
+        held = b""
+        with stream as f:
+            while chunk := f.read(STREAM_CHUNK):
+                h.update(chunk)
+                if held:
+                    yield held
+                held = chunk
+        if "sha256:" + h.hexdigest() != entry.digest:
+            raise DigestMismatchError(f"stored blob {entry.digest} is corrupt")
+        if held:
+            yield held
+
+    headers = {"Content-Length": str(entry.size), "ETag": f'"{entry.digest}"', "X-Loreg-Digest": entry.digest}
+    return StreamingResponse(verified(), media_type="application/octet-stream", headers=headers)
+
+
+@router.get("/v1/adapters/{namespace}/{name}/versions/{tag}/exports", response_model=ExportList)
+def version_exports(namespace: str, name: str, tag: str, request: Request, _p: ReadDep) -> ExportList:
+    """Exports that used this version (lineage)."""
+    return ExportList(items=_svc(request).for_version(namespace, name, tag))

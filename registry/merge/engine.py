@@ -1,0 +1,919 @@
+"""Merge engine: a base model's safetensors shards + PEFT LoRA adapters -> merged shards (PEFT_FORMAT.md §4-§5).
+
+Imports only torch (inside functions), numpy, ``loreg.registry.errors`` and
+``loreg.registry.formats.safetensors``: it runs on a bare GPU machine with no web stack, pydantic or re2.
+The adapters' ``config`` and ``report`` are read by attribute (duck-typed ``AdapterConfig`` /
+``ValidationReport``), so a caller without ``formats.peft`` may pass look-alikes.
+
+Public:
+    AdapterInput(config, header, path, report, weight=1.0)   one local adapter file, validated against the base
+    BaseShard(name, path, header)                             one local base shard file
+    OutputFile(name, size, digest, changed, data_size)        one written file; digest "sha256:<hex>"
+    MergePlan / PlannedFile                                   output layout, known before any weight is read
+    plan_merge(shards, adapters, *, dtype=None) -> MergePlan  every check that needs headers only
+    merge_to_dir(shards, adapters, out_dir, *, dtype=None, device="auto", progress=None) -> list[OutputFile]
+    write_index(out_dir, outputs, base_index_json) -> OutputFile
+
+Semantics: output = base + Σ weightᵢ·Δᵢ per tensor, in float32 (float64 for F64 tensors), one rounding to the
+output dtype. Δ is PEFT's: Linear s·B@A, Conv1D (fan_in_fan_out) its transpose, embedding s·(B_e@A_e)ᵀ,
+ConvNd the reshape-matmul, lora_B.bias adds s·bias to the base bias. The non-linear parts — DoRA renormalisation,
+full copies that replace a base tensor (modules_to_save, ``bias="all"`` biases, ``.base_layer`` copies) and
+trainable-token rows — are applied only when their adapter has weight 1.0 and no other adapter touches the
+same tensor; otherwise MergeUnsupportedError (``.base_layer`` copies equal to the base are no-ops and allowed).
+Refused as well: a full copy redirected through tied embeddings (it would overwrite the input embedding), a
+resized vocabulary, ``lora_B.bias`` without ``lora_bias``, non-float base tensors, adapter keys the validation
+report does not map, and targets missing from the given shards (an adapter validated against another base).
+
+Layout: the same file names, tensor order, shapes and shard split as the base. With the dtype unchanged each
+output starts with the base's header bytes verbatim, untouched tensors are copied byte for byte, so an
+untouched shard is byte-identical to the base shard. With ``dtype`` (e.g. "bfloat16") every F16/BF16/F32/F64
+tensor is cast, headers are rebuilt (metadata kept, offsets recomputed); other dtypes are copied as they are.
+
+Pipeline: a reader thread (pread, bounded chunks for untouched tensors, pinned buffers on CUDA), the calling
+thread computing (on CUDA when device="auto" finds one), and a writer thread hashing while it writes; bounded
+queues keep memory at a few tensors. Files are written as ``.<name>.partial`` and renamed when complete; on any
+error every file this call created is removed. ``progress(tensors_done, tensors_total, bytes_done, bytes_total)``
+is called from the calling thread (bytes are output-file bytes, headers included); the last call is the totals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loreg.registry.errors import MergeUnavailableError, MergeUnsupportedError
+from loreg.registry.formats.safetensors import DTYPE_SIZES, Header, TensorInfo, parse_header
+
+if TYPE_CHECKING:
+    import torch
+
+    from loreg.registry.formats.peft import AdapterConfig
+    from loreg.registry.formats.validate import ValidationReport
+
+ProgressFn = Callable[[int, int, int, int], None]
+
+CHUNK_SIZE = 16 << 20  # untouched tensors travel in pieces of at most this many bytes
+QUEUE_DEPTH = 4
+INDEX_NAME = "model.safetensors.index.json"
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what the engine computes in or casts to
+_DTYPE_ALIASES = {
+    "float16": "F16", "fp16": "F16", "half": "F16", "f16": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float32": "F32", "fp32": "F32", "float": "F32", "f32": "F32",
+    "float64": "F64", "fp64": "F64", "double": "F64", "f64": "F64",
+}
+_PEFT_PREFIX = "base_model.model."
+
+# kinds of adapter tensors (the subset of formats.peft's naming rule the merge needs; validation already ran)
+_A, _B, _B_BIAS, _EMB_A, _EMB_B, _MAG, _ROWS, _BASE_LAYER, _FULL = (
+    "lora_A", "lora_B", "lora_B.bias", "lora_embedding_A", "lora_embedding_B", "magnitude", "rows",
+    "base_layer", "full",
+)
+_SUFFIXES = (
+    (".lora_A.weight", _A),
+    (".lora_B.weight", _B),
+    (".lora_B.bias", _B_BIAS),
+    (".lora_embedding_A", _EMB_A),
+    (".lora_embedding_B", _EMB_B),
+    (".lora_magnitude_vector.weight", _MAG),
+    (".lora_magnitude_vector", _MAG),
+    (".token_adapter.trainable_tokens_delta", _ROWS),
+    (".base_layer.weight", _BASE_LAYER),
+    (".base_layer.bias", _BASE_LAYER),
+    (".modules_to_save.weight", _FULL),
+    (".modules_to_save.bias", _FULL),
+)
+_LAYERS = ("linear", "conv1d", "embedding", "conv")
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs and outputs
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    config: AdapterConfig
+    header: Header
+    path: Path
+    report: ValidationReport
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class BaseShard:
+    name: str  # file name in the output folder (the base's shard name)
+    path: Path
+    header: Header
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    size: int
+    digest: str  # "sha256:<hex>"
+    changed: bool  # bytes differ from the base shard of the same name
+    data_size: int = 0  # bytes of tensor data (the index's total_size counts these)
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    name: str
+    header_bytes: bytes  # the 8-byte length and the JSON header, exactly as written
+    size: int
+    data_size: int
+    rebuilt: bool  # header re-serialised (dtype change) instead of copied from the base
+
+
+@dataclass(frozen=True)
+class _Source:
+    adapter: int
+    key: str
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class _Lora:
+    adapter: int
+    module: str
+    layer: str
+    a: _Source
+    b: _Source
+    coeff: float  # scaling · weight
+    scale: float
+    weight: float
+    magnitude: _Source | None  # DoRA
+
+
+@dataclass
+class _Ops:
+    """What happens to one base tensor, in this order: replace, LoRA deltas, bias deltas, token rows."""
+
+    replace: list[_Source] = field(default_factory=list)  # equal values expected; the first is used
+    replace_full: bool = False  # a modules_to_save / trained-bias copy among them (not only .base_layer)
+    replace_is_noop: bool = False  # must equal the base (checked when read): several adapters or weight != 1
+    lora: list[_Lora] = field(default_factory=list)
+    bias: list[tuple[_Source, float]] = field(default_factory=list)  # lora_B.bias, coefficient s·w
+    rows: tuple[_Source, tuple[int, ...]] | None = None
+    adapters: set[int] = field(default_factory=set)
+
+    def sources(self) -> list[_Source]:
+        out = list(self.replace)
+        for op in self.lora:
+            out += [op.a, op.b] + ([op.magnitude] if op.magnitude else [])
+        out += [src for src, _ in self.bias]
+        if self.rows:
+            out.append(self.rows[0])
+        return out
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    shard: int
+    name: str
+    src: TensorInfo  # in the base shard
+    out_dtype: str
+    out_nbytes: int
+    ops: _Ops | None
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    files: list[PlannedFile]
+    tensors: list[_Tensor] = field(repr=False)
+    touched: frozenset[str]  # base tensors an adapter changes
+    dtype: str | None  # the output float dtype when it was changed, else None
+
+    @property
+    def tensors_total(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+# ------------------------------------------------------------------------------------------------
+# planning (headers only)
+
+
+def _refuse(message: str, **detail: Any) -> MergeUnsupportedError:
+    return MergeUnsupportedError(message, detail=detail)
+
+
+def normalize_dtype(dtype: str | None) -> str | None:
+    """"bfloat16" / "bf16" / "BF16" -> "BF16"; None stays None. Raises MergeUnsupportedError for others."""
+    if dtype is None:
+        return None
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).upper())
+    if name not in FLOAT_DTYPES:
+        raise _refuse(f"output dtype {dtype!r} is not one of float16, bfloat16, float32, float64", dtype=str(dtype))
+    return name
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    rest = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+    for suffix, kind in _SUFFIXES:
+        if rest.endswith(suffix):
+            return rest[: -len(suffix)], kind
+    return rest.rpartition(".")[0], _FULL  # plain <module>.weight / .bias: modules_to_save or a trained bias
+
+
+def _tied_redirects(report: Any) -> set[str]:
+    return {w.get("module") for w in getattr(report, "warnings", ()) or () if w.get("code") == "TIED_REDIRECT"}
+
+
+def _token_indices(config: Any, module: str) -> list[int] | None:
+    indices = getattr(config, "trainable_token_indices", None)
+    if isinstance(indices, dict):
+        for name, ids in indices.items():
+            if module == name or module.endswith("." + name):
+                return list(ids)
+        return None
+    return None if indices is None else list(indices)
+
+
+def _read_base_header(shard: BaseShard) -> bytes:
+    with open(shard.path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        raw = f.read(n) if 0 < n <= size else b""
+    if n != shard.header.header_size or len(raw) != n or size != shard.header.file_size:
+        raise _refuse(f"base shard {shard.name!r} does not match the header it was given", shard=shard.name)
+    if parse_header(raw, file_size=size).tensors != shard.header.tensors:
+        raise _refuse(f"base shard {shard.name!r} does not match the header it was given", shard=shard.name)
+    return prefix + raw
+
+
+def _build_header(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> bytes:
+    obj: dict[str, Any] = {}
+    if metadata is not None:
+        obj["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)  # safetensors aligns the data section to 8 bytes
+    return len(text).to_bytes(8, "little") + text
+
+
+def _expected_delta_shape(layer: str, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    if layer == "conv":
+        if len(a) < 3 or len(b) != len(a) or any(d != 1 for d in b[2:]) or b[1] != a[0]:
+            return None
+        return (b[0], *a[1:])
+    if len(a) != 2 or len(b) != 2 or b[1] != a[0]:
+        return None
+    if layer == "linear":
+        return (b[0], a[1])
+    return (a[1], b[0])  # conv1d [in, out]; embedding [vocab, dim]
+
+
+def _magnitude_shape(layer: str, w: tuple[int, ...]) -> tuple[int, ...]:
+    if layer == "linear":
+        return (w[0],)
+    if layer == "conv":
+        return (1, w[0], *([1] * (len(w) - 2)))
+    return (w[1],)  # conv1d [in, out] and embedding [vocab, dim]: per column
+
+
+def _collect(adapters: Sequence[AdapterInput], base: dict[str, TensorInfo]) -> dict[str, _Ops]:
+    ops: dict[str, _Ops] = {}
+    for index, adapter in enumerate(adapters):
+        weight = float(adapter.weight)
+        if not math.isfinite(weight):
+            raise _refuse(f"adapter {index} has the weight {adapter.weight!r}; weights must be finite", adapter=index)
+        try:
+            size = os.stat(adapter.path).st_size
+        except OSError as exc:
+            raise _refuse(f"adapter file {str(adapter.path)!r} cannot be read: {exc}", adapter=index) from None
+        if size != adapter.header.file_size:
+            raise _refuse(f"adapter file {str(adapter.path)!r} does not match its header", adapter=index)
+        key_map: Mapping[str, str | None] = adapter.report.key_map
+        tied = _tied_redirects(adapter.report)
+        groups: dict[str, dict[str, _Source]] = {}
+        replaces: list[tuple[str, str, _Source]] = []
+        for key, info in adapter.header.tensors.items():
+            if key not in key_map:
+                raise _refuse(f"adapter {index}: tensor {key!r} is not mapped by its validation report; "
+                              "validate the adapter against this base first", adapter=index, key=key)
+            target = key_map[key]
+            if target is None:  # original_module copies: the untouched base value, never applied
+                continue
+            if target not in base:
+                raise _refuse(f"adapter {index}: {key!r} feeds {target!r}, which is not in the base shards "
+                              "(validated against another base layout?)", adapter=index, key=key, tensor=target)
+            if info.dtype not in FLOAT_DTYPES:
+                raise _refuse(f"adapter {index}: tensor {key!r} is {info.dtype}", adapter=index, key=key)
+            if base[target].dtype not in FLOAT_DTYPES:
+                raise _refuse(f"base tensor {target!r} is {base[target].dtype}; loreg merges into float tensors only",
+                              tensor=target, dtype=base[target].dtype)
+            module, kind = _split_key(key)
+            src = _Source(index, key, info)
+            if kind in (_FULL, _BASE_LAYER):
+                replaces.append((module, kind, src))
+            else:
+                if kind in groups.setdefault(module, {}):
+                    raise _refuse(f"adapter {index}: {module} has two {kind} tensors", adapter=index, module=module)
+                groups[module][kind] = src
+
+        for module, kind, src in replaces:
+            target = key_map[src.key]
+            assert target is not None
+            if tuple(src.info.shape) != tuple(base[target].shape):
+                raise _refuse(f"adapter {index}: {src.key!r} is {list(src.info.shape)} but {target} is "
+                              f"{list(base[target].shape)} (a resized vocabulary cannot be merged into the base "
+                              "layout)", adapter=index, key=src.key)
+            if kind == _FULL and module in tied:
+                raise _refuse(f"adapter {index}: {src.key!r} replaces {module}, which the base ties to {target}; "
+                              "merging would overwrite the input embedding too", adapter=index, key=src.key)
+            entry = ops.setdefault(target, _Ops())
+            entry.replace.append(src)
+            entry.replace_full = entry.replace_full or kind == _FULL
+            entry.adapters.add(index)
+
+        for module, kinds in sorted(groups.items()):
+            _collect_module(index, adapter, weight, module, kinds, base, ops)
+    return ops
+
+
+def _collect_module(
+    index: int, adapter: AdapterInput, weight: float, module: str, kinds: dict[str, _Source],
+    base: dict[str, TensorInfo], ops: dict[str, _Ops],
+) -> None:
+    config, report = adapter.config, adapter.report
+    key_map = report.key_map
+    if _ROWS in kinds:
+        src = kinds.pop(_ROWS)
+        target = key_map[src.key]
+        indices = _token_indices(config, module)
+        w = tuple(base[target].shape)
+        if indices is None:
+            raise _refuse(f"adapter {index}: {src.key!r} is stored but trainable_token_indices does not name "
+                          f"{module}", adapter=index, key=src.key)
+        if len(set(indices)) != len(indices) or any(not 0 <= i < w[0] for i in indices) or len(w) != 2:
+            raise _refuse(f"adapter {index}: trainable_token_indices for {module} repeat or leave the "
+                          f"{w[0]} rows of {target}", adapter=index, key=src.key)
+        if tuple(src.info.shape) != (len(indices), w[1]):
+            raise _refuse(f"adapter {index}: {src.key!r} is {list(src.info.shape)}, expected "
+                          f"{[len(indices), w[1]]}", adapter=index, key=src.key)
+        entry = ops.setdefault(target, _Ops())
+        if entry.rows is not None:
+            raise _refuse(f"two trainable-token tensors replace rows of {target}", tensor=target)
+        entry.rows = (src, tuple(indices))
+        entry.adapters.add(index)
+    if not kinds:
+        return
+
+    embedding = _EMB_A in kinds or _EMB_B in kinds
+    a_kind, b_kind = (_EMB_A, _EMB_B) if embedding else (_A, _B)
+    a, b = kinds.get(a_kind), kinds.get(b_kind)
+    if a is None or b is None or (embedding and (_A in kinds or _B in kinds)):
+        raise _refuse(f"adapter {index}: {module} does not have exactly one lora A/B pair", adapter=index,
+                      module=module, tensors=sorted(s.key for s in kinds.values()))
+    target = key_map[a.key]
+    if key_map[b.key] != target:
+        raise _refuse(f"adapter {index}: the A and B tensors of {module} feed different base tensors",
+                      adapter=index, module=module)
+    layer = report.layer_types.get(module)
+    scale = report.scalings.get(module)
+    if layer not in _LAYERS or scale is None or not math.isfinite(scale):
+        raise _refuse(f"adapter {index}: the validation report gives no layer type or scaling for {module}",
+                      adapter=index, module=module)
+    if embedding != (layer == "embedding"):
+        raise _refuse(f"adapter {index}: {module} has {a_kind} tensors but its layer type is {layer}",
+                      adapter=index, module=module)
+    w = tuple(base[target].shape)
+    expected = _expected_delta_shape(layer, tuple(a.info.shape), tuple(b.info.shape))
+    if expected != w:
+        raise _refuse(f"adapter {index}: {module} ({layer}) A {list(a.info.shape)} and B {list(b.info.shape)} "
+                      f"do not make a delta of {target}'s shape {list(w)}", adapter=index, module=module)
+
+    magnitude = kinds.get(_MAG)
+    if magnitude is not None and not getattr(config, "use_dora", False):
+        magnitude = None  # PEFT ignores a magnitude vector without use_dora (validation warns)
+    elif magnitude is None and getattr(config, "use_dora", False):
+        raise _refuse(f"adapter {index}: use_dora is true but {module} has no lora_magnitude_vector",
+                      adapter=index, module=module)
+    if magnitude is not None:
+        if key_map[magnitude.key] != target or tuple(magnitude.info.shape) != _magnitude_shape(layer, w):
+            raise _refuse(f"adapter {index}: the DoRA magnitude of {module} is {list(magnitude.info.shape)}, "
+                          f"expected {list(_magnitude_shape(layer, w))}", adapter=index, module=module)
+    entry = ops.setdefault(target, _Ops())
+    entry.lora.append(_Lora(index, module, layer, a, b, scale * weight, scale, weight, magnitude))
+    entry.adapters.add(index)
+
+    bias = kinds.get(_B_BIAS)
+    if bias is not None:
+        if not getattr(config, "lora_bias", False):
+            raise _refuse(f"adapter {index}: {bias.key!r} is stored but lora_bias is false in adapter_config.json "
+                          "(PEFT would ignore it)", adapter=index, key=bias.key)
+        if magnitude is not None:
+            raise _refuse(f"adapter {index}: DoRA with lora_bias cannot be merged", adapter=index, module=module)
+        bias_target = key_map[bias.key]
+        out = w[1] if layer in ("conv1d", "embedding") else w[0]
+        if bias_target is None or tuple(base[bias_target].shape) != (out,) or tuple(bias.info.shape) != (out,):
+            raise _refuse(f"adapter {index}: {bias.key!r} does not fit the base bias of {module}",
+                          adapter=index, key=bias.key)
+        bias_entry = ops.setdefault(bias_target, _Ops())
+        bias_entry.bias.append((bias, scale * weight))
+        bias_entry.adapters.add(index)
+
+
+def _check_combinations(ops: dict[str, _Ops], adapters: Sequence[AdapterInput]) -> None:
+    for target, entry in ops.items():
+        alone = len(entry.adapters) == 1 and all(float(adapters[i].weight) == 1.0 for i in entry.adapters)
+        why = ("it is touched by several adapters" if len(entry.adapters) > 1
+               else "the adapter's weight is not 1.0")
+        if entry.replace:
+            if entry.replace_full and not alone:
+                raise _refuse(f"{target} is replaced by a stored copy (modules_to_save or trained bias) and {why}; "
+                              "only a single full-weight adapter may replace a tensor", tensor=target)
+            # .base_layer copies normally equal the base; then they are no-ops and combine with anything
+            entry.replace_is_noop = not alone
+        doras = [op for op in entry.lora if op.magnitude is not None]
+        if doras and (not alone or len(entry.lora) > 1):
+            raise _refuse(f"DoRA on {target} can only be merged from a single adapter with weight 1.0 "
+                          f"({why if not alone else 'two modules feed it'})", tensor=target)
+        if entry.rows is not None and (not alone or entry.lora or entry.bias or entry.replace):
+            raise _refuse(f"trainable-token rows of {target} can only be merged alone, from a single adapter "
+                          "with weight 1.0", tensor=target)
+
+
+def plan_merge(
+    shards: Sequence[BaseShard], adapters: Sequence[AdapterInput], *, dtype: str | None = None
+) -> MergePlan:
+    """The output layout and what each adapter does to each base tensor, from headers alone.
+
+    Raises:
+        MergeUnsupportedError: anything the engine would not merge exactly (see the module docstring).
+    """
+    out_dtype = normalize_dtype(dtype)
+    names = [s.name for s in shards]
+    if not shards:
+        raise _refuse("no base shards given")
+    if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
+        raise _refuse("base shard names must be unique plain file names", shards=names)
+    base: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for name, info in shard.header.tensors.items():
+            if name in base:
+                raise _refuse(f"tensor {name!r} appears in two base shards", tensor=name)
+            base[name] = info
+    ops = _collect(adapters, base)
+    _check_combinations(ops, adapters)
+
+    def cast(dt: str) -> str:
+        return out_dtype if out_dtype is not None and dt in FLOAT_DTYPES else dt
+
+    rebuild = out_dtype is not None and any(cast(i.dtype) != i.dtype for i in base.values())
+    files: list[PlannedFile] = []
+    tensors: list[_Tensor] = []
+    for index, shard in enumerate(shards):
+        entries = []
+        for name, info in shard.header.tensors.items():
+            dt = cast(info.dtype)
+            nbytes = info.numel * DTYPE_SIZES[dt]
+            tensors.append(_Tensor(index, name, info, dt, nbytes, ops.get(name)))
+            entries.append((name, dt, info.shape, nbytes))
+        header_bytes = _build_header(entries, shard.header.metadata) if rebuild else _read_base_header(shard)
+        data_size = sum(e[3] for e in entries)
+        files.append(PlannedFile(shard.name, header_bytes, len(header_bytes) + data_size, data_size, rebuild))
+    return MergePlan(files=files, tensors=tensors, touched=frozenset(ops), dtype=out_dtype if rebuild else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# merging
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MergeUnavailableError("merging needs torch; install loreg[merge]", hint="pip install 'loreg[merge]'") \
+            from None
+    return torch
+
+
+def _torch_dtype(torch: Any, name: str) -> Any:
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}[name]
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; an explicit CUDA device must exist."""
+    torch = _import_torch()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeUnavailableError(f"device {device!r} was asked for but torch sees no CUDA device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise MergeUnsupportedError(f"device {device!r} is not 'auto', 'cpu' or 'cuda[:N]'")
+    return device
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise MergeUnsupportedError("a file ended before the tensor it should hold", detail={"offset": offset})
+        view, offset = view[n:], offset + n
+
+
+class _Stop(Exception):
+    pass
+
+
+def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
+    while True:
+        if stop.is_set():
+            raise _Stop
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+_DONE = object()
+
+
+class _Reader(threading.Thread):
+    """Reads tensors in file order: untouched ones in chunks, touched ones whole with their adapter tensors."""
+
+    def __init__(self, plan: MergePlan, shards: Sequence[BaseShard], adapters: Sequence[AdapterInput],
+                 pinned: bool, out: queue.Queue[Any], stop: threading.Event, torch: Any):
+        super().__init__(name="loreg-merge-reader", daemon=True)
+        self.plan, self.shards, self.adapters = plan, shards, adapters
+        self.pinned, self.out, self.stop, self.torch = pinned, out, stop, torch
+        self.error: BaseException | None = None
+
+    def buffer(self, fd: int, offset: int, nbytes: int) -> Any:
+        buf = self.torch.empty(nbytes, dtype=self.torch.uint8, pin_memory=self.pinned)
+        if nbytes:
+            _pread_into(fd, memoryview(buf.numpy()), offset)
+        return buf
+
+    def run(self) -> None:
+        fds: list[int] = []
+        try:
+            for adapter in self.adapters:
+                fds.append(os.open(adapter.path, os.O_RDONLY))
+            adapter_fds = list(fds)
+            shard, fd = -1, -1
+            for t in self.plan.tensors:
+                if t.shard != shard:
+                    if shard >= 0:
+                        os.close(fds.pop())
+                        _put(self.out, ("close", shard), self.stop)
+                    shard = t.shard
+                    fd = os.open(self.shards[shard].path, os.O_RDONLY)
+                    fds.append(fd)
+                    _put(self.out, ("open", shard), self.stop)
+                start = self.shards[shard].header.data_offset + t.src.start
+                if t.ops is not None:
+                    base_buf = self.buffer(fd, start, t.src.nbytes)
+                    loaded = {}
+                    for src in t.ops.sources():
+                        header = self.adapters[src.adapter].header
+                        loaded[src.key] = self.buffer(
+                            adapter_fds[src.adapter], header.data_offset + src.info.start, src.info.nbytes
+                        )
+                    _put(self.out, ("tensor", t, base_buf, loaded), self.stop)
+                    continue
+                cast = t.out_dtype != t.src.dtype
+                step = CHUNK_SIZE - CHUNK_SIZE % DTYPE_SIZES[t.src.dtype]
+                position, end = start, start + t.src.nbytes
+                while True:
+                    n = min(step, end - position)
+                    if cast:
+                        data: Any = self.buffer(fd, position, n)
+                    else:
+                        data = os.pread(fd, n, position)
+                        if len(data) != n:
+                            raise MergeUnsupportedError(
+                                f"base shard {self.shards[shard].name!r} is shorter than its header says"
+                            )
+                    position += n
+                    _put(self.out, ("chunk", t, data, position == end), self.stop)
+                    if position == end:
+                        break
+            if shard >= 0:
+                _put(self.out, ("close", shard), self.stop)
+            _put(self.out, _DONE, self.stop)
+        except _Stop:
+            pass
+        except BaseException as exc:  # handed to the calling thread
+            self.error = exc
+            self.stop.set()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+class _Writer(threading.Thread):
+    """Writes and hashes the output files; counts what is done for progress."""
+
+    def __init__(self, plan: MergePlan, out_dir: Path, inbox: queue.Queue[Any], stop: threading.Event):
+        super().__init__(name="loreg-merge-writer", daemon=True)
+        self.plan, self.out_dir, self.inbox, self.stop = plan, out_dir, inbox, stop
+        self.outputs: list[OutputFile] = []
+        self.created: list[Path] = []
+        self.error: BaseException | None = None
+        self.done = (0, 0)  # tensors, bytes
+
+    def run(self) -> None:
+        f = None
+        hasher = None
+        changed = False
+        tensors, nbytes = 0, 0
+        planned: PlannedFile | None = None
+        partial: Path | None = None
+        try:
+            while True:
+                try:
+                    item = self.inbox.get(timeout=0.1)
+                except queue.Empty:
+                    if self.stop.is_set():
+                        return
+                    continue
+                if item is _DONE:
+                    return
+                kind = item[0]
+                if kind == "open":
+                    planned = self.plan.files[item[1]]
+                    partial = self.out_dir / f".{planned.name}.partial"
+                    self.created.append(partial)
+                    f = open(partial, "wb")
+                    hasher = hashlib.sha256(planned.header_bytes)
+                    f.write(planned.header_bytes)
+                    changed = planned.rebuilt
+                    nbytes += len(planned.header_bytes)
+                elif kind == "data":
+                    _, data, last, event, original = item
+                    if event is not None:
+                        event.synchronize()
+                    view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+                    f.write(view)  # type: ignore[union-attr]
+                    hasher.update(view)  # type: ignore[union-attr]
+                    if original is not None and not changed:
+                        changed = not _same(view, original)
+                    nbytes += len(view)
+                    tensors += last
+                elif kind == "close":
+                    assert f is not None and planned is not None and partial is not None and hasher is not None
+                    f.close()
+                    f = None
+                    final = self.out_dir / planned.name
+                    os.replace(partial, final)
+                    self.created.append(final)
+                    size = final.stat().st_size
+                    if size != planned.size:
+                        raise RuntimeError(f"wrote {size} bytes to {planned.name}, planned {planned.size}")
+                    self.outputs.append(OutputFile(planned.name, size, "sha256:" + hasher.hexdigest(), changed,
+                                                   planned.data_size))
+                self.done = (tensors, nbytes)
+        except BaseException as exc:
+            self.error = exc
+            self.stop.set()
+        finally:
+            if f is not None:
+                f.close()
+
+
+def _same(a: Any, b: Any) -> bool:
+    import numpy as np
+
+    x = np.frombuffer(a, dtype=np.uint8)
+    y = np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8)
+    return x.shape == y.shape and bool(np.array_equal(x, y))
+
+
+def _as_tensor(torch: Any, buf: Any, dtype: str, shape: tuple[int, ...], device: str, compute: Any) -> Any:
+    t = buf.to(device, non_blocking=True) if device != "cpu" else buf
+    return t.view(_torch_dtype(torch, dtype)).reshape(shape).to(compute)
+
+
+def _delta(torch: Any, op: _Lora, a: Any, b: Any, shape: tuple[int, ...]) -> Any:
+    if op.layer == "conv":
+        d = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(shape)
+    else:
+        d = b @ a
+        if op.layer in ("conv1d", "embedding"):
+            d = d.T
+    # PEFT multiplies (B @ A) by the scale afterwards; the same order keeps the result bit-identical
+    d = d * op.scale
+    if op.weight != 1.0:
+        d = d * op.weight
+    return d
+
+
+def _dora(torch: Any, op: _Lora, v: Any, m: Any) -> Any:
+    if op.layer == "linear":
+        norm = torch.linalg.norm(v, dim=1)
+        return v * (m.reshape(-1) / norm).view(-1, 1)
+    if op.layer in ("conv1d", "embedding"):
+        norm = torch.linalg.norm(v.T, dim=1)  # per column: output unit of [in, out], embedding dim of [vocab, dim]
+        return v * (m.reshape(-1) / norm).view(1, -1)
+    dims = tuple(range(1, v.dim()))
+    norm = v.norm(p=2, dim=dims)
+    return v * (m.reshape(-1) / norm).view(-1, *([1] * (v.dim() - 1)))
+
+
+def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[str, Any], device: str) -> Any:
+    ops = t.ops
+    assert ops is not None
+    wide = "F64" in (t.src.dtype, t.out_dtype)
+    compute = torch.float64 if wide else torch.float32
+    shape = tuple(t.src.shape)
+    w = _as_tensor(torch, base_buf, t.src.dtype, shape, device, compute)
+    if w.data_ptr() == base_buf.data_ptr():
+        w = w.clone()  # never compute in the read buffer: the writer compares against it
+
+    def get(src: _Source) -> Any:
+        return _as_tensor(torch, loaded[src.key], src.info.dtype, tuple(src.info.shape), device, compute)
+
+    if ops.replace:
+        first = get(ops.replace[0])
+        for other in ops.replace[1:]:
+            if not torch.equal(get(other), first):
+                raise _refuse(f"the adapter holds two different stored copies of {t.name}",
+                              tensor=t.name, keys=[s.key for s in ops.replace])
+        if ops.replace_is_noop:
+            if not torch.equal(first, w):
+                raise _refuse(f"{ops.replace[0].key!r} replaces {t.name} with different values, and "
+                              "a replaced tensor can only be merged from a single adapter with weight 1.0",
+                              tensor=t.name, key=ops.replace[0].key)
+        else:
+            w = first.clone()
+    for op in ops.lora:
+        d = _delta(torch, op, get(op.a), get(op.b), shape)
+        if op.magnitude is not None:
+            w = _dora(torch, op, w + d, get(op.magnitude))
+        else:
+            w += d
+    for src, coeff in ops.bias:
+        w += get(src) * coeff  # coeff = scale · weight (weight is 1.0 for a PEFT-equal merge)
+    if ops.rows is not None:
+        src, indices = ops.rows
+        w.index_copy_(0, torch.tensor(indices, dtype=torch.long, device=w.device), get(src))
+    return w.to(_torch_dtype(torch, t.out_dtype))
+
+
+def merge_to_dir(
+    shards: Sequence[BaseShard],
+    adapters: Sequence[AdapterInput],
+    out_dir: Path,
+    *,
+    dtype: str | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+) -> list[OutputFile]:
+    """Write the merged model's shards into ``out_dir`` (created if missing), one per base shard.
+
+    Args:
+        shards: the base's safetensors files, local, in the order to write them.
+        adapters: validated against this base; merged as base + Σ weight·Δ.
+        dtype: output float dtype ("bfloat16", "float16", "float32", "float64"); None keeps the base's.
+        device: "auto" (CUDA if available), "cpu", or "cuda[:N]".
+        progress: called as progress(tensors_done, tensors_total, bytes_done, bytes_total).
+
+    Returns:
+        One OutputFile per shard, in order, with its sha256 computed while writing.
+
+    Raises:
+        MergeUnsupportedError: the merge cannot be done exactly (nothing is left in ``out_dir``).
+        MergeUnavailableError: no torch, or a CUDA device asked for and absent.
+    """
+    plan = plan_merge(shards, adapters, dtype=dtype)
+    torch = _import_torch()
+    device = resolve_device(device)
+    cuda = device.startswith("cuda")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    stop = threading.Event()
+    read_q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
+    write_q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
+    reader = _Reader(plan, shards, adapters, cuda, read_q, stop, torch)
+    writer = _Writer(plan, out_dir, write_q, stop)
+    totals = (plan.tensors_total, plan.bytes_total)
+    reported: tuple[int, int] | None = None
+    last_call = 0.0
+
+    def report(final: bool = False) -> None:
+        nonlocal reported, last_call
+        if progress is None:
+            return
+        done = totals if final else writer.done
+        now = time.monotonic()
+        if done == reported or (not final and reported and done[0] == reported[0] and now - last_call < 0.1):
+            return
+        reported, last_call = done, now
+        progress(done[0], totals[0], done[1], totals[1])
+
+    ok = False
+    reader.start()
+    writer.start()
+    try:
+        report()
+        while True:
+            if writer.error is not None:
+                raise writer.error
+            try:
+                item = read_q.get(timeout=0.1)
+            except queue.Empty:
+                if not reader.is_alive() and read_q.empty():
+                    raise getattr(reader, "error", None) or RuntimeError("the merge reader stopped early")
+                continue
+            if item is _DONE:
+                break
+            kind = item[0]
+            if kind == "error":
+                raise item[1]
+            if kind in ("open", "close"):
+                _put(write_q, item, stop)
+            elif kind == "chunk":
+                _, t, data, last = item
+                if t.out_dtype != t.src.dtype and data:
+                    src = torch.frombuffer(bytearray(data), dtype=_torch_dtype(torch, t.src.dtype))
+                    data = src.to(_torch_dtype(torch, t.out_dtype)).view(torch.uint8).numpy()
+                _put(write_q, ("data", data, last, None, None), stop)
+            else:
+                _, t, base_buf, loaded = item
+                with torch.no_grad():
+                    merged = _merge_tensor(torch, t, base_buf, loaded, device)
+                    flat = merged.reshape(-1)
+                    event = None
+                    if cuda:
+                        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                        host.copy_(flat, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                        flat = host
+                    data = flat.view(torch.uint8).numpy()
+                original = base_buf.numpy() if t.out_dtype == t.src.dtype else None
+                _put(write_q, ("data", data, True, event, original), stop)
+            report()
+        _put(write_q, _DONE, stop)
+        writer.join()
+        if writer.error is not None:
+            raise writer.error
+        report(final=True)
+        ok = True
+        return list(writer.outputs)
+    except _Stop:
+        raise writer.error or getattr(reader, "error", None) or RuntimeError("merge stopped") from None
+    finally:
+        stop.set()
+        reader.join()
+        writer.join()
+        if not ok:
+            for path in writer.created:
+                path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# index
+
+
+def write_index(
+    out_dir: Path, outputs: Sequence[OutputFile], base_index_json: bytes | Mapping[str, Any]
+) -> OutputFile:
+    """Write ``model.safetensors.index.json`` for a sharded output.
+
+    The base's bytes are kept verbatim when the tensor data size is unchanged (so the index dedupes to the
+    base's blob); otherwise ``metadata.total_size`` is updated. The weight_map must name only output files.
+    """
+    raw = bytes(base_index_json) if isinstance(base_index_json, (bytes, bytearray)) else None
+    index = json.loads(raw) if raw is not None else json.loads(json.dumps(base_index_json))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise _refuse("the base's model.safetensors.index.json has no weight_map")
+    names = {o.name for o in outputs}
+    missing = sorted(set(weight_map.values()) - names)
+    if missing:
+        raise _refuse(f"the base index names shards that were not written: {missing[:5]}", missing=missing[:20])
+    total = sum(o.data_size for o in outputs)
+    metadata = index.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = index["metadata"] = {}
+    if raw is None or metadata.get("total_size", total) != total:
+        metadata["total_size"] = total
+        raw = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    path = Path(out_dir) / INDEX_NAME
+    partial = path.with_name(f".{INDEX_NAME}.partial")
+    partial.write_bytes(raw)
+    os.replace(partial, path)
+    base_raw = bytes(base_index_json) if isinstance(base_index_json, (bytes, bytearray)) else None
+    return OutputFile(INDEX_NAME, len(raw), "sha256:" + hashlib.sha256(raw).hexdigest(), raw != base_raw, 0)

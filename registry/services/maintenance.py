@@ -1,0 +1,147 @@
+"""Garbage collection of unreferenced blobs and fsck of stored ones (run on the server host).
+
+GC is safe while pushes run: a blob goes only when nothing references it AND it was not uploaded
+or reported present (blobs:check) within the grace period; a commit touches every blob it
+references inside its own transaction, and the foreign keys from version_files / export_files to
+blobs make a commit that raced with a deletion fail (and the client re-upload).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, exists, select
+
+from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import Blob, ExportFile, VersionFile
+from loreg.registry.errors import BlobNotFoundError
+from loreg.registry.services.context import Registry
+
+log = logging.getLogger("loreg.gc")
+HASH_CHUNK = 8 << 20
+
+
+@dataclass
+class GcReport:
+    deleted: list[str] = field(default_factory=list)
+    kept_recent: int = 0
+    referenced: int = 0
+    stray_deleted: list[str] = field(default_factory=list)
+    staging_removed: int = 0
+    multipart_aborted: int = 0
+    bytes_freed: int = 0
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__ | {"deleted_count": len(self.deleted)}
+
+
+@dataclass
+class FsckReport:
+    checked: int = 0
+    bytes_checked: int = 0
+    corrupt: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt and not self.missing
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__ | {"ok": self.ok}
+
+
+class MaintenanceService:
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def _base_digests(self, session: Any) -> set[str]:
+        out: set[str] = set()
+        for files in session.scalars(select(BaseRow.files)):
+            out.update(f["digest"] for f in files or [] if isinstance(f, dict) and "digest" in f)
+        return out
+
+    def gc(self, *, grace: timedelta | None = None, now: datetime | None = None, dry_run: bool = False) -> GcReport:
+        """Delete blobs no version, base model or export references, unseen for the grace period."""
+        grace = grace if grace is not None else timedelta(seconds=self.registry.settings.gc_grace_seconds)
+        now = now or datetime.now(UTC)
+        cutoff = now - grace
+        report = GcReport(dry_run=dry_run)
+        store = self.registry.store
+        with self.registry.sessions.begin() as session:
+            base_refs = self._base_digests(session)
+            candidates = session.scalars(
+                select(Blob).where(
+                    ~exists().where(VersionFile.digest == Blob.digest),
+                    ~exists().where(ExportFile.digest == Blob.digest),
+                )
+            ).all()
+            known = set(session.scalars(select(Blob.digest)))
+            for blob in candidates:
+                if blob.digest in base_refs:
+                    report.referenced += 1
+                elif blob.last_seen_at > cutoff:
+                    report.kept_recent += 1
+                else:
+                    report.deleted.append(blob.digest)
+                    report.bytes_freed += blob.size
+            if not dry_run and report.deleted:
+                # conditional on last_seen_at again: a commit or blobs:check that touched the blob
+                # since the select wins (its row lock makes this delete wait, then skip the row)
+                session.execute(
+                    delete(Blob)
+                    .where(Blob.digest.in_(report.deleted), Blob.last_seen_at <= cutoff)
+                    .execution_options(synchronize_session=False)
+                )
+        with self.registry.sessions.begin() as session:
+            still = set(session.scalars(select(Blob.digest).where(Blob.digest.in_(report.deleted))))
+        report.deleted = [d for d in report.deleted if d not in still]
+        if not dry_run:
+            for digest in report.deleted:
+                store.delete(digest)
+        # objects in the store with no row at all: a crash between the store write and the record
+        for stat in store.iter_digests():
+            if stat.digest in known or stat.digest in base_refs:
+                continue
+            if stat.modified is not None and stat.modified > cutoff:
+                continue
+            report.stray_deleted.append(stat.digest)
+            report.bytes_freed += stat.size
+            if not dry_run:
+                store.delete(stat.digest)
+        if not dry_run:
+            cleanup = getattr(store, "cleanup_staging", None)
+            if callable(cleanup):
+                report.staging_removed = int(cleanup(cutoff))
+            abort = getattr(store, "abort_stale_multipart_uploads", None)
+            if callable(abort):
+                report.multipart_aborted = int(abort(cutoff))
+        return report
+
+    def fsck(self) -> FsckReport:
+        """Re-hash every blob the database knows; report corrupt and missing ones."""
+        store = self.registry.store
+        report = FsckReport()
+        with self.registry.sessions.begin() as session:
+            blobs = [(b.digest, b.size) for b in session.scalars(select(Blob).order_by(Blob.digest))]
+        for digest, size in blobs:
+            h = hashlib.sha256()
+            n = 0
+            try:
+                with store.open(digest) as f:
+                    while chunk := f.read(HASH_CHUNK):
+                        h.update(chunk)
+                        n += len(chunk)
+            except BlobNotFoundError:
+                report.missing.append(digest)
+                continue
+            report.checked += 1
+            report.bytes_checked += n
+            actual = "sha256:" + h.hexdigest()
+            if actual != digest or n != size:
+                report.corrupt.append({"digest": digest, "actual": actual, "size": size, "actual_size": n})
+        return report
