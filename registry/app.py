@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from loreg.registry.api.errors import install_error_handlers
+from loreg.registry.api.limits import BodyLimitMiddleware, body_limit_for
 from loreg.registry.api.ratelimit import FailureLimiter
 from loreg.registry.api.routes import adapters, bases, blobs, exports, health, tokens
 from loreg.registry.services.adapters import AdapterService
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.inspect = InspectService(reg, app.state.adapters)
     app.state.exports = ExportService(reg, app.state.adapters, app.state.bases)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit_for(settings.max_json_body))
     for module in (health, blobs, adapters, bases, exports, tokens):
         app.include_router(module.router)
     return app
@@ -77,4 +79,10 @@ def _version() -> str:
 
 
 def api_routes(app: FastAPI) -> list[APIRoute]:
-    return [r for r in app.routes if isinstance(r, APIRoute)]
+    """Every APIRoute the app serves. FastAPI >= 0.160 keeps included routers nested in app.routes."""
+    from fastapi import routing
+
+    iterate = getattr(routing, "iter_route_contexts", None)
+    if iterate is None:
+        return [r for r in app.routes if isinstance(r, APIRoute)]
+    return [c.original_route for c in iterate(app.routes) if isinstance(c.original_route, APIRoute)]

@@ -8,15 +8,17 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loreg.registry.errors import (
+    ConflictError,
     DbUnavailableError,
     InternalError,
     LoregError,
     NotFoundError,
     RequestInvalidError,
+    TooLargeError,
     UnauthorizedError,
 )
 
@@ -51,6 +53,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return error_response(NotFoundError("no such route"))
+        if exc.status_code == 413:  # a body limit crossed while the framework read the body
+            return error_response(TooLargeError(str(exc.detail)))
         err = RequestInvalidError(str(exc.detail))
         resp = JSONResponse(err.envelope(), status_code=exc.status_code)
         return resp
@@ -59,6 +63,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
         return error_response(DbUnavailableError("the database is unavailable; retry shortly"))
+
+    @app.exception_handler(IntegrityError)
+    async def _conflict(_request: Request, exc: IntegrityError) -> JSONResponse:
+        log.warning("integrity conflict: %s", str(exc.orig)[:200])
+        return error_response(ConflictError("a concurrent change conflicted with this request; retry it"))
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_request: Request, exc: DBAPIError) -> JSONResponse:

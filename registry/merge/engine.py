@@ -586,7 +586,7 @@ class _Reader(threading.Thread):
                     loaded = {}
                     for src in t.ops.sources():
                         header = self.adapters[src.adapter].header
-                        loaded[src.key] = self.buffer(
+                        loaded[(src.adapter, src.key)] = self.buffer(
                             adapter_fds[src.adapter], header.data_offset + src.info.start, src.info.nbytes
                         )
                     _put(self.out, ("tensor", t, base_buf, loaded), self.stop)
@@ -641,11 +641,11 @@ class _Writer(threading.Thread):
         partial: Path | None = None
         try:
             while True:
+                if self.stop.is_set():
+                    return  # an error elsewhere: the caller removes what was written
                 try:
                     item = self.inbox.get(timeout=0.1)
                 except queue.Empty:
-                    if self.stop.is_set():
-                        return
                     continue
                 if item is _DONE:
                     return
@@ -730,7 +730,7 @@ def _dora(torch: Any, op: _Lora, v: Any, m: Any) -> Any:
     return v * (m.reshape(-1) / norm).view(-1, *([1] * (v.dim() - 1)))
 
 
-def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[str, Any], device: str) -> Any:
+def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int, str], Any], device: str) -> Any:
     ops = t.ops
     assert ops is not None
     wide = "F64" in (t.src.dtype, t.out_dtype)
@@ -741,21 +741,22 @@ def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[str, Any],
         w = w.clone()  # never compute in the read buffer: the writer compares against it
 
     def get(src: _Source) -> Any:
-        return _as_tensor(torch, loaded[src.key], src.info.dtype, tuple(src.info.shape), device, compute)
+        return _as_tensor(torch, loaded[(src.adapter, src.key)], src.info.dtype, tuple(src.info.shape), device,
+                          compute)
 
-    if ops.replace:
+    if ops.replace_is_noop:
+        for src in ops.replace:
+            if not torch.equal(get(src), w):
+                raise _refuse(f"adapter {src.adapter}: {src.key!r} replaces {t.name} with different values, and a "
+                              "replaced tensor can only be merged from a single adapter with weight 1.0",
+                              tensor=t.name, adapter=src.adapter, key=src.key)
+    elif ops.replace:
         first = get(ops.replace[0])
         for other in ops.replace[1:]:
             if not torch.equal(get(other), first):
-                raise _refuse(f"the adapter holds two different stored copies of {t.name}",
+                raise _refuse(f"adapter {other.adapter} holds two different stored copies of {t.name}",
                               tensor=t.name, keys=[s.key for s in ops.replace])
-        if ops.replace_is_noop:
-            if not torch.equal(first, w):
-                raise _refuse(f"{ops.replace[0].key!r} replaces {t.name} with different values, and "
-                              "a replaced tensor can only be merged from a single adapter with weight 1.0",
-                              tensor=t.name, key=ops.replace[0].key)
-        else:
-            w = first.clone()
+        w = first.clone()
     for op in ops.lora:
         d = _delta(torch, op, get(op.a), get(op.b), shape)
         if op.magnitude is not None:
@@ -811,7 +812,7 @@ def merge_to_dir(
     reported: tuple[int, int] | None = None
     last_call = 0.0
 
-    def report(final: bool = False) -> None:
+    def tick(final: bool = False) -> None:
         nonlocal reported, last_call
         if progress is None:
             return
@@ -826,7 +827,7 @@ def merge_to_dir(
     reader.start()
     writer.start()
     try:
-        report()
+        tick()
         while True:
             if writer.error is not None:
                 raise writer.error
@@ -834,20 +835,18 @@ def merge_to_dir(
                 item = read_q.get(timeout=0.1)
             except queue.Empty:
                 if not reader.is_alive() and read_q.empty():
-                    raise getattr(reader, "error", None) or RuntimeError("the merge reader stopped early")
+                    raise reader.error or RuntimeError("the merge reader stopped early")
                 continue
             if item is _DONE:
                 break
             kind = item[0]
-            if kind == "error":
-                raise item[1]
             if kind in ("open", "close"):
                 _put(write_q, item, stop)
             elif kind == "chunk":
                 _, t, data, last = item
-                if t.out_dtype != t.src.dtype and data:
-                    src = torch.frombuffer(bytearray(data), dtype=_torch_dtype(torch, t.src.dtype))
-                    data = src.to(_torch_dtype(torch, t.out_dtype)).view(torch.uint8).numpy()
+                if t.out_dtype != t.src.dtype:  # a torch uint8 buffer from the reader
+                    cast = data.view(_torch_dtype(torch, t.src.dtype)).to(_torch_dtype(torch, t.out_dtype))
+                    data = cast.view(torch.uint8).numpy()
                 _put(write_q, ("data", data, last, None, None), stop)
             else:
                 _, t, base_buf, loaded = item
@@ -864,16 +863,16 @@ def merge_to_dir(
                     data = flat.view(torch.uint8).numpy()
                 original = base_buf.numpy() if t.out_dtype == t.src.dtype else None
                 _put(write_q, ("data", data, True, event, original), stop)
-            report()
+            tick()
         _put(write_q, _DONE, stop)
         writer.join()
         if writer.error is not None:
             raise writer.error
-        report(final=True)
+        tick(final=True)
         ok = True
         return list(writer.outputs)
     except _Stop:
-        raise writer.error or getattr(reader, "error", None) or RuntimeError("merge stopped") from None
+        raise writer.error or reader.error or RuntimeError("merge stopped") from None
     finally:
         stop.set()
         reader.join()

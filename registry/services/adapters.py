@@ -128,6 +128,10 @@ class AdapterService:
         files = self._check_files(body)
         aliases = [names.check_alias(a) for a in dict.fromkeys(body.aliases)]
         store = self.registry.store
+        digest = manifest_digest((f.path, f.size, f.digest) for f in files.values())
+        existing = self._existing(namespace, name, digest, aliases, actor)
+        if existing is not None:
+            return existing
 
         for f in files.values():
             try:
@@ -170,7 +174,6 @@ class AdapterService:
             warnings.extend(report.get("warnings", []))
             base_mapping = report.get("mapping")
 
-        digest = manifest_digest((f.path, f.size, f.digest) for f in files.values())
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 with self.registry.sessions.begin() as session:
@@ -229,6 +232,27 @@ class AdapterService:
         out.created = created
         return out
 
+    def _existing(
+        self, namespace: str, name: str, digest: str, aliases: list[str], actor: str | None
+    ) -> VersionPublic | None:
+        """The version with these exact files, if stored (a re-push): aliases move, nothing else."""
+        with self.registry.sessions.begin() as session:
+            version = session.scalar(
+                select(Version)
+                .join(Adapter, Adapter.id == Version.adapter_id)
+                .where(Adapter.namespace == namespace, Adapter.name == name, Version.manifest_digest == digest)
+            )
+            if version is None:
+                return None
+            if aliases:
+                adapter = self._lock_adapter(session, namespace, name)
+                for alias in aliases:
+                    self._move_alias(session, adapter, alias, version, actor)
+                session.flush()
+            out = self._public(session, version)
+        out.created = False
+        return out
+
     def _check_files(self, body: VersionCreate) -> dict[str, Any]:
         limit = self.registry.settings.max_files_per_version
         if len(body.files) > limit:
@@ -251,20 +275,23 @@ class AdapterService:
         return dict(sorted(files.items()))
 
     def _scan_values(self, digest: str, header: safetensors.Header) -> list[dict[str, Any]]:
-        store = self.registry.store
         bad: list[dict[str, Any]] = []
         zero_b: list[str] = []
-        for tensor in header.tensors.values():
-            if tensor.dtype not in safetensors.FLOAT_DTYPES:
-                continue  # the validator refuses non-float LoRA tensors with a precise error
-            stats = safetensors.scan_values(
-                safetensors.iter_tensor_chunks(lambda s, e: store.read_range(digest, s, e), header, tensor.name),
-                tensor.dtype,
-            )
-            if stats.nonfinite:
-                bad.append({"key": tensor.name, "nonfinite": stats.nonfinite})
-            elif stats.all_zero and (".lora_B." in tensor.name or tensor.name.endswith(".lora_embedding_B")):
-                zero_b.append(tensor.name)
+        # one streamed read of the data section (one request on S3), split at tensor boundaries
+        with self.registry.store.open(digest, header.data_offset, header.file_size) as stream:
+            position = 0
+            for tensor in header.tensors.values():
+                if tensor.start > position:
+                    _skip(stream, tensor.start - position)
+                    position = tensor.start
+                if tensor.dtype not in safetensors.FLOAT_DTYPES:
+                    continue  # the validator refuses non-float LoRA tensors with a precise error
+                stats = safetensors.scan_values(_read_chunks(stream, tensor.end - tensor.start), tensor.dtype)
+                position = tensor.end
+                if stats.nonfinite:
+                    bad.append({"key": tensor.name, "nonfinite": stats.nonfinite})
+                elif stats.all_zero and (".lora_B." in tensor.name or tensor.name.endswith(".lora_embedding_B")):
+                    zero_b.append(tensor.name)
         if bad:
             raise NonFiniteValuesError(
                 f"{len(bad)} tensor(s) hold NaN or infinite values, e.g. {bad[0]['key']}",
@@ -617,6 +644,23 @@ class AdapterService:
             session.execute(delete(Alias).where(Alias.version_id == version.id))
             session.delete(version)
             return full, number
+
+
+SCAN_CHUNK = 4 << 20
+
+
+def _read_chunks(stream: Any, n: int) -> Any:
+    while n > 0:
+        chunk = stream.read(min(SCAN_CHUNK, n))
+        if not chunk:
+            raise ManifestInvalidError("the stored adapter file is shorter than its header says")
+        n -= len(chunk)
+        yield chunk
+
+
+def _skip(stream: Any, n: int) -> None:
+    for _ in _read_chunks(stream, n):
+        pass
 
 
 def peft_facts(config: peft.AdapterConfig, header: safetensors.Header) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import BinaryIO
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from loreg.registry.db.models import Blob
 from loreg.registry.errors import TooLargeError, UnsupportedFormatError
@@ -116,9 +117,14 @@ class BlobService:
 
     def _record(self, digest: str, size: int) -> None:
         now = datetime.now(UTC)
-        with self.registry.sessions.begin() as session:
-            row = session.get(Blob, digest)
-            if row is None:
-                session.add(Blob(digest=digest, size=size, created_at=now, last_seen_at=now))
-            else:
-                row.last_seen_at = now
+        for _attempt in range(3):
+            try:
+                with self.registry.sessions.begin() as session:
+                    row = session.get(Blob, digest)
+                    if row is None:
+                        session.add(Blob(digest=digest, size=size, created_at=now, last_seen_at=now))
+                    else:
+                        row.last_seen_at = now
+                return
+            except IntegrityError:
+                continue  # a concurrent upload of the same bytes recorded it first: touch it instead

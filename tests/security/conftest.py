@@ -36,6 +36,8 @@ class StoreState:
     adapters: frozenset[int]
     bases: frozenset[int]
     aliases: frozenset[tuple[int, str, int]]
+    alias_events: int
+    metrics: int
     referenced: frozenset[str]
 
 
@@ -47,13 +49,15 @@ def snapshot(registry: Any) -> StoreState:
         adapters = frozenset(conn.execute(text("SELECT id FROM adapters")).scalars())
         bases = frozenset(conn.execute(text("SELECT id FROM base_models")).scalars())
         aliases = frozenset(tuple(r) for r in conn.execute(text("SELECT adapter_id, name, version_id FROM aliases")))
+        alias_events = int(conn.execute(text("SELECT count(*) FROM alias_events")).scalar() or 0)
+        metrics = int(conn.execute(text("SELECT count(*) FROM metrics")).scalar() or 0)
         referenced = set(conn.execute(text("SELECT digest FROM version_files")).scalars())
         for files in conn.execute(text("SELECT files FROM base_models")).scalars():
             items = json.loads(files) if isinstance(files, str) else files
             referenced.update(f["digest"] for f in items or [])
         if "export_files" in tables:
             referenced.update(conn.execute(text("SELECT digest FROM export_files")).scalars())
-    return StoreState(versions, adapters, bases, aliases, frozenset(referenced))
+    return StoreState(versions, adapters, bases, aliases, alias_events, metrics, frozenset(referenced))
 
 
 def staging_leftovers(registry: Any) -> list[str]:
@@ -73,6 +77,8 @@ def assert_nothing_stored(registry: Any, before: StoreState) -> None:
     assert after.adapters == before.adapters, "an adapter row appeared"
     assert after.bases == before.bases, "a base model row appeared"
     assert after.aliases == before.aliases, "an alias moved or appeared"
+    assert after.alias_events == before.alias_events, "an alias event was recorded"
+    assert after.metrics == before.metrics, "a metric was appended"
     assert after.referenced == before.referenced, f"new blobs referenced: {sorted(after.referenced - before.referenced)}"
     assert staging_leftovers(registry) == [], "a staging file or multipart upload was left behind"
 

@@ -1,0 +1,81 @@
+"""Request body limits, enforced before a route (or its authentication) reads the body.
+
+JSON bodies are held in memory whole by the framework, so they get ``max_json_body``; a base
+model's tensor list is the one large JSON body (DeepSeek-V3 lists ~90k tensors, ~25 MB), so base
+registration gets ``BASE_BODY_FACTOR`` times that. Blob uploads are streamed and capped by
+``max_file_size`` in their route (GuardedStream), so they pass through here untouched.
+
+A declared Content-Length over the limit is answered at once, without reading a byte; a chunked
+body is counted as it arrives and refused when it crosses the limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from loreg.registry.api.errors import error_response
+from loreg.registry.errors import TooLargeError
+
+BASE_BODY_FACTOR = 64
+
+
+def body_limit_for(max_json_body: int) -> Callable[[Scope], int | None]:
+    def limit(scope: Scope) -> int | None:
+        method, path = scope["method"], scope["path"]
+        if method == "PUT" and path.startswith("/v1/blobs/"):
+            return None
+        if method == "POST" and path == "/v1/base-models":
+            return max_json_body * BASE_BODY_FACTOR
+        return max_json_body
+
+    return limit
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int | None]):
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            response = error_response(_too_large(limit))
+            response.headers["Connection"] = "close"  # the unread body must not be parsed as a request
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # an HTTPException passes the framework's body reader unchanged; the error
+                    # handler turns 413 into the TOO_LARGE envelope
+                    raise HTTPException(status_code=413, detail=_too_large(limit).message)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> TooLargeError:
+    return TooLargeError(f"request body is over the limit of {limit} bytes", detail={"limit": limit})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            text = value.decode("latin-1").strip()
+            return int(text) if text.isdigit() and len(text) <= 18 else None
+    return None

@@ -1,0 +1,166 @@
+"""The server killed with SIGKILL in the middle of an upload: nothing becomes visible, a retry succeeds.
+
+`loreg serve` runs as a subprocess on the embedded default (SQLite + folder in a temporary
+LOREG_HOME). The push is the real RegistryClient.push; its progress callback (called before each
+chunk goes out) holds the upload of a 64 MiB file once half of it has been sent, so the kill lands
+mid-upload at a point the test controls.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loreg.cli.client import RegistryClient
+from loreg.registry import errors
+from tests import factories
+from tests.support.moto import free_port
+
+pytestmark = pytest.mark.slow
+
+LOREG = str(Path(sys.executable).with_name("loreg"))
+DEADLINE_S = 60.0
+BIG_FILE = "tokenizer.json"
+BIG_SIZE = 64 * 1024 * 1024
+
+
+@contextmanager
+def serving(home: Path, logdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`loreg serve` on the embedded default in ``home``; yields (url, process) once it answers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOREG_")}
+    env.update(LOREG_HOME=str(home), HF_HUB_OFFLINE="1")
+    port = free_port()
+    log_path = logdir / f"serve-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([LOREG, "serve", "--port", str(port), "--log-level", "warning"], env=env,
+                                cwd=logdir, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        poll_until(lambda: _healthy(url, proc, log_path), "loreg serve to answer")
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def _healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"loreg serve exited {proc.returncode}: {log_path.read_text()[-3000:]}")
+    try:
+        return httpx.get(f"{url}/v1/health", timeout=1.0).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def poll_until(condition, what: str, deadline_s: float = DEADLINE_S) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def token_for(home: Path, url: str) -> str:
+    return str(json.loads((home / "credentials.json").read_text())[url])
+
+
+def big_adapter(src: Path, dest: Path) -> Path:
+    """The real PEFT adapter plus a 64 MiB tokenizer.json (valid JSON), which push uploads too."""
+    shutil.copytree(src, dest)
+    payload = base64.b64encode(os.urandom(BIG_SIZE * 3 // 4 - 64)).decode()
+    text = json.dumps({"version": "1.0", "padding": payload})
+    (dest / BIG_FILE).write_text(text + " " * (BIG_SIZE - len(text)))
+    assert (dest / BIG_FILE).stat().st_size == BIG_SIZE
+    return dest
+
+
+def staged_bytes(home: Path) -> int:
+    uploads = home / "blobs" / "uploads"
+    if not uploads.is_dir():
+        return 0
+    return max((p.stat().st_size for p in uploads.iterdir() if p.is_file()), default=0)
+
+
+def test_sigkill_mid_upload_leaves_nothing_visible_and_retry_gets_version_one(
+    tmp_path: Path, tiny_llama: dict[str, Path]
+) -> None:
+    home = tmp_path / "home"
+    folder = big_adapter(tiny_llama["adapter"], tmp_path / "adapter")
+    big_digest = "sha256:" + hashlib.sha256((folder / BIG_FILE).read_bytes()).hexdigest()
+
+    sent = 0
+    half_sent = threading.Event()
+    release = threading.Event()
+
+    def progress(label: str, n: int, total: int) -> None:
+        nonlocal sent
+        if label != BIG_FILE:
+            return
+        sent += n
+        if sent >= BIG_SIZE // 2 and not half_sent.is_set():
+            half_sent.set()
+            release.wait(DEADLINE_S)  # hold the upload here until the server is dead
+
+    failure: list[BaseException] = []
+
+    with serving(home, tmp_path) as (url, proc):
+        with RegistryClient(url, token_for(home, url)) as c:
+            c.register_base(tiny_llama["base"], factories.base_name("llama"))
+
+        def push() -> None:
+            try:
+                with RegistryClient(url, token_for(home, url)) as c:
+                    c.push(folder, "org/big", progress=progress)
+            except BaseException as exc:  # noqa: BLE001 - inspected by the test thread
+                failure.append(exc)
+
+        pusher = threading.Thread(target=push, daemon=True)
+        pusher.start()
+        try:
+            assert half_sent.wait(DEADLINE_S), "the push never reached half of the big file"
+            # the server has written a good part of what was sent into its staging file
+            poll_until(lambda: staged_bytes(home) >= BIG_SIZE // 4, "the server to stage a quarter of the file")
+            proc.kill()  # SIGKILL: no cleanup, no shutdown hooks
+            assert proc.wait(timeout=30) == -9
+        finally:
+            release.set()
+            pusher.join(DEADLINE_S)
+        assert not pusher.is_alive()
+        assert len(failure) == 1 and isinstance(failure[0], errors.ConnectionFailedError), failure
+
+    # restart on the same LOREG_HOME: nothing of the interrupted push is visible
+    with serving(home, tmp_path) as (url, _proc):
+        with RegistryClient(url, token_for(home, url)) as c:
+            assert c.list_all() == []
+            with pytest.raises(errors.AdapterNotFoundError):
+                c.adapter("org/big")
+            with pytest.raises(errors.AdapterNotFoundError):
+                c.version("org/big:1")
+            assert c.missing_blobs([big_digest]) == [big_digest]  # the partial upload never became a blob
+            # (staging files may remain under blobs/uploads until garbage collection removes them)
+
+            out = c.push(folder, "org/big")
+            assert (out["created"], out["version"]) == (True, 1)
+            assert BIG_FILE in out["files_uploaded"]
+            assert [v["version"] for v in c.adapter("org/big")["versions"]] == [1]
+            assert [i["name"] for i in c.list_all()] == ["org/big"]
+
+            pulled = c.pull("org/big:1", tmp_path / "pulled")
+            assert pulled["version"] == 1
+            assert hashlib.sha256((tmp_path / "pulled" / BIG_FILE).read_bytes()).hexdigest() == big_digest.removeprefix(
+                "sha256:"
+            )

@@ -1,0 +1,476 @@
+"""Who must be refused: TESTPLAN A1-A8 on every route that exists.
+
+Decisions these tests pin down:
+- A3: a token is refused a namespace it does not cover with 403 DENIED whether or not the adapter
+  exists (the same answer for team-b/x and team-b/ghost, so 403 leaks nothing).
+- A7: failed authentications are counted per client address, as PyPI does. Once an address is
+  over the limit, every bearer request from it gets 429 until the window passes, a valid token
+  included (otherwise the limit would not slow a guesser that holds one valid token); requests from
+  other addresses are unaffected. Behind a proxy every client shares the proxy's address.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import os
+import stat
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import routing
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from sqlalchemy import inspect, text
+
+from loreg.cli import config as cli_config
+from loreg.cli.client import RegistryClient
+from loreg.registry import errors
+from loreg.registry.api.deps import Permission
+from loreg.registry.api.ratelimit import FailureLimiter
+from loreg.registry.app import api_routes
+from loreg.registry.services import tokens as token_service
+from tests.security.conftest import (
+    Pusher,
+    assert_blob_absent,
+    assert_nothing_stored,
+    error_of,
+    sha256,
+    snapshot,
+)
+
+PUBLIC = {("GET", "/v1/health"), ("GET", "/v1/ready")}
+DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}  # the API description, public
+REPO = Path(__file__).resolve().parents[2]
+
+# values for path parameters when a route is called without knowing what it is
+PATH_VALUES = {
+    "namespace": "org",
+    "name": "x",
+    "tag": "1",
+    "path": "adapter_config.json",
+    "alias": "prod",
+    "ref": "loreg-test/tiny-llama",
+    "digest": "sha256:" + "0" * 64,
+    "token_id": "abcdefabcdef",
+    "export_id": "0" * 32,
+}
+
+
+def permissions_of(route: Any) -> list[Permission]:
+    found: list[Permission] = []
+    stack = [route.dependant]
+    while stack:
+        dep = stack.pop()
+        if isinstance(dep.call, Permission):
+            found.append(dep.call)
+        stack.extend(dep.dependencies)
+    return found
+
+
+def operations(app: Any) -> list[tuple[str, str, Any]]:
+    """(method, path, route) of every API operation, routers included, as the app serves them."""
+    out = []
+    for ctx in routing.iter_route_contexts(app.routes):
+        if not isinstance(ctx.original_route, APIRoute):
+            continue
+        for method in sorted((ctx.methods or set()) - {"HEAD", "OPTIONS"}):
+            out.append((method, ctx.path, ctx))
+    return out
+
+
+def concrete_path(route: Any) -> str:
+    values = {p: PATH_VALUES.get(p, "x1") for p in route.param_convertors}
+    return route.path_format.format(**values)
+
+
+def forged_token(token: str) -> str:
+    """Same shape as ``token`` with a wrong checksum."""
+    last = token[-1]
+    return token[:-1] + ("A" if last != "A" else "B")
+
+
+def unknown_token() -> str:
+    """Well-formed, valid checksum, never issued."""
+    body = f"{token_service.PREFIX}{'q' * 12}_{'Z' * 32}"
+    return body + token_service._checksum(body)
+
+
+@pytest.fixture
+def seeded(pusher: Pusher, api: TestClient) -> Pusher:
+    """org/x:1 with alias prod, team-a/x:1 and team-b/x:1 (alias prod), pushed as admin."""
+    for name in ("org/x", "team-a/x", "team-b/x"):
+        resp = pusher.push(name, aliases=["prod"])
+        assert resp.status_code == 201, resp.text
+    return pusher
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --- A1 ------------------------------------------------------------------------------------------
+
+
+def test_every_route_declares_a_permission(app: Any) -> None:
+    ops = operations(app)
+    missing = [f"{m} {p}" for m, p, route in ops if (m, p) not in PUBLIC and not permissions_of(route)]
+    assert missing == [], f"routes without a Permission dependency: {missing}"
+    assert PUBLIC <= {(m, p) for m, p, _ in ops}
+    assert len(ops) >= 25  # the walk sees the included routers (FastAPI nests them in app.routes)
+    assert {r.path for r in api_routes(app)} == {p for _, p, _ in ops}
+    others = [getattr(c, "path", repr(c)) for c in routing.iter_route_contexts(app.routes)
+              if not isinstance(c.original_route, APIRoute)]
+    assert set(others) <= DOCS, f"routes outside FastAPI's dependency system: {sorted(set(others) - DOCS)}"
+
+
+def test_public_routes_answer_without_a_token(anon: TestClient) -> None:
+    assert anon.get("/v1/health").status_code == 200
+    assert anon.get("/v1/ready").status_code == 200
+
+
+@pytest.mark.parametrize("variant", ["none", "not-bearer", "malformed", "bad-checksum", "never-issued"])
+def test_every_route_refuses_requests_without_a_valid_token(
+    app: Any, seeded: Pusher, make_token: Any, registry: Any, variant: str
+) -> None:
+    app.state.auth_limiter = FailureLimiter(10**6, 300.0)  # this sweep fails on purpose, many times
+    headers = {
+        "none": {},
+        "not-bearer": {"Authorization": "Basic YWRtaW46cGFzc3dvcmQxMjM0"},
+        "malformed": bearer("loreg_nope"),
+        "bad-checksum": bearer(forged_token(make_token("admin"))),
+        "never-issued": bearer(unknown_token()),
+    }[variant]
+    before = snapshot(registry)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        checked = 0
+        for method, path, route in operations(app):
+            if (method, path) in PUBLIC:
+                continue
+            kwargs: dict[str, Any] = {"headers": headers}
+            if route.body_field is not None:
+                kwargs["json"] = {}
+            if path == "/v1/blobs/{digest}":
+                kwargs["content"] = b"payload"
+            resp = http.request(method, concrete_path(route), **kwargs)
+            err = error_of(resp, 401, "UNAUTHORIZED")
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer"), (method, path)
+            assert err["message"]
+            checked += 1
+    assert checked >= 15
+    assert_nothing_stored(registry, before)
+    assert_blob_absent(registry, sha256(b"payload"))
+
+
+# --- A2 ------------------------------------------------------------------------------------------
+
+
+def test_read_token_cannot_change_anything(app: Any, seeded: Pusher, make_token: Any, registry: Any) -> None:
+    read = make_token("read")
+    before = snapshot(registry)
+    new_bytes = b"a new blob"
+    files = [{"path": k, "size": len(v), "digest": sha256(v)} for k, v in seeded.files.items()]
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(read)) as http:
+        assert http.get("/v1/adapters/org/x/versions/1").status_code == 200  # reading is allowed
+        attempts = [
+            http.post("/v1/blobs:check", json={"digests": [sha256(new_bytes)]}),
+            http.put(f"/v1/blobs/{sha256(new_bytes)}", content=new_bytes),
+            http.post("/v1/adapters/org/x/versions", json={"files": files, "message": "again"}),
+            http.post("/v1/adapters/org/new/versions", json={"files": files}),
+            http.delete("/v1/adapters/org/x/versions/1"),
+            http.put("/v1/adapters/org/x/aliases/prod", json={"version": 1}),
+            http.put("/v1/adapters/org/x/aliases/staging", json={"version": 1}),
+            http.delete("/v1/adapters/org/x/aliases/prod"),
+            http.post("/v1/adapters/org/x/versions/1/metrics", json={"metrics": {"loss": 1.0}}),
+            http.post("/v1/tokens", json={"scope": "admin"}),
+            http.get("/v1/tokens"),
+            http.delete("/v1/tokens/abcdefabcdef"),
+        ]
+    for resp in attempts:
+        error_of(resp, 403, "DENIED")
+    assert_nothing_stored(registry, before)
+    assert_blob_absent(registry, sha256(new_bytes))
+
+
+# --- A3 ------------------------------------------------------------------------------------------
+
+
+def test_namespace_token_cannot_touch_another_namespace(
+    app: Any, seeded: Pusher, make_token: Any, registry: Any
+) -> None:
+    team_a = make_token("write", ["team-a/*"])
+    version = seeded.http.get("/v1/adapters/team-b/x/versions/1").json()
+    files = [{"path": f["path"], "size": f["size"], "digest": f["digest"]} for f in version["files"]]
+    before = snapshot(registry)
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(team_a)) as http:
+        attempts = {
+            "push to team-b/x": http.post("/v1/adapters/team-b/x/versions", json={"files": files, "message": "m"}),
+            "push to team-b/new": http.post("/v1/adapters/team-b/new/versions", json={"files": files}),
+            "delete team-b/x:1": http.delete("/v1/adapters/team-b/x/versions/1"),
+            "delete by digest": http.delete(f"/v1/adapters/team-b/x/versions/{version['digest']}"),
+            "delete by alias": http.delete("/v1/adapters/team-b/x/versions/prod"),
+            "move alias": http.put("/v1/adapters/team-b/x/aliases/prod", json={"version": 1}),
+            "new alias": http.put("/v1/adapters/team-b/x/aliases/canary", json={"version": 1}),
+            "remove alias": http.delete("/v1/adapters/team-b/x/aliases/prod"),
+            "add metrics": http.post("/v1/adapters/team-b/x/versions/1/metrics", json={"metrics": {"l": 1.0}}),
+            "read adapter": http.get("/v1/adapters/team-b/x"),
+            "read version": http.get("/v1/adapters/team-b/x/versions/1"),
+            "read file": http.get("/v1/adapters/team-b/x/versions/1/files/adapter_config.json"),
+            "read alias": http.get("/v1/adapters/team-b/x/aliases/prod"),
+            "inspect": http.get("/v1/adapters/team-b/x/versions/1/inspect"),
+            "list namespace": http.get("/v1/adapters", params={"namespace": "team-b"}),
+            # same answer for a name that does not exist: 403 leaks no existence
+            "read ghost": http.get("/v1/adapters/team-b/ghost"),
+            "ghost version": http.get("/v1/adapters/team-b/ghost/versions/1"),
+        }
+        for what, resp in attempts.items():
+            assert resp.status_code == 403, (what, resp.status_code, resp.text[:300])
+            error_of(resp, 403, "DENIED")
+        assert_nothing_stored(registry, before)
+
+        listed = http.get("/v1/adapters").json()["items"]
+        assert sorted(i["name"] for i in listed) == ["team-a/x"]
+        fits = http.get("/v1/base-models/loreg-test/tiny-llama/adapters").json()["items"]
+        assert sorted(i["name"] for i in fits) == ["team-a/x"]
+        # what it covers, it may do
+        assert http.get("/v1/adapters/team-a/x/versions/1").status_code == 200
+        assert http.post("/v1/adapters/team-a/y/versions", json={"files": files}).status_code == 201
+
+
+# --- A4 ------------------------------------------------------------------------------------------
+
+
+def _last_used(registry: Any, token: str) -> Any:
+    token_id = token_service.parse_token(token)[0]  # type: ignore[index]
+    with registry.engine.connect() as conn:
+        return conn.execute(text("SELECT last_used_at FROM tokens WHERE id = :i"), {"i": token_id}).scalar()
+
+
+def test_revoked_and_expired_tokens_are_refused(app: Any, api: TestClient, make_token: Any, registry: Any) -> None:
+    revoked = make_token("write")
+    expired = make_token("write", expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    token_id = token_service.parse_token(revoked)[0]  # type: ignore[index]
+    assert api.delete(f"/v1/tokens/{token_id}").status_code == 200
+    with TestClient(app, raise_server_exceptions=False) as http:
+        for token in (revoked, expired):
+            resp = http.get("/v1/adapters", headers=bearer(token))
+            error_of(resp, 401, "UNAUTHORIZED")
+            assert "WWW-Authenticate" in resp.headers
+            assert _last_used(registry, token) is None
+        fresh = make_token("read", expires_at=datetime.now(UTC) + timedelta(hours=1))
+        assert http.get("/v1/adapters", headers=bearer(fresh)).status_code == 200
+        assert _last_used(registry, fresh) is not None
+
+
+# --- A5 ------------------------------------------------------------------------------------------
+
+
+def test_database_holds_no_token_secret(api: TestClient, make_token: Any, registry: Any, settings: Any) -> None:
+    created = api.post("/v1/tokens", json={"scope": "write", "namespaces": ["team-a/*"]})
+    assert created.status_code == 201
+    tokens = [created.json()["token"], make_token("read")]
+    for token in tokens:
+        assert api.get("/v1/tokens/self", headers=bearer(token)).status_code == 200  # last_used written
+    dump = []
+    with registry.engine.connect() as conn:
+        for table in inspect(registry.engine).get_table_names():
+            dump.extend(repr(tuple(row)) for row in conn.execute(text(f'SELECT * FROM "{table}"')))
+        stored = dict(conn.execute(text("SELECT id, secret_hash FROM tokens")).all())
+    text_dump = "\n".join(dump)
+    if registry.engine.url.get_backend_name() == "sqlite":
+        db = Path(registry.engine.url.database)
+        text_dump += "".join(p.read_bytes().decode("latin-1") for p in db.parent.glob(db.name + "*"))
+    for token in tokens:
+        token_id, secret = token_service.parse_token(token)  # type: ignore[misc]
+        assert secret not in text_dump and token not in text_dump
+        assert token_id in text_dump  # looked up by its public id
+        assert stored[token_id] == hashlib.sha256(secret.encode()).hexdigest()
+
+
+def test_token_check_compares_hashes_in_constant_time() -> None:
+    source = (REPO / "registry" / "services" / "tokens.py").read_text()
+    tree = ast.parse(source)
+    compared = [
+        node for node in ast.walk(tree)
+        if isinstance(node, ast.Compare) and "secret_hash" in ast.unparse(node)
+    ]
+    assert compared == [], "secret hashes must be compared with hmac.compare_digest, never =="
+    assert "hmac.compare_digest(row.secret_hash" in source
+
+
+def test_tokens_carry_a_prefix_and_a_checksum(make_token: Any) -> None:
+    token = make_token("read")
+    assert token.startswith("loreg_")
+    assert token_service.parse_token(token) is not None
+    for i in range(len("loreg_"), len(token)):  # any one-character typo is caught offline
+        typo = token[:i] + ("x" if token[i] != "x" else "y") + token[i + 1:]
+        assert token_service.parse_token(typo) is None, i
+
+
+# --- A6 ------------------------------------------------------------------------------------------
+
+
+def test_admin_routes_refuse_write_tokens(app: Any, make_token: Any, registry: Any, tiny_llama: dict[str, Path]) -> None:
+    write = make_token("write")
+    body = {
+        "name": "evil/base",
+        "tensors": [{"name": "w", "dtype": "F32", "shape": [1], "file": "model.safetensors", "digest": "sha256:" + "1" * 64}],
+        "files": [{"path": "model.safetensors", "size": 4, "digest": "sha256:" + "1" * 64}],
+    }
+    before = snapshot(registry)
+    count = _token_count(registry)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        for headers, status, code in ((bearer(write), 403, "DENIED"), ({}, 401, "UNAUTHORIZED")):
+            error_of(http.post("/v1/tokens", json={"scope": "admin"}, headers=headers), status, code)
+            error_of(http.get("/v1/tokens", headers=headers), status, code)
+            error_of(http.delete("/v1/tokens/abcdefabcdef", headers=headers), status, code)
+            error_of(http.post("/v1/base-models", json=body, headers=headers), status, code)
+    assert _token_count(registry) == count
+    assert_nothing_stored(registry, before)
+
+
+def _token_count(registry: Any) -> int:
+    with registry.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM tokens")).scalar() or 0)
+
+
+# --- A7 ------------------------------------------------------------------------------------------
+
+
+def test_failed_authentication_is_rate_limited_per_address(app: Any, make_token: Any, settings: Any) -> None:
+    valid = make_token("read")
+    limit = settings.auth_max_failures
+    assert limit == 10 and settings.auth_failure_window_s == 300  # PyPI's 10 per 5 minutes
+    with TestClient(app, raise_server_exceptions=False, client=("203.0.113.7", 40000)) as guesser:
+        for _ in range(limit):
+            error_of(guesser.get("/v1/adapters", headers=bearer(forged_token(valid))), 401, "UNAUTHORIZED")
+        for token in (unknown_token(), "loreg_nope", forged_token(valid)):
+            resp = guesser.get("/v1/adapters", headers=bearer(token))
+            error_of(resp, 429, "TOOMANYREQUESTS")
+            assert 1 <= int(resp.headers["Retry-After"]) <= 301
+        # the blocked address is blocked for every token (see the module docstring)
+        error_of(guesser.get("/v1/adapters", headers=bearer(valid)), 429, "TOOMANYREQUESTS")
+    with TestClient(app, raise_server_exceptions=False, client=("198.51.100.9", 40000)) as other:
+        assert other.get("/v1/adapters", headers=bearer(valid)).status_code == 200
+        assert other.get("/v1/adapters", headers=bearer(make_token("write"))).status_code == 200
+
+
+def test_rate_limit_window_passes() -> None:
+    now = [1000.0]
+    limiter = FailureLimiter(2, 60.0, clock=lambda: now[0])
+    limiter.failed("a")
+    limiter.failed("a")
+    with pytest.raises(errors.TooManyRequestsError) as info:
+        limiter.check("a")
+    assert 1 <= info.value.detail["retry_after"] <= 61
+    limiter.check("b")
+    now[0] += 61
+    limiter.check("a")
+
+
+# --- A8 ------------------------------------------------------------------------------------------
+
+
+def test_token_in_the_query_string_is_refused(app: Any, make_token: Any) -> None:
+    token = make_token("admin")
+    with TestClient(app, raise_server_exceptions=False) as http:
+        for param in ("token", "access_token"):
+            error_of(http.get("/v1/adapters", params={param: token}), 400, "REQUEST_INVALID")
+            error_of(http.get("/v1/adapters", params={param: token}, headers=bearer(token)), 400, "REQUEST_INVALID")
+
+
+def test_debug_logs_hold_no_token(
+    bare_client: RegistryClient, tiny_llama: dict[str, Path], caplog: pytest.LogCaptureFixture, make_token: Any,
+    tmp_path: Path,
+) -> None:
+    from tests import factories
+
+    caplog.set_level(logging.DEBUG)
+    bare_client.register_base(tiny_llama["base"], factories.base_name("llama"))
+    bare_client.push(tiny_llama["adapter"], "org/x")
+    bare_client.pull("org/x", tmp_path / "out")
+    bad = forged_token(bare_client.token or "")
+    with pytest.raises(errors.UnauthorizedError):
+        bare_client.request("GET", "/v1/adapters", headers=bearer(bad))
+    logged = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
+    for token in (bare_client.token or "", bad):
+        secret = token[len("loreg_") + 13:]
+        assert secret and secret[:32] not in logged
+
+
+def test_credentials_file_is_private(loreg_home: Path) -> None:
+    path = cli_config.credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}")
+    os.chmod(path, 0o644)
+    cli_config.write_credential("http://registry.example:8080/", "loreg_token")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == {"http://registry.example:8080": "loreg_token"}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["credentials.json"]  # no temp file left
+
+
+HOSTILE_FILE_NAMES = ["../../evil", "/tmp/evil", "..", "sub/evil", "..\\evil", "evil\x00.json", ".evil"]
+
+
+def _fake_server(paths: list[str]) -> httpx.MockTransport:
+    data = b"evil bytes"
+    version = {
+        "name": "org/x", "version": 1, "digest": "sha256:" + "2" * 64,
+        "files": [{"path": p, "size": len(data), "digest": sha256(data)} for p in paths],
+    }
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if "/files/" in request.url.path:
+            return httpx.Response(200, content=data)
+        return httpx.Response(200, json=version)
+
+    return httpx.MockTransport(handle)
+
+
+def _files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if not p.is_dir()}
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_FILE_NAMES)
+def test_pull_refuses_server_supplied_paths(tmp_path: Path, loreg_home: Path, hostile: str) -> None:
+    work = tmp_path / "work"
+    dest = work / "a" / "b" / "out"
+    work.mkdir()
+    before = _files_under(tmp_path)
+    http = httpx.Client(base_url="http://registry.test", transport=_fake_server(["adapter_config.json", hostile]))
+    with RegistryClient("http://registry.test", "loreg_x", http=http) as client:
+        with pytest.raises((errors.NameInvalidError, errors.UnsupportedFormatError)):
+            client.pull("org/x:1", dest)
+    created = {p for p in _files_under(tmp_path) - before if not p.is_relative_to(dest) and not p.is_relative_to(loreg_home)}
+    assert created == set(), created
+    assert not (work / "a" / "evil").exists() and not (work / "evil").exists()
+    assert not Path("/tmp/evil").exists() or hostile != "/tmp/evil"
+
+
+def test_cli_pull_exits_non_zero_on_a_hostile_file_name(
+    tmp_path: Path, loreg_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loreg.cli import main as cli_main
+
+    data = b"evil"
+    fake = {"name": "org/x", "version": 1, "files": [{"path": "../../evil", "size": len(data), "digest": sha256(data)}]}
+    monkeypatch.setattr(RegistryClient, "version", lambda self, ref: dict(fake))
+    monkeypatch.setenv("LOREG_URL", "http://127.0.0.1:9")  # never reached: the name is refused first
+    monkeypatch.setenv("LOREG_TOKEN", "loreg_x")
+    work = tmp_path / "w" / "x"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["loreg", "pull", "org/x:1", "-o", "out"])
+    before = _files_under(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli_main.main()
+    assert info.value.code != 0
+    assert "NAME_INVALID" in capsys.readouterr().err
+    created = {p for p in _files_under(tmp_path) - before if not p.is_relative_to(work / "out") and not p.is_relative_to(loreg_home)}
+    assert created == set()

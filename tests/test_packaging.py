@@ -1,0 +1,112 @@
+"""The wheel holds every package and data file: built, installed non-editable in a fresh venv, run there.
+
+The fresh venv has no loreg but the wheel. Its runtime dependencies come from this test venv's
+site-packages, added as a plain path (a .pth line): the editable-install hook of the checkout in
+there is never run, and every command runs from a temporary folder, so the checkout itself cannot
+be imported. Whatever the wheel lacks fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from loreg.cli.main import COMMANDS
+from loreg.registry.db import migrate
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = {"registry": "loreg/registry", "cli": "loreg/cli", "migrations": "loreg/migrations"}
+SKIP_DIRS = {"__pycache__", ".venv", ".git", "build", "dist", "tests", "bench", ".tmp", ".pytest_cache", ".hypothesis"}
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def source_files() -> set[str]:
+    """Every .py and .mako file of the three packages, as its path inside the wheel."""
+    out = set()
+    for folder, prefix in PACKAGE_DIRS.items():
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".mako") and "__pycache__" not in path.parts:
+                out.add(f"{prefix}/{path.relative_to(ROOT / folder).as_posix()}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build from a copy of the working tree (no build/ or egg-info left in the checkout)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if n in SKIP_DIRS or n.endswith(".egg-info")])
+    run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp / "dist"), str(src)], cwd=tmp)
+    [built] = (tmp / "dist").glob("loreg-*.whl")
+    return built
+
+
+def test_wheel_holds_every_package_and_data_file(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = sorted(source_files() - names)
+    assert missing == [], f"not in the wheel: {missing}"
+    assert "loreg/migrations/script.py.mako" in names
+    versions = sorted(p.name for p in (ROOT / "migrations" / "versions").glob("*.py"))
+    assert len(versions) >= 2  # __init__.py and at least the first migration
+    assert all(f"loreg/migrations/versions/{v}" in names for v in versions)
+    assert not any(n.startswith("loreg/__init__") for n in names)  # loreg stays a namespace
+    assert not any(n.startswith(("tests/", "registry/", "cli/", "migrations/")) for n in names)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "loreg = loreg.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_installed_wheel_runs_help_and_db_upgrade_without_the_checkout(wheel: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
+    python = venv / "bin" / "python"
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet",
+         str(wheel)], cwd=tmp_path)
+    site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip())
+    # dependencies only: a plain path line, so this venv's .pth hooks (the editable loreg) never run
+    (site / "_loreg_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOREG_", "PYTHON", "VIRTUAL_ENV"))}
+    env.update(LOREG_HOME=str(tmp_path / "home"), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+
+    where = json.loads(run([str(python), "-c", (
+        "import json, loreg.cli.main, loreg.registry.app, loreg.migrations, importlib.metadata as m;"
+        "print(json.dumps({'cli': loreg.cli.main.__file__, 'registry': loreg.registry.app.__file__,"
+        "'migrations': loreg.migrations.__file__, 'loreg': list(__import__('loreg').__path__),"
+        "'version': m.version('loreg')}))"
+    )], cwd=work, env=env))
+    for key in ("cli", "registry", "migrations"):
+        assert where[key].startswith(str(site)), where
+    assert where["loreg"] == [str(site / "loreg")], where
+
+    loreg = str(venv / "bin" / "loreg")
+    help_text = run([loreg, "--help"], cwd=work, env=env)
+    listed = set(re.findall(r"^  (\S+)", help_text.split("Commands:")[1], re.MULTILINE))
+    assert listed == set(COMMANDS)
+
+    upgraded = run([loreg, "db", "upgrade"], cwd=work, env=env)
+    head = migrate.head_revision()
+    assert head in upgraded
+    with sqlite3.connect(tmp_path / "home" / "loreg.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(head,)]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"adapters", "versions", "blobs"} <= tables, tables
+    assert f"current {head}, head {head}" in run([loreg, "db", "current"], cwd=work, env=env)
