@@ -58,4 +58,4 @@ class Settings(BaseSettings):
 
     @property
     def effective_storage_url(self) -> str:
-        return self.storage_url or (self.home / "blobs").as_uri()
+        return self.storage_url or (self.home / "store").as_uri()

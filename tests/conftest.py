@@ -94,7 +94,7 @@ def fresh_database(request: pytest.FixtureRequest, backend: str, home: Path) -> 
 
 def fresh_storage(request: pytest.FixtureRequest, backend: str, home: Path) -> tuple[str, str | None]:
     if backend == "sqlite":
-        return (home / "blobs").as_uri(), None
+        return (home / "store").as_uri(), None
     moto: MotoServer = request.getfixturevalue("moto_server")
     bucket = f"loreg-{uuid.uuid4().hex[:16]}"
     make_bucket(moto.endpoint_url, bucket)

@@ -53,7 +53,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return error_response(NotFoundError("no such route"))
-        if exc.status_code == 413:  # a body limit crossed while the framework read the body
+        carried = getattr(exc, "loreg_error", None)  # raised through the framework's body reader
+        if isinstance(carried, LoregError):
+            return error_response(carried)
+        if exc.status_code == 413:
             return error_response(TooLargeError(str(exc.detail)))
         err = RequestInvalidError(str(exc.detail))
         resp = JSONResponse(err.envelope(), status_code=exc.status_code)

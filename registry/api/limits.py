@@ -61,12 +61,19 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    # an HTTPException passes the framework's body reader unchanged; the error
-                    # handler turns 413 into the TOO_LARGE envelope
-                    raise HTTPException(status_code=413, detail=_too_large(limit).message)
+                    raise BodyTooLarge(_too_large(limit))
             return message
 
         await self.app(scope, limited, send)
+
+
+class BodyTooLarge(HTTPException):
+    """Carries TOO_LARGE through the framework's body reader, which lets only HTTPException pass
+    unchanged; the error handler answers with the carried error."""
+
+    def __init__(self, error: TooLargeError):
+        super().__init__(status_code=413, detail=error.message)
+        self.loreg_error = error
 
 
 def _too_large(limit: int) -> TooLargeError:

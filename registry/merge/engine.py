@@ -17,27 +17,31 @@ Public:
 Semantics: output = base + Σ weightᵢ·Δᵢ per tensor, in float32 (float64 for F64 tensors), one rounding to the
 output dtype. Δ is PEFT's: Linear s·B@A, Conv1D (fan_in_fan_out) its transpose, embedding s·(B_e@A_e)ᵀ,
 ConvNd the reshape-matmul, lora_B.bias adds s·bias to the base bias. The non-linear parts — DoRA renormalisation,
-full copies that replace a base tensor (modules_to_save, ``bias="all"`` biases, ``.base_layer`` copies) and
+full copies that replace a base tensor (modules_to_save, ``bias="all"/"lora_only"`` biases, ``.base_layer``) and
 trainable-token rows — are applied only when their adapter has weight 1.0 and no other adapter touches the
 same tensor; otherwise MergeUnsupportedError (``.base_layer`` copies equal to the base are no-ops and allowed).
 Refused as well: a full copy redirected through tied embeddings (it would overwrite the input embedding), a
 resized vocabulary, ``lora_B.bias`` without ``lora_bias``, non-float base tensors, adapter keys the validation
 report does not map, and targets missing from the given shards (an adapter validated against another base).
 
-Layout: the same file names, tensor order, shapes and shard split as the base. With the dtype unchanged each
-output starts with the base's header bytes verbatim, untouched tensors are copied byte for byte, so an
-untouched shard is byte-identical to the base shard. With ``dtype`` (e.g. "bfloat16") every F16/BF16/F32/F64
-tensor is cast, headers are rebuilt (metadata kept, offsets recomputed); other dtypes are copied as they are.
+Layout: the same file names, tensor order, shapes and shard split as the base. Each output starts with the
+base's header bytes verbatim and untouched tensors are copied byte for byte, so an untouched shard is
+byte-identical to the base shard. With ``dtype`` (e.g. "bfloat16") every F16/BF16/F32/F64 tensor is cast and
+the header of each shard holding one is rebuilt (metadata kept, offsets recomputed, 8-byte aligned); integer
+and fp8 tensors are copied as they are. Updating config.json's dtype is the caller's job.
 
 Pipeline: a reader thread (pread, bounded chunks for untouched tensors, pinned buffers on CUDA), the calling
-thread computing (on CUDA when device="auto" finds one), and a writer thread hashing while it writes; bounded
-queues keep memory at a few tensors. Files are written as ``.<name>.partial`` and renamed when complete; on any
-error every file this call created is removed. ``progress(tensors_done, tensors_total, bytes_done, bytes_total)``
-is called from the calling thread (bytes are output-file bytes, headers included); the last call is the totals.
+thread computing (on CUDA when device="auto" finds one; IEEE float32 matmuls are forced while it runs, TF32
+would lose digits of the delta), and a writer thread hashing while it writes; bounded queues keep memory at a
+few tensors. Files are written as ``.<name>.partial`` and renamed when complete; on any error every file this
+call created is removed. ``progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called from the
+calling thread (bytes are output-file bytes, headers included), the last call with the totals; an exception
+it raises aborts the merge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -45,7 +49,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,8 +58,6 @@ from loreg.registry.errors import MergeUnavailableError, MergeUnsupportedError
 from loreg.registry.formats.safetensors import DTYPE_SIZES, Header, TensorInfo, parse_header
 
 if TYPE_CHECKING:
-    import torch
-
     from loreg.registry.formats.peft import AdapterConfig
     from loreg.registry.formats.validate import ValidationReport
 
@@ -148,7 +150,6 @@ class _Lora:
     layer: str
     a: _Source
     b: _Source
-    coeff: float  # scaling · weight
     scale: float
     weight: float
     magnitude: _Source | None  # DoRA
@@ -182,20 +183,19 @@ class _Tensor:
     name: str
     src: TensorInfo  # in the base shard
     out_dtype: str
-    out_nbytes: int
     ops: _Ops | None
 
 
 @dataclass(frozen=True)
 class MergePlan:
     files: list[PlannedFile]
-    tensors: list[_Tensor] = field(repr=False)
+    tensors: list[list[_Tensor]] = field(repr=False)  # per file, in data order
     touched: frozenset[str]  # base tensors an adapter changes
     dtype: str | None  # the output float dtype when it was changed, else None
 
     @property
     def tensors_total(self) -> int:
-        return len(self.tensors)
+        return sum(len(t) for t in self.tensors)
 
     @property
     def bytes_total(self) -> int:
@@ -320,6 +320,8 @@ def _collect(adapters: Sequence[AdapterInput], base: dict[str, TensorInfo]) -> d
                 raise _refuse(f"base tensor {target!r} is {base[target].dtype}; loreg merges into float tensors only",
                               tensor=target, dtype=base[target].dtype)
             module, kind = _split_key(key)
+            if kind == _BASE_LAYER and key.endswith(".bias") and getattr(adapter.config, "bias", "none") != "none":
+                kind = _FULL  # a trained bias (bias="all"/"lora_only"), not a copy of the base
             src = _Source(index, key, info)
             if kind in (_FULL, _BASE_LAYER):
                 replaces.append((module, kind, src))
@@ -411,7 +413,7 @@ def _collect_module(
             raise _refuse(f"adapter {index}: the DoRA magnitude of {module} is {list(magnitude.info.shape)}, "
                           f"expected {list(_magnitude_shape(layer, w))}", adapter=index, module=module)
     entry = ops.setdefault(target, _Ops())
-    entry.lora.append(_Lora(index, module, layer, a, b, scale * weight, scale, weight, magnitude))
+    entry.lora.append(_Lora(index, module, layer, a, b, scale, weight, magnitude))
     entry.adapters.add(index)
 
     bias = kinds.get(_B_BIAS)
@@ -477,20 +479,22 @@ def plan_merge(
     def cast(dt: str) -> str:
         return out_dtype if out_dtype is not None and dt in FLOAT_DTYPES else dt
 
-    rebuild = out_dtype is not None and any(cast(i.dtype) != i.dtype for i in base.values())
     files: list[PlannedFile] = []
-    tensors: list[_Tensor] = []
+    tensors: list[list[_Tensor]] = []
     for index, shard in enumerate(shards):
         entries = []
+        tensors.append([])
         for name, info in shard.header.tensors.items():
             dt = cast(info.dtype)
-            nbytes = info.numel * DTYPE_SIZES[dt]
-            tensors.append(_Tensor(index, name, info, dt, nbytes, ops.get(name)))
-            entries.append((name, dt, info.shape, nbytes))
+            tensors[-1].append(_Tensor(index, name, info, dt, ops.get(name)))
+            entries.append((name, dt, info.shape, info.numel * DTYPE_SIZES[dt]))
+        # only a shard with a tensor of another dtype gets a new header; the others stay byte-identical
+        rebuild = any(e[1] != i.dtype for e, i in zip(entries, shard.header.tensors.values(), strict=True))
         header_bytes = _build_header(entries, shard.header.metadata) if rebuild else _read_base_header(shard)
         data_size = sum(e[3] for e in entries)
         files.append(PlannedFile(shard.name, header_bytes, len(header_bytes) + data_size, data_size, rebuild))
-    return MergePlan(files=files, tensors=tensors, touched=frozenset(ops), dtype=out_dtype if rebuild else None)
+    rebuilt = any(f.rebuilt for f in files)
+    return MergePlan(files=files, tensors=tensors, touched=frozenset(ops), dtype=out_dtype if rebuilt else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -520,6 +524,23 @@ def resolve_device(device: str = "auto") -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise MergeUnsupportedError(f"device {device!r} is not 'auto', 'cpu' or 'cuda[:N]'")
     return device
+
+
+@contextlib.contextmanager
+def _on_device(torch: Any, device: str) -> Iterator[None]:
+    """Make ``device`` current and force IEEE float32 matmuls: TF32 would keep ~3 decimal digits of a delta."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    old = getattr(matmul, name)
+    setattr(matmul, name, "ieee" if name == "fp32_precision" else False)
+    try:
+        with torch.cuda.device(torch.device(device)):
+            yield
+    finally:
+        setattr(matmul, name, old)
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
@@ -558,8 +579,8 @@ class _Reader(threading.Thread):
         self.pinned, self.out, self.stop, self.torch = pinned, out, stop, torch
         self.error: BaseException | None = None
 
-    def buffer(self, fd: int, offset: int, nbytes: int) -> Any:
-        buf = self.torch.empty(nbytes, dtype=self.torch.uint8, pin_memory=self.pinned)
+    def buffer(self, fd: int, offset: int, nbytes: int, pinned: bool) -> Any:
+        buf = self.torch.empty(nbytes, dtype=self.torch.uint8, pin_memory=pinned)
         if nbytes:
             _pread_into(fd, memoryview(buf.numpy()), offset)
         return buf
@@ -569,47 +590,15 @@ class _Reader(threading.Thread):
         try:
             for adapter in self.adapters:
                 fds.append(os.open(adapter.path, os.O_RDONLY))
-            adapter_fds = list(fds)
-            shard, fd = -1, -1
-            for t in self.plan.tensors:
-                if t.shard != shard:
-                    if shard >= 0:
-                        os.close(fds.pop())
-                        _put(self.out, ("close", shard), self.stop)
-                    shard = t.shard
-                    fd = os.open(self.shards[shard].path, os.O_RDONLY)
-                    fds.append(fd)
-                    _put(self.out, ("open", shard), self.stop)
-                start = self.shards[shard].header.data_offset + t.src.start
-                if t.ops is not None:
-                    base_buf = self.buffer(fd, start, t.src.nbytes)
-                    loaded = {}
-                    for src in t.ops.sources():
-                        header = self.adapters[src.adapter].header
-                        loaded[(src.adapter, src.key)] = self.buffer(
-                            adapter_fds[src.adapter], header.data_offset + src.info.start, src.info.nbytes
-                        )
-                    _put(self.out, ("tensor", t, base_buf, loaded), self.stop)
-                    continue
-                cast = t.out_dtype != t.src.dtype
-                step = CHUNK_SIZE - CHUNK_SIZE % DTYPE_SIZES[t.src.dtype]
-                position, end = start, start + t.src.nbytes
-                while True:
-                    n = min(step, end - position)
-                    if cast:
-                        data: Any = self.buffer(fd, position, n)
-                    else:
-                        data = os.pread(fd, n, position)
-                        if len(data) != n:
-                            raise MergeUnsupportedError(
-                                f"base shard {self.shards[shard].name!r} is shorter than its header says"
-                            )
-                    position += n
-                    _put(self.out, ("chunk", t, data, position == end), self.stop)
-                    if position == end:
-                        break
-            if shard >= 0:
-                _put(self.out, ("close", shard), self.stop)
+            for index, shard in enumerate(self.shards):
+                fd = os.open(shard.path, os.O_RDONLY)
+                try:
+                    _put(self.out, ("open", index), self.stop)
+                    for t in self.plan.tensors[index]:
+                        self.read(fd, shard, t, fds)
+                    _put(self.out, ("close", index), self.stop)
+                finally:
+                    os.close(fd)
             _put(self.out, _DONE, self.stop)
         except _Stop:
             pass
@@ -620,13 +609,40 @@ class _Reader(threading.Thread):
             for fd in fds:
                 os.close(fd)
 
+    def read(self, fd: int, shard: BaseShard, t: _Tensor, adapter_fds: list[int]) -> None:
+        start = shard.header.data_offset + t.src.start
+        if t.ops is not None:
+            base_buf = self.buffer(fd, start, t.src.nbytes, self.pinned)
+            loaded = {}
+            for src in t.ops.sources():
+                offset = self.adapters[src.adapter].header.data_offset + src.info.start
+                loaded[(src.adapter, src.key)] = self.buffer(adapter_fds[src.adapter], offset, src.info.nbytes,
+                                                             self.pinned)
+            _put(self.out, ("tensor", t, base_buf, loaded), self.stop)
+            return
+        cast = t.out_dtype != t.src.dtype
+        step = CHUNK_SIZE - CHUNK_SIZE % DTYPE_SIZES[t.src.dtype]
+        position, end = start, start + t.src.nbytes
+        while True:
+            n = min(step, end - position)
+            if cast:  # cast on the CPU by the calling thread
+                data: Any = self.buffer(fd, position, n, False)
+            else:
+                data = os.pread(fd, n, position)
+                if len(data) != n:
+                    raise MergeUnsupportedError(f"base shard {shard.name!r} is shorter than its header says")
+            position += n
+            _put(self.out, ("chunk", t, data, position == end), self.stop)
+            if position == end:
+                return
+
 
 class _Writer(threading.Thread):
     """Writes and hashes the output files; counts what is done for progress."""
 
-    def __init__(self, plan: MergePlan, out_dir: Path, inbox: queue.Queue[Any], stop: threading.Event):
+    def __init__(self, plan: MergePlan, out_dir: Path, inbox: queue.Queue[Any], stop: threading.Event, torch: Any):
         super().__init__(name="loreg-merge-writer", daemon=True)
-        self.plan, self.out_dir, self.inbox, self.stop = plan, out_dir, inbox, stop
+        self.plan, self.out_dir, self.inbox, self.stop, self.torch = plan, out_dir, inbox, stop, torch
         self.outputs: list[OutputFile] = []
         self.created: list[Path] = []
         self.error: BaseException | None = None
@@ -663,11 +679,11 @@ class _Writer(threading.Thread):
                     _, data, last, event, original = item
                     if event is not None:
                         event.synchronize()
-                    view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+                    view = data if isinstance(data, bytes) else memoryview(data.numpy())  # bytes or uint8 tensor
                     f.write(view)  # type: ignore[union-attr]
                     hasher.update(view)  # type: ignore[union-attr]
                     if original is not None and not changed:
-                        changed = not _same(view, original)
+                        changed = not self.torch.equal(data, original)  # a fast memcmp on uint8 tensors
                     nbytes += len(view)
                     tensors += last
                 elif kind == "close":
@@ -691,14 +707,6 @@ class _Writer(threading.Thread):
                 f.close()
 
 
-def _same(a: Any, b: Any) -> bool:
-    import numpy as np
-
-    x = np.frombuffer(a, dtype=np.uint8)
-    y = np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8)
-    return x.shape == y.shape and bool(np.array_equal(x, y))
-
-
 def _as_tensor(torch: Any, buf: Any, dtype: str, shape: tuple[int, ...], device: str, compute: Any) -> Any:
     t = buf.to(device, non_blocking=True) if device != "cpu" else buf
     return t.view(_torch_dtype(torch, dtype)).reshape(shape).to(compute)
@@ -712,9 +720,9 @@ def _delta(torch: Any, op: _Lora, a: Any, b: Any, shape: tuple[int, ...]) -> Any
         if op.layer in ("conv1d", "embedding"):
             d = d.T
     # PEFT multiplies (B @ A) by the scale afterwards; the same order keeps the result bit-identical
-    d = d * op.scale
+    d.mul_(op.scale)
     if op.weight != 1.0:
-        d = d * op.weight
+        d.mul_(op.weight)
     return d
 
 
@@ -787,7 +795,8 @@ def merge_to_dir(
         adapters: validated against this base; merged as base + Σ weight·Δ.
         dtype: output float dtype ("bfloat16", "float16", "float32", "float64"); None keeps the base's.
         device: "auto" (CUDA if available), "cpu", or "cuda[:N]".
-        progress: called as progress(tensors_done, tensors_total, bytes_done, bytes_total).
+        progress: called as progress(tensors_done, tensors_total, bytes_done, bytes_total) from the calling
+            thread; an exception it raises aborts the merge (a way to cancel).
 
     Returns:
         One OutputFile per shard, in order, with its sha256 computed while writing.
@@ -801,13 +810,18 @@ def merge_to_dir(
     device = resolve_device(device)
     cuda = device.startswith("cuda")
     out_dir = Path(out_dir)
+    inputs = [s.path for s in shards] + [a.path for a in adapters]
+    for planned in plan.files:
+        target = out_dir / planned.name
+        if target.exists() and any(os.path.samefile(target, p) for p in inputs):
+            raise _refuse(f"{target} is one of the merge's inputs; write to another folder", path=str(target))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     stop = threading.Event()
     read_q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
     write_q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
     reader = _Reader(plan, shards, adapters, cuda, read_q, stop, torch)
-    writer = _Writer(plan, out_dir, write_q, stop)
+    writer = _Writer(plan, out_dir, write_q, stop, torch)
     totals = (plan.tensors_total, plan.bytes_total)
     reported: tuple[int, int] | None = None
     last_call = 0.0
@@ -827,43 +841,8 @@ def merge_to_dir(
     reader.start()
     writer.start()
     try:
-        tick()
-        while True:
-            if writer.error is not None:
-                raise writer.error
-            try:
-                item = read_q.get(timeout=0.1)
-            except queue.Empty:
-                if not reader.is_alive() and read_q.empty():
-                    raise reader.error or RuntimeError("the merge reader stopped early")
-                continue
-            if item is _DONE:
-                break
-            kind = item[0]
-            if kind in ("open", "close"):
-                _put(write_q, item, stop)
-            elif kind == "chunk":
-                _, t, data, last = item
-                if t.out_dtype != t.src.dtype:  # a torch uint8 buffer from the reader
-                    cast = data.view(_torch_dtype(torch, t.src.dtype)).to(_torch_dtype(torch, t.out_dtype))
-                    data = cast.view(torch.uint8).numpy()
-                _put(write_q, ("data", data, last, None, None), stop)
-            else:
-                _, t, base_buf, loaded = item
-                with torch.no_grad():
-                    merged = _merge_tensor(torch, t, base_buf, loaded, device)
-                    flat = merged.reshape(-1)
-                    event = None
-                    if cuda:
-                        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                        host.copy_(flat, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record()
-                        flat = host
-                    data = flat.view(torch.uint8).numpy()
-                original = base_buf.numpy() if t.out_dtype == t.src.dtype else None
-                _put(write_q, ("data", data, True, event, original), stop)
-            tick()
+        with _on_device(torch, device):
+            _pump(torch, device, read_q, write_q, reader, writer, stop, tick)
         _put(write_q, _DONE, stop)
         writer.join()
         if writer.error is not None:
@@ -880,6 +859,47 @@ def merge_to_dir(
         if not ok:
             for path in writer.created:
                 path.unlink(missing_ok=True)
+
+
+def _pump(torch: Any, device: str, read_q: queue.Queue[Any], write_q: queue.Queue[Any], reader: _Reader,
+          writer: _Writer, stop: threading.Event, tick: Callable[[], None]) -> None:
+    """The calling thread's part: compute what the reader hands over and pass it to the writer."""
+    cuda = device.startswith("cuda")
+    tick()
+    while True:
+        if writer.error is not None:
+            raise writer.error
+        try:
+            item = read_q.get(timeout=0.1)
+        except queue.Empty:
+            if not reader.is_alive() and read_q.empty():
+                raise reader.error or RuntimeError("the merge reader stopped early") from None
+            continue
+        if item is _DONE:
+            return
+        kind = item[0]
+        if kind in ("open", "close"):
+            _put(write_q, item, stop)
+        elif kind == "chunk":
+            _, t, data, last = item
+            if t.out_dtype != t.src.dtype:  # a torch uint8 buffer from the reader
+                cast = data.view(_torch_dtype(torch, t.src.dtype)).to(_torch_dtype(torch, t.out_dtype))
+                data = cast.view(torch.uint8)
+            _put(write_q, ("data", data, last, None, None), stop)
+        else:
+            _, t, base_buf, loaded = item
+            with torch.no_grad():
+                flat = _merge_tensor(torch, t, base_buf, loaded, device).reshape(-1)
+                event = None
+                if cuda:  # copy back into pinned memory; the writer waits on the event, not this thread
+                    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                    host.copy_(flat, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    flat = host
+            original = base_buf if t.out_dtype == t.src.dtype else None
+            _put(write_q, ("data", flat.view(torch.uint8), True, event, original), stop)
+        tick()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -243,8 +243,8 @@ class ExportWorker:
                 scratch,
                 "model.safetensors.index.json",
             )
-            index_path = engine.write_index(out_dir, outputs, json.loads(Path(src).read_text()))
-            files.append(_file_entry(index_path))
+            index = engine.write_index(out_dir, outputs, Path(src).read_bytes())
+            files.append({"path": index.name, "size": index.size, "digest": index.digest, "local": out_dir / index.name})
         for name, f in base_files.items():
             if name in shard_names or name == "model.safetensors.index.json":
                 continue

@@ -53,7 +53,11 @@ def serving(home: Path, logdir: Path) -> Iterator[tuple[str, subprocess.Popen[by
         yield url, proc
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait(timeout=30)
 
 
@@ -89,7 +93,7 @@ def big_adapter(src: Path, dest: Path) -> Path:
 
 
 def staged_bytes(home: Path) -> int:
-    uploads = home / "blobs" / "uploads"
+    uploads = home / "store" / "uploads"
     if not uploads.is_dir():
         return 0
     return max((p.stat().st_size for p in uploads.iterdir() if p.is_file()), default=0)
@@ -151,7 +155,7 @@ def test_sigkill_mid_upload_leaves_nothing_visible_and_retry_gets_version_one(
             with pytest.raises(errors.AdapterNotFoundError):
                 c.version("org/big:1")
             assert c.missing_blobs([big_digest]) == [big_digest]  # the partial upload never became a blob
-            # (staging files may remain under blobs/uploads until garbage collection removes them)
+            # (staging files may remain under store/uploads until garbage collection removes them)
 
             out = c.push(folder, "org/big")
             assert (out["created"], out["version"]) == (True, 1)

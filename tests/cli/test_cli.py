@@ -311,7 +311,8 @@ def test_bad_usage_exits_2(loreg: Loreg, adapter_dir: Path) -> None:
     ):
         result = loreg(*args)
         assert result.code == 2, (args, result)
-        assert "Usage:" in result.stderr or "Error:" in result.stderr
+        assert "Error:" in result.stderr
+        assert result.stdout == ""  # with --json too: nothing but a JSON document ever goes to stdout
     assert ok(loreg("ls", "--json")).json()["items"] == []
 
 

@@ -109,7 +109,7 @@ def test_embedded_default_needs_no_configuration(tmp_path: Path, tiny_llama: dic
         assert (pushed["name"], pushed["version"]) == ("org/bot", 1)
         assert pushed["bytes_uploaded"] > 0
         for f in pushed["files"]:  # stored as blobs in the folder under LOREG_HOME
-            [blob] = (home / "blobs").rglob(f["digest"].removeprefix("sha256:"))
+            [blob] = (home / "store").rglob(f["digest"].removeprefix("sha256:"))
             assert blob.stat().st_size == f["size"]
 
         pulled = loreg("pull", "org/bot:1", "-o", tmp_path / "pulled", env=env, cwd=tmp_path)

@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -131,12 +130,13 @@ def reference(base: dict[str, torch.Tensor], adapters: list[tuple[AdapterInput, 
             name = module + ".weight"
             w = touched.get(name, base[name].float())
             s = adapter.report.scalings[module]
+            key = PREFIX + module
             if layer == "embedding":
-                delta = (tensors[f"{PREFIX}{module}.lora_embedding_B"] @ tensors[f"{PREFIX}{module}.lora_embedding_A"]).T
+                delta = (tensors[f"{key}.lora_embedding_B"] @ tensors[f"{key}.lora_embedding_A"]).T
             else:
-                delta = tensors[f"{PREFIX}{module}.lora_B.weight"] @ tensors[f"{PREFIX}{module}.lora_A.weight"]
+                delta = tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"]
             delta = delta * s * weight
-            magnitude = tensors.get(f"{PREFIX}{module}.lora_magnitude_vector")
+            magnitude = tensors.get(f"{key}.lora_magnitude_vector")
             if magnitude is not None:
                 v = w + delta
                 w = v * (magnitude / torch.linalg.norm(v, dim=1)).view(-1, 1)

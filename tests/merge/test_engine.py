@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from loreg.registry.errors import MergeUnsupportedError
 from loreg.registry.formats.peft import parse_adapter_config
 from loreg.registry.formats.safetensors import parse_header, read_header_from_file
-from loreg.registry.formats.validate import ValidationReport, base_layout_from_headers, validate_adapter
+from loreg.registry.formats.validate import base_layout_from_headers, validate_adapter
 from loreg.registry.merge.engine import (
     INDEX_NAME,
     AdapterInput,
@@ -71,11 +71,6 @@ _QUIET = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 @contextmanager
 def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
@@ -90,7 +85,6 @@ class Merged:
     adapter_dirs: list[Path]
     out_dir: Path
     outputs: list[OutputFile]
-    reports: list[ValidationReport]
     touched: frozenset[str]
 
 
@@ -113,9 +107,10 @@ def merge(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, weights: list
     inputs = [adapter_input(base_dir, d, w) for d, w in zip(adapter_dirs, weights, strict=True)]
     shards = shards_of(base_dir)
     touched = plan_merge(shards, inputs, dtype=kwargs.get("dtype")).touched
-    outputs = merge_to_dir(shards, inputs, out_dir, device="cpu", **kwargs)
+    kwargs.setdefault("device", "cpu")
+    outputs = merge_to_dir(shards, inputs, out_dir, **kwargs)
     shutil.copy(base_dir / "config.json", out_dir / "config.json")
-    return Merged(base_dir, adapter_dirs, out_dir, outputs, [i.report for i in inputs], touched)
+    return Merged(base_dir, adapter_dirs, out_dir, outputs, touched)
 
 
 def peft_merged(base_dir: Path, adapter_dir: Path, dtype: str | None = None) -> Any:
@@ -229,7 +224,7 @@ def test_merge_equals_peft_merge_and_unload(cache: Cache, case: str) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_untouched_tensors_and_headers_are_copied_verbatim(cache: Cache, case: str) -> None:
+def test_only_touched_tensors_change_and_the_rest_is_copied_verbatim(cache: Cache, case: str) -> None:
     merged = cache.merge(case)
     for output in merged.outputs:
         base_file, out_file = merged.base_dir / output.name, merged.out_dir / output.name
@@ -239,19 +234,9 @@ def test_untouched_tensors_and_headers_are_copied_verbatim(cache: Cache, case: s
         assert (output.size, output.digest) == (len(out_raw), sha256(out_file))
         base_tensors, out_tensors = tensor_bytes(base_file), tensor_bytes(out_file)
         assert list(out_tensors) == list(base_tensors)
-        for name, data in base_tensors.items():
-            if name not in merged.touched:
-                assert out_tensors[name] == data, name
+        changed = {name for name, data in base_tensors.items() if out_tensors[name] != data}
+        assert changed == merged.touched & set(base_tensors)  # every adapter tensor here changes what it feeds
         assert output.changed == (out_raw != base_raw)
-
-
-def test_every_touched_tensor_changes(cache: Cache) -> None:
-    merged = cache.merge("bert-bias-all-seq-cls")
-    base = load_file(merged.base_dir / "model.safetensors")
-    out = load_file(merged.out_dir / "model.safetensors")
-    changed = {name for name in base if not torch.equal(base[name], out[name])}
-    assert changed == set(merged.touched)
-    assert "classifier.weight" in changed and "bert.embeddings.LayerNorm.bias" in changed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,10 +255,12 @@ def test_bf16_base_is_within_one_ulp_of_the_float32_merge(cache: Cache, case: st
         assert got.dtype == torch.bfloat16
         error = (got.float() - expected).abs()
         assert bool((error <= bf16_ulp(expected)).all()), f"{name}: {error.max().item()}"
-    # PEFT's own bf16 merge rounds the embedding twice: equal to ours up to one ulp
+    # PEFT's own bf16 merge rounds once as well, except for embeddings: bf16(W + bf16(Δ)) (PEFT_FORMAT.md §5),
+    # which is tens of ulps off where W and Δ cancel; the float32 comparison above covers those
     for name, expected in reference16.state_dict().items():
-        error = (our_state[name].float() - expected.float()).abs()
-        assert bool((error <= bf16_ulp(expected)).all()), name
+        if "embed_tokens" not in name:
+            error = (our_state[name].float() - expected.float()).abs()
+            assert bool((error <= bf16_ulp(expected)).all()), name
     torch.testing.assert_close(logits(ours, "llama"), logits(reference16, "llama"), rtol=0.02, atol=0.02)
 
 
@@ -328,20 +315,22 @@ def test_modules_to_save_needs_a_single_full_weight_adapter(cache: Cache, root: 
 
 
 def test_differing_base_layer_copies_fail_mid_merge_and_leave_nothing(cache: Cache, root: Path) -> None:
-    base_dir = cache.bases["llama"]
-    emb = cache.adapter("llama-embedding", "llama", "llama", **CASES["llama-embedding"][2])
-    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    base_dir = cache.bases["llama-sharded"]
+    first = cache.adapter("lm-head-sharded", "llama", "llama-sharded", target_modules=["q_proj", "lm_head"])
+    key = "base_model.model.lm_head.base_layer.weight"
 
     def perturb(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensors[key] = tensors[key] + 1.0
         return tensors
 
-    edited = factories.edit_adapter(emb, root / "adapter-edited-base-layer", tensors=perturb)
+    second = factories.edit_adapter(first, root / "adapter-edited-base-layer", tensors=perturb)
     out = root / "refused-base-layer"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    with pytest.raises(MergeUnsupportedError, match="adapter 1: .* replaces model.embed_tokens.weight with different values"):
-        merge(base_dir, [emb, edited], out, weights=[0.5, 0.5])
+    calls: list[tuple[int, int, int, int]] = []
+    with pytest.raises(MergeUnsupportedError, match="adapter 1: .* replaces lm_head.weight with different values"):
+        merge(base_dir, [first, second], out, weights=[0.5, 0.5], progress=lambda *a: calls.append(a))
+    assert calls[-1][0] > 0  # lm_head sits in the last shard: earlier shards were written, then removed
     assert [p.name for p in out.iterdir()] == ["config.json"]  # the caller's files stay, ours are gone
 
 
@@ -358,6 +347,7 @@ def test_full_copy_through_tied_embeddings_is_refused(cache: Cache, root: Path) 
     tied = cache.adapter("gpt2-mts-lm-head", "gpt2", "gpt2", modules_to_save=["lm_head"])
     with pytest.raises(MergeUnsupportedError, match="ties to transformer.wte.weight"):
         merge(cache.bases["gpt2"], [tied], root / "refused-tied")
+    assert not (root / "refused-tied").exists()
 
 
 def test_lora_b_bias_without_lora_bias_is_refused(cache: Cache, root: Path) -> None:
@@ -365,6 +355,7 @@ def test_lora_b_bias_without_lora_bias_is_refused(cache: Cache, root: Path) -> N
     edited = factories.edit_adapter(src, root / "adapter-bias-flag-off", config={"lora_bias": False})
     with pytest.raises(MergeUnsupportedError, match="lora_bias is false"):
         merge(cache.bases["bert"], [edited], root / "refused-bias-flag")
+    assert not (root / "refused-bias-flag").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,14 +416,14 @@ def test_dtype_change_writes_bf16_shards_that_transformers_loads(cache: Cache, r
         assert value.dtype == torch.bfloat16
         assert torch.equal(value, reference[name].to(torch.bfloat16)), name  # one rounding of the float32 merge
     ref_logits = logits(peft_merged(base_dir, adapter), "llama")
-    torch.testing.assert_close(logits(ours, "llama"), ref_logits, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(logits(ours, "llama").float(), ref_logits, rtol=0.05, atol=0.05)
 
 
 def test_progress_is_monotonic_and_ends_at_the_totals(cache: Cache, root: Path) -> None:
     base_dir = cache.bases["llama-sharded"]
     adapter = cache.adapter("sharded", "llama", "llama-sharded", target_modules=["q_proj"], layers_to_transform=[1])
     calls: list[tuple[int, int, int, int]] = []
-    merged = merge(base_dir, [adapter], root / "merged-progress", progress=lambda *a: calls.append(a))
+    merged = merge(base_dir, [adapter], root / "merged-progress", progress=lambda *a: calls.append(a), device="auto")
     tensors_total = sum(len(read_header_from_file(p).tensors) for p in base_dir.glob("*.safetensors"))
     bytes_total = sum(o.size for o in merged.outputs)
     assert calls[0] == (0, tensors_total, 0, bytes_total)
@@ -452,6 +443,35 @@ def test_plan_knows_every_output_header_before_reading_weights(cache: Cache) -> 
     assert plan.touched == {"model.layers.1.self_attn.q_proj.weight"}
 
 
+def test_empty_shards_zero_size_and_integer_tensors_survive_a_dtype_change(root: Path) -> None:
+    from safetensors.torch import save_file
+
+    base_dir = root / "base-synthetic"
+    base_dir.mkdir()
+    tensors = {"a": torch.randn(4, 4), "ids": torch.arange(3), "empty": torch.zeros(0, 4)}
+    save_file(tensors, base_dir / "one.safetensors", metadata={"format": "pt"})
+    save_file({}, base_dir / "two.safetensors", metadata={"format": "pt", "note": "no tensors"})
+    shards = shards_of(base_dir)
+
+    same = merge_to_dir(shards, [], root / "synthetic-same", device="cpu")
+    assert [(o.name, o.changed) for o in same] == [("one.safetensors", False), ("two.safetensors", False)]
+    assert [o.digest for o in same] == [sha256(s.path) for s in shards]
+
+    cast = merge_to_dir(shards, [], root / "synthetic-bf16", dtype="bf16", device="cpu")
+    assert [o.changed for o in cast] == [True, False]  # nothing to cast in a shard without tensors
+    out = load_file(root / "synthetic-bf16" / "one.safetensors")
+    assert torch.equal(out["a"], tensors["a"].to(torch.bfloat16))
+    assert torch.equal(out["ids"], tensors["ids"]) and out["empty"].shape == (0, 4)
+    assert out["empty"].dtype == torch.bfloat16
+    assert read_header_from_file(root / "synthetic-bf16" / "two.safetensors").metadata == {
+        "format": "pt", "note": "no tensors"
+    }
+
+    with pytest.raises(MergeUnsupportedError, match="one of the merge's inputs"):
+        merge_to_dir(shards, [], base_dir, device="cpu")
+    assert [sha256(s.path) for s in shards] == [o.digest for o in same]
+
+
 # ------------------------------------------------------------------------------------------------
 # imports and the GPU check script
 
@@ -465,7 +485,7 @@ def _run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_importing_the_engine_does_not_import_torch() -> None:
     result = _run_python(
         "import sys, loreg.registry.merge.engine\n"
-        "print(sorted(m for m in ('torch', 'numpy.testing', 'pydantic', 're2', 'fastapi', 'sqlalchemy')"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'pydantic', 're2', 'fastapi', 'sqlalchemy')"
         " if m in sys.modules))"
     )
     assert result.returncode == 0, result.stderr

@@ -21,6 +21,11 @@ from loreg.registry.errors import ERRORS
 
 DIGEST_OF_NOTHING = "sha256:" + hashlib.sha256(b"").hexdigest()
 
+# Cases that do not depend on the storage backend run on SQLite + folder only (time budget);
+# each file keeps at least one pass over its cases on Postgres + S3.
+SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+POSTGRES_ONLY = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()

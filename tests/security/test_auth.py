@@ -37,6 +37,7 @@ from loreg.registry.api.ratelimit import FailureLimiter
 from loreg.registry.app import api_routes
 from loreg.registry.services import tokens as token_service
 from tests.security.conftest import (
+    SQLITE_ONLY,
     Pusher,
     assert_blob_absent,
     assert_nothing_stored,
@@ -118,6 +119,7 @@ def bearer(token: str) -> dict[str, str]:
 # --- A1 ------------------------------------------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_every_route_declares_a_permission(app: Any) -> None:
     ops = operations(app)
     missing = [f"{m} {p}" for m, p, route in ops if (m, p) not in PUBLIC and not permissions_of(route)]
@@ -130,11 +132,13 @@ def test_every_route_declares_a_permission(app: Any) -> None:
     assert set(others) <= DOCS, f"routes outside FastAPI's dependency system: {sorted(set(others) - DOCS)}"
 
 
+@SQLITE_ONLY
 def test_public_routes_answer_without_a_token(anon: TestClient) -> None:
     assert anon.get("/v1/health").status_code == 200
     assert anon.get("/v1/ready").status_code == 200
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize("variant", ["none", "not-bearer", "malformed", "bad-checksum", "never-issued"])
 def test_every_route_refuses_requests_without_a_valid_token(
     app: Any, seeded: Pusher, make_token: Any, registry: Any, variant: str
@@ -243,6 +247,37 @@ def test_namespace_token_cannot_touch_another_namespace(
         assert http.post("/v1/adapters/team-a/y/versions", json={"files": files}).status_code == 201
 
 
+@SQLITE_ONLY
+def test_namespace_token_cannot_reach_another_namespace_through_export_ids(
+    app: Any, api: TestClient, bare_client: RegistryClient, tiny_llama: dict[str, Path], make_token: Any, registry: Any
+) -> None:
+    from tests import factories
+
+    bare_client.register_base(tiny_llama["base"], factories.base_name("llama"), upload_weights=True)
+    bare_client.push(tiny_llama["adapter"], "team-b/x")
+    bare_client.push(tiny_llama["adapter"], "team-a/x")
+    created = api.post("/v1/exports", json={"adapters": [{"ref": "team-b/x:1"}]})
+    assert created.status_code in (200, 202), created.text
+    export_id = created.json()["id"]
+    with registry.engine.connect() as conn:
+        exports_before = conn.execute(text("SELECT count(*) FROM exports")).scalar()
+    team_a = make_token("write", ["team-a/*"])
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(team_a)) as http:
+        for resp in (
+            http.get(f"/v1/exports/{export_id}"),
+            http.get(f"/v1/exports/{export_id}/files/config.json"),
+            http.post("/v1/exports", json={"adapters": [{"ref": "team-b/x:1"}]}),
+            http.post("/v1/exports", json={"adapters": [{"ref": "team-a/x:1"}, {"ref": "team-b/x:1", "weight": 0.5}]}),
+            http.get("/v1/adapters/team-b/x/versions/1/exports"),
+        ):
+            error_of(resp, 403, "DENIED")
+    read = make_token("read")
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(read)) as http:
+        error_of(http.post("/v1/exports", json={"adapters": [{"ref": "team-a/x:1"}]}), 403, "DENIED")
+    with registry.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM exports")).scalar() == exports_before
+
+
 # --- A4 ------------------------------------------------------------------------------------------
 
 
@@ -304,6 +339,7 @@ def test_token_check_compares_hashes_in_constant_time() -> None:
     assert "hmac.compare_digest(row.secret_hash" in source
 
 
+@SQLITE_ONLY
 def test_tokens_carry_a_prefix_and_a_checksum(make_token: Any) -> None:
     token = make_token("read")
     assert token.startswith("loreg_")
@@ -316,6 +352,7 @@ def test_tokens_carry_a_prefix_and_a_checksum(make_token: Any) -> None:
 # --- A6 ------------------------------------------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_admin_routes_refuse_write_tokens(app: Any, make_token: Any, registry: Any, tiny_llama: dict[str, Path]) -> None:
     write = make_token("write")
     body = {
@@ -343,6 +380,7 @@ def _token_count(registry: Any) -> int:
 # --- A7 ------------------------------------------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_failed_authentication_is_rate_limited_per_address(app: Any, make_token: Any, settings: Any) -> None:
     valid = make_token("read")
     limit = settings.auth_max_failures
@@ -377,6 +415,7 @@ def test_rate_limit_window_passes() -> None:
 # --- A8 ------------------------------------------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_token_in_the_query_string_is_refused(app: Any, make_token: Any) -> None:
     token = make_token("admin")
     with TestClient(app, raise_server_exceptions=False) as http:
@@ -385,6 +424,7 @@ def test_token_in_the_query_string_is_refused(app: Any, make_token: Any) -> None
             error_of(http.get("/v1/adapters", params={param: token}, headers=bearer(token)), 400, "REQUEST_INVALID")
 
 
+@SQLITE_ONLY
 def test_debug_logs_hold_no_token(
     bare_client: RegistryClient, tiny_llama: dict[str, Path], caplog: pytest.LogCaptureFixture, make_token: Any,
     tmp_path: Path,
