@@ -209,10 +209,13 @@ def make_adapter(
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if not param.requires_grad or "lora_A" in name or "lora_embedding_A" in name:
+            if not param.requires_grad or "lora_A" in name:
+                continue
+            if "lora_embedding_A" in name and bool(param.any()):
                 continue
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.dtype)
-            if ("lora_B" in name and name.endswith("weight")) or "lora_embedding_B" in name:
+            # PEFT initialises lora_B and (for embeddings) lora_embedding_A to zero: either makes a no-op
+            if ("lora_B" in name and name.endswith("weight")) or "lora_embedding_B" in name or "lora_embedding_A" in name:
                 param.copy_(noise * 0.1)
             else:
                 param.add_(noise * 0.01)

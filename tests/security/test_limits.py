@@ -18,7 +18,6 @@ from loreg.registry.api.limits import BASE_BODY_FACTOR
 from loreg.registry.app import create_app
 from tests.security.conftest import (
     SQLITE_ONLY,
-    Pusher,
     assert_blob_absent,
     assert_known_refusal,
     assert_nothing_stored,
