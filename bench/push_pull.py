@@ -6,7 +6,8 @@ registers a synthetic llama-like base (headers only), writes a synthetic r=16 al
   raw upload    boto3 upload_file of the adapter file to the bucket
   loreg push    hash, blobs:check, upload through the API, commit (strict parse, value scan, validation)
   raw download  streamed get_object of that object to a file
-  loreg pull    resolve, download through the API with verification, into a fresh folder
+  loreg pull    resolve, download through the API with verification, into a fresh folder;
+                then again with presigned direct downloads from S3 (DESIGN §7)
   re-push       the same folder again: bytes uploaded (goal 0)
 and prints push/raw and pull/raw throughput ratios (goal >= 0.8).
 
@@ -125,18 +126,34 @@ def main() -> None:
                 f.write(chunk)
         t_raw_down = time.perf_counter() - t0
         t0 = time.perf_counter()
+        body = s3.get_object(Bucket="bench", Key="raw/adapter.safetensors")["Body"]
+        h = hashlib.sha256()
+        with open(work / "raw-download-verified", "wb") as f:
+            for chunk in body.iter_chunks(1 << 20):
+                h.update(chunk)
+                f.write(chunk)
+        t_raw_down_verified = time.perf_counter() - t0
+        t0 = time.perf_counter()
         client.pull("bench/adapter:1", work / "pulled")
         t_pull = time.perf_counter() - t0
+        shutil.rmtree(work / "client" / "cache")
+        settings.s3_presign_downloads = True
+        t0 = time.perf_counter()
+        client.pull("bench/adapter:1", work / "pulled-direct")
+        t_pull_direct = time.perf_counter() - t0
 
         mb = size / 1e6
         print(f"adapter: {mb:.0f} MB ({args.layers} layers x 7 modules, r=16, float32); S3 = moto on 127.0.0.1; {os.cpu_count()} cpus")
         print(f"raw boto3 upload_file  {t_raw_up:6.2f} s {mb / t_raw_up:7.1f} MB/s")
         print(f"loreg push             {t_push:6.2f} s {mb / t_push:7.1f} MB/s   (version {pushed['version']})")
         print(f"raw get_object stream  {t_raw_down:6.2f} s {mb / t_raw_down:7.1f} MB/s")
-        print(f"loreg pull             {t_pull:6.2f} s {mb / t_pull:7.1f} MB/s")
+        print(f"raw get_object + sha256 {t_raw_down_verified:5.2f} s {mb / t_raw_down_verified:7.1f} MB/s   (context: the baseline verifies nothing)")
+        print(f"loreg pull (via API)   {t_pull:6.2f} s {mb / t_pull:7.1f} MB/s")
+        print(f"loreg pull (presigned) {t_pull_direct:6.2f} s {mb / t_pull_direct:7.1f} MB/s   (LOREG_S3_PRESIGN_DOWNLOADS=true)")
         print(f"re-push                {t_repush:6.2f} s, bytes uploaded: {again['bytes_uploaded']} (created: {again['created']})")
         print(f"ratio push/raw upload throughput:   {t_raw_up / t_push:.2f}   (goal >= 0.8)")
-        print(f"ratio pull/raw download throughput: {t_raw_down / t_pull:.2f}   (goal >= 0.8)")
+        print(f"ratio pull/raw download throughput: {t_raw_down / t_pull:.2f} via the API, "
+              f"{t_raw_down / t_pull_direct:.2f} presigned   (goal >= 0.8)")
         server.should_exit = True
         client.close()
         registry.close()

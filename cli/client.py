@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class RegistryClient:
             headers["Authorization"] = f"Bearer {self.token}"
         if http is not None:  # e.g. an in-process ASGI test client
             http.headers.update(headers)
+            http.follow_redirects = False  # a redirect to storage must not carry the token
             self._http = http
         else:
             self._http = httpx.Client(
@@ -134,6 +136,21 @@ class RegistryClient:
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs).json()
+
+    @contextmanager
+    def _open_download(self, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
+        """GET a file; when the server redirects to a presigned storage URL, follow it with a
+        separate client that carries no loreg token (the URL is its own credential)."""
+        with self._http.stream("GET", url, headers={**headers, "X-Loreg-Direct": "1"}) as resp:
+            if resp.status_code != 307 or "location" not in resp.headers:
+                yield resp
+                return
+            location = resp.headers["location"]
+        if not location.startswith(("http://", "https://")):
+            raise ConnectionFailedError("the server redirected a download to an unsupported URL")
+        with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=False) as direct:
+            with direct.stream("GET", location, headers=headers) as resp:
+                yield resp
 
     @staticmethod
     def _path(namespace: str, name: str) -> str:
@@ -517,7 +534,7 @@ class BlobCache:
         headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
         if have < size or size == 0:
             try:
-                with client._http.stream("GET", url, headers=headers) as resp:
+                with client._open_download(url, headers) as resp:
                     if resp.status_code >= 400:
                         resp.read()
                         try:
@@ -535,8 +552,8 @@ class BlobCache:
                             got += len(chunk)
                             if progress:
                                 progress(label, len(chunk), size)
-                        out.flush()
-                        os.fsync(out.fileno())
+                    # no fsync: every use of a cache file re-verifies its digest, so a file torn by
+                    # a crash is caught and fetched again
             except httpx.TransportError as exc:
                 raise ConnectionFailedError(
                     f"download of {label} broke off: {exc.__class__.__name__}",

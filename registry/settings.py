@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # let clients download whole files straight from S3 through presigned URLs (the API leaves the
+    # data path); only when clients can reach the S3 endpoint the server uses
+    s3_presign_downloads: bool = False
+    s3_presign_expires_s: int = 900
 
     # limits: each answered with its own status before the whole body is read
     max_file_size: int = 4 * GiB

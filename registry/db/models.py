@@ -66,6 +66,19 @@ class Blob(Base):
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
+class BlobScan(Base):
+    """Value facts of a safetensors blob, gathered while its upload streamed through the server,
+    so a commit need not read the file again. Gone with its blob."""
+
+    __tablename__ = "blob_scans"
+
+    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True)
+    header_size: Mapped[int] = mapped_column(BigInteger)
+    nonfinite: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    zero: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Adapter(Base):
     __tablename__ = "adapters"
     __table_args__ = (UniqueConstraint("namespace", "name"),)

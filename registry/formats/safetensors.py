@@ -32,6 +32,7 @@ from loreg.registry.errors import (
     DuplicateKeyError,
     HeaderInvalidError,
     HeaderTooLargeError,
+    LoregError,
     OffsetInvalidError,
     ShapeInvalidError,
     SizeMismatchError,
@@ -477,3 +478,124 @@ def scan_values(chunks: Iterable[bytes], dtype: str) -> ValueStats:
             detail={"dtype": dtype, "trailing_bytes": len(carry)},
         )
     return ValueStats(nonfinite=nonfinite, all_zero=not any_nonzero)
+
+
+@dataclass(frozen=True)
+class StreamScan:
+    """Value facts of every tensor of a safetensors file, gathered while its bytes streamed past."""
+
+    header_size: int
+    nonfinite: dict[str, int]  # tensor -> count of NaN/inf values (only tensors that have any)
+    zero: list[str]  # tensors whose values are all zero
+
+
+class StreamScanner:
+    """Scans a safetensors file as it streams (e.g. during an upload), in one pass, bounded memory.
+
+    ``feed`` the bytes in order, then ``finish()``: a StreamScan if the bytes were a strict
+    safetensors file of exactly the header's size, else None (the caller falls back to reading the
+    stored file, and the strict parser then says what is wrong). Never raises on bad input.
+    """
+
+    def __init__(self, *, max_header_size: int = MAX_HEADER_SIZE_DEFAULT):
+        self._max = max_header_size
+        self._buf = bytearray()
+        self._header: Header | None = None
+        self._failed = False
+        self._pos = 0  # bytes of the data section seen
+        self._spans: list[TensorInfo] = []
+        self._idx = 0
+        self._carry = b""
+        self._nonfinite = 0
+        self._nonzero = False
+        self._stats: dict[str, tuple[int, bool]] = {}
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        if self._failed or not chunk:
+            return
+        view = memoryview(chunk).cast("B")
+        try:
+            if self._header is None:
+                view = self._feed_header(view)
+                if self._header is None or not view:
+                    return
+            self._feed_data(view)
+        except LoregError:
+            self._failed = True
+
+    def _feed_header(self, view: memoryview) -> memoryview:
+        need = 8 if len(self._buf) < 8 else 8 + header_length(bytes(self._buf[:8]), max_header_size=self._max)
+        while True:
+            take = min(len(view), need - len(self._buf))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) < need:
+                return view
+            if need == 8:
+                need = 8 + header_length(bytes(self._buf), max_header_size=self._max)
+                continue
+            self._header = parse_header(bytes(self._buf[8:]))
+            self._spans = [t for t in self._header.tensors.values()]
+            self._buf = bytearray()
+            return view
+
+    def _feed_data(self, view: memoryview) -> None:
+        assert self._header is not None
+        while view:
+            if self._idx >= len(self._spans):
+                self._failed = True  # bytes past the last tensor: the strict parser will refuse them
+                return
+            t = self._spans[self._idx]
+            if self._pos < t.start:  # a gap: the strict parser refuses it; stop scanning
+                self._failed = True
+                return
+            take = min(len(view), t.end - self._pos)
+            self._scan(t, view[:take])
+            view = view[take:]
+            self._pos += take
+            if self._pos == t.end:
+                self._close_tensor(t)
+
+    def _scan(self, t: TensorInfo, view: memoryview) -> None:
+        if t.dtype not in _SCANNERS:
+            return
+        size = DTYPE_SIZES[t.dtype]
+        scan = _SCANNERS[t.dtype]
+        if self._carry:
+            need = size - len(self._carry)
+            self._carry += bytes(view[:need])
+            view = view[need:]
+            if len(self._carry) < size:
+                return
+            bad, nz = scan(memoryview(self._carry), not self._nonzero)
+            self._nonfinite += bad
+            self._nonzero = self._nonzero or nz
+            self._carry = b""
+        whole = len(view) - len(view) % size
+        if whole:
+            bad, nz = scan(view[:whole], not self._nonzero)
+            self._nonfinite += bad
+            self._nonzero = self._nonzero or nz
+        self._carry = bytes(view[whole:])
+
+    def _close_tensor(self, t: TensorInfo) -> None:
+        self._stats[t.name] = (self._nonfinite, not self._nonzero)
+        self._nonfinite, self._nonzero, self._carry = 0, False, b""
+        self._idx += 1
+        while self._idx < len(self._spans) and self._spans[self._idx].start == self._spans[self._idx].end:
+            empty = self._spans[self._idx]
+            self._stats[empty.name] = (0, True)
+            self._idx += 1
+
+    def finish(self) -> StreamScan | None:
+        if self._failed or self._header is None:
+            return None
+        while self._idx < len(self._spans) and self._pos == self._spans[self._idx].start == self._spans[self._idx].end:
+            self._close_tensor(self._spans[self._idx])
+        if self._idx != len(self._spans) or self._pos != self._header.data_size:
+            return None
+        return StreamScan(
+            header_size=self._header.header_size,
+            nonfinite={k: v[0] for k, v in self._stats.items() if v[0]},
+            zero=[k for k, v in self._stats.items() if v[1]],
+        )

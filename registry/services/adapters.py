@@ -31,6 +31,7 @@ from loreg.registry.db.models import (
     Alias,
     AliasEvent,
     Blob,
+    BlobScan,
     Metric,
     Version,
     VersionFile,
@@ -277,6 +278,20 @@ class AdapterService:
     def _scan_values(self, digest: str, header: safetensors.Header) -> list[dict[str, Any]]:
         bad: list[dict[str, Any]] = []
         zero_b: list[str] = []
+        with self.registry.sessions.begin() as session:
+            scan = session.get(BlobScan, digest)
+            facts = (scan.header_size, dict(scan.nonfinite), list(scan.zero)) if scan is not None else None
+        if facts is not None and facts[0] == header.header_size:
+            # scanned while the upload streamed through: no second read of the file
+            bad = [{"key": k, "nonfinite": n} for k, n in facts[1].items()]
+            zero_b = [k for k in facts[2] if ".lora_B." in k or k.endswith(".lora_embedding_B")]
+        else:
+            bad, zero_b = self._read_and_scan(digest, header)
+        return self._value_verdict(header, bad, zero_b)
+
+    def _read_and_scan(self, digest: str, header: safetensors.Header) -> tuple[list[dict[str, Any]], list[str]]:
+        bad: list[dict[str, Any]] = []
+        zero_b: list[str] = []
         # one streamed read of the data section (one request on S3), split at tensor boundaries
         with self.registry.store.open(digest, header.data_offset, header.file_size) as stream:
             position = 0
@@ -292,6 +307,11 @@ class AdapterService:
                     bad.append({"key": tensor.name, "nonfinite": stats.nonfinite})
                 elif stats.all_zero and (".lora_B." in tensor.name or tensor.name.endswith(".lora_embedding_B")):
                     zero_b.append(tensor.name)
+        return bad, zero_b
+
+    def _value_verdict(
+        self, header: safetensors.Header, bad: list[dict[str, Any]], zero_b: list[str]
+    ) -> list[dict[str, Any]]:
         if bad:
             raise NonFiniteValuesError(
                 f"{len(bad)} tensor(s) hold NaN or infinite values, e.g. {bad[0]['key']}",

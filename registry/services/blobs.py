@@ -10,8 +10,9 @@ from typing import BinaryIO
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from loreg.registry.db.models import Blob
+from loreg.registry.db.models import Blob, BlobScan
 from loreg.registry.errors import TooLargeError, UnsupportedFormatError
+from loreg.registry.formats import safetensors
 from loreg.registry.services.context import Registry
 from loreg.registry.storage.base import check_digest
 
@@ -70,6 +71,23 @@ class GuardedStream(io.RawIOBase):
         return n
 
 
+class ScanningStream(io.RawIOBase):
+    """Passes an upload through while a StreamScanner looks at every byte (one pass, no re-read)."""
+
+    def __init__(self, raw: io.RawIOBase, scanner: safetensors.StreamScanner):
+        self._raw = raw
+        self.scanner = scanner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        n = self._raw.readinto(buffer)
+        if n:
+            self.scanner.feed(memoryview(buffer)[:n])
+        return n or 0
+
+
 class BlobService:
     """Content-addressed uploads shared by every adapter version, base model and export."""
 
@@ -111,11 +129,13 @@ class BlobService:
             stat = self.registry.store.stat(digest)
             self._record(digest, stat.size)
             return stat.size, False
-        stat = self.registry.store.put(GuardedStream(stream, limit=limit), digest, size)  # type: ignore[arg-type]
-        self._record(digest, stat.size)
+        scanner = safetensors.StreamScanner(max_header_size=self.registry.settings.max_header_size)
+        tapped = io.BufferedReader(ScanningStream(GuardedStream(stream, limit=limit), scanner), buffer_size=1 << 20)
+        stat = self.registry.store.put(tapped, digest, size)  # type: ignore[arg-type]
+        self._record(digest, stat.size, scanner.finish())
         return stat.size, True
 
-    def _record(self, digest: str, size: int) -> None:
+    def _record(self, digest: str, size: int, scan: safetensors.StreamScan | None = None) -> None:
         now = datetime.now(UTC)
         for _attempt in range(3):
             try:
@@ -125,6 +145,13 @@ class BlobService:
                         session.add(Blob(digest=digest, size=size, created_at=now, last_seen_at=now))
                     else:
                         row.last_seen_at = now
+                    if scan is not None and session.get(BlobScan, digest) is None:
+                        session.flush()
+                        session.add(
+                            BlobScan(
+                                digest=digest, header_size=scan.header_size, nonfinite=scan.nonfinite, zero=scan.zero
+                            )
+                        )
                 return
             except IntegrityError:
                 continue  # a concurrent upload of the same bytes recorded it first: touch it instead

@@ -171,3 +171,18 @@ def test_version_json_is_the_rest_resource(client: RegistryClient, api: Any, ada
     client.push(adapter_dir, "org/bot")
     rest = api.get("/v1/adapters/org/bot/versions/1").json()
     assert rest == json.loads(json.dumps(client.version("org/bot:1")))
+
+
+def test_presigned_downloads_bypass_the_api_and_still_verify(
+    client: RegistryClient, registry: Any, adapter_dir: Path, tmp_path: Path, backend: str, monkeypatch: Any
+) -> None:
+    client.push(adapter_dir, "org/bot")
+    registry.settings.s3_presign_downloads = True
+    if backend == "postgres":  # S3: the API must not stream the bytes itself
+        def no_streaming(*_a: Any, **_k: Any) -> Any:
+            raise AssertionError("the API streamed a file although presigned downloads are on")
+
+        monkeypatch.setattr(registry.store, "open", no_streaming)
+    out = client.pull("org/bot", tmp_path / "direct")
+    assert tree_digest(tmp_path / "direct") == stored_files(adapter_dir)
+    assert out["bytes_downloaded"] > 0

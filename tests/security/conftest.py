@@ -139,7 +139,11 @@ class Pusher:
 
     def push(self, name: str = "org/x", *, weights: bytes | None = None, config: bytes | dict[str, Any] | None = None,
              files: dict[str, bytes] | None = None, **body: Any) -> Any:
-        """Push the adapter with some files replaced; blobs are uploaded first (each must be accepted)."""
+        """Push the adapter with some files replaced: upload each blob, then commit.
+
+        Returns the commit's response, or the first refused upload's (a check may move from the
+        commit to the upload without changing what the client is told).
+        """
         content = dict(self.files)
         if weights is not None:
             content["adapter_model.safetensors"] = weights
@@ -149,7 +153,8 @@ class Pusher:
         entries = []
         for path, data in content.items():
             up = self.put_blob(data)
-            assert up.status_code in (200, 201), (path, up.status_code, up.text[:300])
+            if up.status_code not in (200, 201):
+                return up
             entries.append({"path": path, "size": len(data), "digest": sha256(data)})
         return self.http.post(f"/v1/adapters/{name}/versions", json={"files": entries, **body})
 

@@ -75,11 +75,21 @@ def permissions_of(route: Any) -> list[Permission]:
     return found
 
 
+def route_contexts(app: Any) -> list[Any]:
+    """The routes as served, with what include_router added; FastAPI >= 0.160 nests routers in app.routes."""
+    iterate = getattr(routing, "iter_route_contexts", None)
+    return list(iterate(app.routes)) if iterate else list(app.routes)
+
+
+def original(ctx: Any) -> Any:
+    return getattr(ctx, "original_route", ctx)
+
+
 def operations(app: Any) -> list[tuple[str, str, Any]]:
     """(method, path, route) of every API operation, routers included, as the app serves them."""
     out = []
-    for ctx in routing.iter_route_contexts(app.routes):
-        if not isinstance(ctx.original_route, APIRoute):
+    for ctx in route_contexts(app):
+        if not isinstance(original(ctx), APIRoute):
             continue
         for method in sorted((ctx.methods or set()) - {"HEAD", "OPTIONS"}):
             out.append((method, ctx.path, ctx))
@@ -127,8 +137,7 @@ def test_every_route_declares_a_permission(app: Any) -> None:
     assert PUBLIC <= {(m, p) for m, p, _ in ops}
     assert len(ops) >= 25  # the walk sees the included routers (FastAPI nests them in app.routes)
     assert {r.path for r in api_routes(app)} == {p for _, p, _ in ops}
-    others = [getattr(c, "path", repr(c)) for c in routing.iter_route_contexts(app.routes)
-              if not isinstance(c.original_route, APIRoute)]
+    others = [getattr(c, "path", repr(c)) for c in route_contexts(app) if not isinstance(original(c), APIRoute)]
     assert set(others) <= DOCS, f"routes outside FastAPI's dependency system: {sorted(set(others) - DOCS)}"
 
 
@@ -248,6 +257,27 @@ def test_namespace_token_cannot_touch_another_namespace(
 
 
 @SQLITE_ONLY
+@pytest.mark.xfail(
+    strict=True,
+    reason="GET /v1/adapters filters by the token's namespaces after the page is cut (routes/adapters.py), so "
+    "a team-a token gets empty pages whose next_cursor reveals that, and how many, versions of other "
+    "namespaces match (q=, metric=...). Fix: put the namespace globs into AdapterService.lookup's SQL.",
+)
+def test_listing_pages_reveal_nothing_about_uncovered_namespaces(
+    app: Any, pusher: Pusher, make_token: Any
+) -> None:
+    assert pusher.push("team-a/x").status_code == 201
+    for name in ("team-b/secret-merger", "team-b/secret-merger-2"):
+        assert pusher.push(name).status_code == 201
+    team_a = make_token("read", ["team-a/*"])
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(team_a)) as http:
+        page = http.get("/v1/adapters", params={"q": "secret-merger", "limit": 1}).json()
+        assert page == {"items": [], "next_cursor": None}  # the same as for a query nothing matches
+        first = http.get("/v1/adapters", params={"limit": 1}).json()
+        assert [i["name"] for i in first["items"]] == ["team-a/x"]
+
+
+@SQLITE_ONLY
 def test_namespace_token_cannot_reach_another_namespace_through_export_ids(
     app: Any, api: TestClient, bare_client: RegistryClient, tiny_llama: dict[str, Path], make_token: Any, registry: Any
 ) -> None:
@@ -357,7 +387,9 @@ def test_admin_routes_refuse_write_tokens(app: Any, make_token: Any, registry: A
     write = make_token("write")
     body = {
         "name": "evil/base",
-        "tensors": [{"name": "w", "dtype": "F32", "shape": [1], "file": "model.safetensors", "digest": "sha256:" + "1" * 64}],
+        "tensors": [
+            {"name": "w", "dtype": "F32", "shape": [1], "file": "model.safetensors", "digest": "sha256:" + "1" * 64}
+        ],
         "files": [{"path": "model.safetensors", "size": 4, "digest": "sha256:" + "1" * 64}],
     }
     before = snapshot(registry)
@@ -473,6 +505,10 @@ def _fake_server(paths: list[str]) -> httpx.MockTransport:
     return httpx.MockTransport(handle)
 
 
+def _inside(path: Path, *roots: Path) -> bool:
+    return any(path.is_relative_to(r) for r in roots)
+
+
 def _files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if not p.is_dir()}
 
@@ -487,7 +523,7 @@ def test_pull_refuses_server_supplied_paths(tmp_path: Path, loreg_home: Path, ho
     with RegistryClient("http://registry.test", "loreg_x", http=http) as client:
         with pytest.raises((errors.NameInvalidError, errors.UnsupportedFormatError)):
             client.pull("org/x:1", dest)
-    created = {p for p in _files_under(tmp_path) - before if not p.is_relative_to(dest) and not p.is_relative_to(loreg_home)}
+    created = {p for p in _files_under(tmp_path) - before if not _inside(p, dest, loreg_home)}
     assert created == set(), created
     assert not (work / "a" / "evil").exists() and not (work / "evil").exists()
     assert not Path("/tmp/evil").exists() or hostile != "/tmp/evil"
@@ -512,5 +548,5 @@ def test_cli_pull_exits_non_zero_on_a_hostile_file_name(
         cli_main.main()
     assert info.value.code != 0
     assert "NAME_INVALID" in capsys.readouterr().err
-    created = {p for p in _files_under(tmp_path) - before if not p.is_relative_to(work / "out") and not p.is_relative_to(loreg_home)}
+    created = {p for p in _files_under(tmp_path) - before if not _inside(p, work / "out", loreg_home)}
     assert created == set()

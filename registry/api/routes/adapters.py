@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import AdaptersDep, ReadDep, RegistryDep, WriteDep
@@ -149,6 +149,11 @@ def download_file(
 
         return StreamingResponse(ranged(), status_code=206, media_type="application/octet-stream", headers=headers)
 
+    if request.headers.get("x-loreg-direct") == "1" and registry.settings.s3_presign_downloads:
+        url = store.presign_get(entry.digest, registry.settings.s3_presign_expires_s)
+        if url:
+            # the client fetches the bytes from S3 itself and verifies the digest in X-Loreg-Digest
+            return RedirectResponse(url, status_code=307, headers={"X-Loreg-Digest": entry.digest})  # type: ignore[return-value]
     headers["Content-Length"] = str(entry.size)
     stream = store.open(entry.digest)
 
