@@ -427,10 +427,12 @@ class RegistryClient:
         pinned = f"{self._path(r.namespace, r.name)}/versions/{version['version']}"
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
+        for f in version["files"]:
+            names.check_file_name(f["path"])  # a server-supplied name never leaves dest: check all first
         cache = BlobCache(config.cache_dir())
         downloaded = 0
         for f in version["files"]:
-            path = names.check_file_name(f["path"])  # a server-supplied name never leaves dest
+            path = f["path"]
             target = dest / path
             cached = cache.get(f["digest"], f["size"])
             if cached is None:

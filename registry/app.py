@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from loreg.registry.api.errors import install_error_handlers
-from loreg.registry.api.limits import BodyLimitMiddleware, body_limit_for
+from loreg.registry.api.limits import RequestLimitsMiddleware, body_limit_for
 from loreg.registry.api.ratelimit import FailureLimiter
 from loreg.registry.api.routes import adapters, bases, blobs, exports, health, tokens
 from loreg.registry.services.adapters import AdapterService
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.inspect = InspectService(reg, app.state.adapters)
     app.state.exports = ExportService(reg, app.state.adapters, app.state.bases)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit_for(settings.max_json_body))
+    app.add_middleware(RequestLimitsMiddleware, limit_for=body_limit_for(settings.max_json_body))
     for module in (health, blobs, adapters, bases, exports, tokens):
         app.include_router(module.router)
     return app

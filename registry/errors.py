@@ -67,6 +67,7 @@ BlobNotFoundError = _error("BlobNotFoundError", "BLOB_NOT_FOUND", 404, "No such 
 BaseNotFoundError = _error("BaseNotFoundError", "BASE_NOT_FOUND", 404, "No such base model.")
 ExportNotFoundError = _error("ExportNotFoundError", "EXPORT_NOT_FOUND", 404, "No such export.")
 TokenNotFoundError = _error("TokenNotFoundError", "TOKEN_NOT_FOUND", 404, "No such token.")
+MethodNotAllowedError = _error("MethodNotAllowedError", "METHOD_NOT_ALLOWED", 405, "The route has no such method.")
 # 409
 ConflictError = _error("ConflictError", "CONFLICT", 409, "The request conflicts with stored state.")
 # 413 / 415

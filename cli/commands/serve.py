@@ -26,6 +26,8 @@ def serve(host: str, port: int, log_level: str) -> None:
         port=port,
         log_level=log_level,
         timeout_keep_alive=5,
+        # h11 bounds request headers (h11_max_incomplete_event_size); httptools would not
+        http="h11",
         limit_concurrency=512,
         h11_max_incomplete_event_size=64 * 1024,
     )

@@ -36,7 +36,7 @@ BlobsDep = Annotated[BlobService, Depends(get_blobs)]
 class Permission:
     """A route's permission: a scope, checked against the namespace in the path when there is one.
 
-    Every route but the public health checks depends on one; tests/api/test_auth.py walks app.routes.
+    Every route but the public health checks depends on one; tests/security/test_auth.py walks the routes.
     """
 
     def __init__(self, scope: str):

@@ -16,6 +16,7 @@ from loreg.registry.errors import (
     DbUnavailableError,
     InternalError,
     LoregError,
+    MethodNotAllowedError,
     NotFoundError,
     RequestInvalidError,
     TooLargeError,
@@ -58,9 +59,13 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(carried)
         if exc.status_code == 413:
             return error_response(TooLargeError(str(exc.detail)))
+        if exc.status_code == 405:
+            resp = error_response(MethodNotAllowedError(f"{_request.method} is not allowed on this route"))
+            if exc.headers and "Allow" in exc.headers:
+                resp.headers["Allow"] = exc.headers["Allow"]
+            return resp
         err = RequestInvalidError(str(exc.detail))
-        resp = JSONResponse(err.envelope(), status_code=exc.status_code)
-        return resp
+        return JSONResponse(err.envelope(), status_code=exc.status_code)
 
     @app.exception_handler(OperationalError)
     async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:

@@ -1,4 +1,6 @@
-"""Request body limits, enforced before a route (or its authentication) reads the body.
+"""Request limits, enforced before a route (or its authentication) runs: body size, and no NUL
+character in the URL (Postgres text cannot hold U+0000, so a NUL in a query filter or path id
+would otherwise end as a database error and a 500).
 
 JSON bodies are held in memory whole by the framework, so they get ``max_json_body``; a base
 model's tensor list is the one large JSON body (DeepSeek-V3 lists ~90k tensors, ~25 MB), so base
@@ -17,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loreg.registry.api.errors import error_response
-from loreg.registry.errors import TooLargeError
+from loreg.registry.errors import RequestInvalidError, TooLargeError
 
 BASE_BODY_FACTOR = 64
 
@@ -34,7 +36,7 @@ def body_limit_for(max_json_body: int) -> Callable[[Scope], int | None]:
     return limit
 
 
-class BodyLimitMiddleware:
+class RequestLimitsMiddleware:
     def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int | None]):
         self.app = app
         self.limit_for = limit_for
@@ -42,6 +44,10 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        query = scope.get("query_string", b"")
+        if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
+            await error_response(RequestInvalidError("NUL characters are refused in URLs"))(scope, receive, send)
             return
         limit = self.limit_for(scope)
         if limit is None:

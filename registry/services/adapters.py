@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -75,6 +76,16 @@ class LookupFilters:
     order: str = "desc"
     q: str | None = None
     latest_only: bool = True
+    # the caller's token globs ("team-a/*"): filtered in SQL, so pages and cursors reveal nothing else
+    allowed: tuple[str, ...] | None = None
+
+
+def _glob_to_like(glob: str) -> str:
+    """A token namespace glob (``team-a``, ``team-a/*``, ``team-*/bot``) as a SQL LIKE pattern."""
+    if "/" not in glob:
+        glob = f"{glob}/*"
+    escaped = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%")
 
 
 def _encode_cursor(values: list[Any]) -> str:
@@ -87,9 +98,19 @@ def _decode_cursor(cursor: str) -> list[Any]:
         values = json.loads(raw)
     except (ValueError, TypeError) as exc:
         raise RequestInvalidError("invalid cursor") from exc
-    if not isinstance(values, list) or len(values) > 2:
+    if not isinstance(values, list) or len(values) > 2 or not all(map(_cursor_value, values)):
         raise RequestInvalidError("invalid cursor")
     return values
+
+
+def _cursor_value(value: Any) -> bool:
+    # a cursor holds a row id and, when ordered by a metric, a finite number; anything else would
+    # reach the database as a mistyped or overflowing parameter (Postgres: DataError, a 500)
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def latest_metrics(version: Version) -> dict[str, float]:
@@ -488,6 +509,9 @@ class AdapterService:
             conds.append(Adapter.namespace == filters.namespace)
         if filters.name is not None:
             conds.append(Adapter.name == filters.name)
+        if filters.allowed:
+            full = Adapter.namespace + "/" + Adapter.name
+            conds.append(or_(*[full.like(_glob_to_like(g), escape="\\") for g in filters.allowed]))
         base_ids = filters.base_ids
         if base_ids is not None:
             all_ids = tuple(base_ids) + tuple(filters.layout_base_ids or ())

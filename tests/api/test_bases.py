@@ -333,3 +333,30 @@ def test_inspect_ranks_modules_from_small_factors(bare_client: RegistryClient, t
         assert m["effective_rank"] == int(torch.linalg.matrix_rank(delta, rtol=0.01))
         w = torch.from_numpy(base[m["base_tensor"]]).double()
         assert m["relative_change"] == pytest.approx(float(torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(w)), rel=1e-5)
+
+
+def test_nonfinite_values_are_found_without_the_upload_scan_too(client: RegistryClient, adapter_dir: Path, registry: Any, tmp_path: Path) -> None:
+    """Blobs stored without an upload-time scan (older uploads) are scanned by reading them at commit."""
+    from loreg.cli.client import sha256_file
+    from loreg.registry.db.models import BlobScan
+
+    def poison(key: str, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        b = t[key].copy()
+        b.flat[3] = -np.inf
+        t[key] = b
+        return t
+
+    folder = rewrite_tensor(adapter_dir, tmp_path / "inf", "lora_B", poison)
+    files = []
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        path = folder / name
+        digest = sha256_file(path)
+        client.upload_blob(path, digest, path.stat().st_size)
+        files.append({"path": name, "size": path.stat().st_size, "digest": digest})
+    with registry.sessions.begin() as s:
+        assert s.query(BlobScan).count() == 1  # the safetensors file was scanned while uploaded
+        s.query(BlobScan).delete()
+    with pytest.raises(errors.NonFiniteValuesError) as info:
+        client.request("POST", "/v1/adapters/org/inf/versions", json={"files": files})
+    assert info.value.detail["problems"][0]["nonfinite"] == 1
+    assert version_count(registry) == 0

@@ -213,3 +213,36 @@ def test_in_process_worker_of_serve_runs_queued_exports(settings: Any, admin_tok
 def test_export_of_unknown_version_is_404(with_base: RegistryClient) -> None:
     with pytest.raises(errors.VersionNotFoundError):
         with_base.export(["org/a:7"], "/nonexistent-never-written")
+
+
+@pytest.mark.slow
+def test_standalone_worker_process_claims_jobs_from_postgres(
+    with_base: RegistryClient, api: Any, settings: Any, backend: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if backend != "postgres":
+        # standalone workers need Postgres: on SQLite the command refuses with a clear message
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOREG_")}
+        env["LOREG_HOME"] = str(settings.home)
+        run = subprocess.run([sys.executable, "-m", "loreg.cli.main", "worker", "--once"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and "Postgres" in run.stderr
+        return
+    job = api.post("/v1/exports", json={"adapters": [{"ref": "org/a"}]}).json()
+    env = dict(os.environ)
+    env.update({
+        "LOREG_DATABASE_URL": settings.database_url,
+        "LOREG_STORAGE_URL": settings.storage_url,
+        "LOREG_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "LOREG_S3_REGION": settings.s3_region,
+        "LOREG_EXPORT_DEVICE": "cpu",
+    })
+    run = subprocess.run([sys.executable, "-m", "loreg.cli.main", "worker", "--once"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"ran {job['id']}" in run.stderr
+    done = api.get(f"/v1/exports/{job['id']}").json()
+    assert done["state"] == "done" and done["device"] == "cpu" and done["files"]

@@ -257,12 +257,6 @@ def test_namespace_token_cannot_touch_another_namespace(
 
 
 @SQLITE_ONLY
-@pytest.mark.xfail(
-    strict=True,
-    reason="GET /v1/adapters filters by the token's namespaces after the page is cut (routes/adapters.py), so "
-    "a team-a token gets empty pages whose next_cursor reveals that, and how many, versions of other "
-    "namespaces match (q=, metric=...). Fix: put the namespace globs into AdapterService.lookup's SQL.",
-)
 def test_listing_pages_reveal_nothing_about_uncovered_namespaces(
     app: Any, pusher: Pusher, make_token: Any
 ) -> None:

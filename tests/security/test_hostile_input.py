@@ -560,7 +560,8 @@ def test_hostile_names_are_refused_on_every_path(
             assert status < 500, (method, path, status, payload)
             code = payload["errors"][0]["code"] if payload and "errors" in payload else None
             if matchable:
-                assert (status, code) == (400, "NAME_INVALID"), (method, path, status, payload)
+                expected = "REQUEST_INVALID" if "%00" in name else "NAME_INVALID"  # NUL: refused for any URL
+                assert (status, code) == (400, expected), (method, path, status, payload)
             else:
                 assert status in (400, 404), (method, path, status, payload)
                 assert code in ("NAME_INVALID", "NOT_FOUND", "REQUEST_INVALID"), (method, path, status, payload)
@@ -575,7 +576,9 @@ def test_hostile_names_are_refused_on_every_path(
             status, payload = raw_request(live_server, admin_token, method, path, body)
             assert status < 500, (method, path, status, payload)
             code = payload["errors"][0]["code"] if payload else None
-            expected = ((400, "VERSION_INVALID"), (404, "VERSION_NOT_FOUND"))
+            expected = {(400, "VERSION_INVALID"), (404, "VERSION_NOT_FOUND")}
+            if "%00" in path:
+                expected = {(400, "REQUEST_INVALID")}  # NUL: refused for any URL
             assert (status, code) in expected, (method, path, status, payload)
     assert_nothing_stored(registry, before)
     assert canary.read_text() == "untouched"
@@ -675,4 +678,43 @@ def test_malformed_digest_is_refused(pusher: Pusher, registry: Any, digest: str)
     else:
         error_of(resp, 400, "DIGEST_INVALID")
     assert_known_refusal(pusher.http.post("/v1/blobs:check", json={"digests": [digest]}))
+    assert_nothing_stored(registry, before)
+
+
+# --- values the database cannot take (found 500s on Postgres) ------------------------------------
+
+
+def _cursor(values: Any) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+
+
+CRAFTED_CURSORS = [["x"], [None], [[1]], [{"a": 1}], [10**30], [True], ["1"], ["a", "b"], [1e400], [1, 2, 3]]
+
+
+def test_crafted_cursors_are_refused(pusher: Pusher) -> None:
+    assert pusher.push("org/x").status_code == 201
+    for values in CRAFTED_CURSORS:
+        for path, params in (
+            ("/v1/adapters", {}),
+            ("/v1/adapters", {"metric": "loss"}),
+            ("/v1/base-models/loreg-test/tiny-llama/adapters", {}),
+        ):
+            resp = pusher.http.get(path, params={**params, "cursor": _cursor(values)})
+            error_of(resp, 400, "REQUEST_INVALID")
+
+
+def test_nul_characters_are_refused_not_500(pusher: Pusher, registry: Any) -> None:
+    assert pusher.push("org/x").status_code == 201
+    before = snapshot(registry)
+    for param in ("q", "target", "task_type", "metric", "namespace", "base", "cursor"):
+        error_of(pusher.http.get("/v1/adapters", params={param: "a\x00b"}), 400, "REQUEST_INVALID")
+    for path in ("/v1/tokens/abc%00def", "/v1/exports/abc%00def", "/v1/adapters/org/x%00", "/v1/base-models/Org/X%00"):
+        resp = pusher.http.request("DELETE" if "tokens" in path else "GET", path)
+        error_of(resp, 400, "REQUEST_INVALID")
+    error_of(pusher.push("org/y", message="a\x00b"), 400, "REQUEST_INVALID")
+    error_of(pusher.http.post("/v1/tokens", json={"scope": "read", "description": "a\x00b"}), 400, "REQUEST_INVALID")
+    error_of(pusher.http.post("/v1/adapters/org/x/versions/1/metrics", json={"metrics": {"a\x00": 1.0}}),
+             400, "REQUEST_INVALID")
     assert_nothing_stored(registry, before)

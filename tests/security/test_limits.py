@@ -228,11 +228,6 @@ def test_live_server_answers_413_without_waiting_for_the_body(live_server: str, 
     assert status == 413 and body["errors"][0]["code"] == "TOO_LARGE"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli/commands/serve.py sets h11_max_incomplete_event_size, but uvicorn picks httptools when it is "
-    "installed and that limit only applies to h11: request headers are unbounded. Fix: pass http='h11'.",
-)
 def test_serve_bounds_request_header_size(monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
     from click.testing import CliRunner

@@ -16,14 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
 from loreg.registry.api.ratelimit import FailureLimiter
-from tests.security.conftest import SQLITE_ONLY, Pusher
+from tests.security.conftest import Pusher
 
 EXAMPLES_PER_OPERATION = 10
 SEEDED = {"namespace": "org", "name": "x", "ref": "loreg-test/tiny-llama"}
 
 
 @pytest.mark.slow
-@SQLITE_ONLY
 def test_api_never_answers_5xx(app: Any, pusher: Pusher, admin_token: str) -> None:
     assert pusher.push("org/x", aliases=["prod"]).status_code == 201
     app.state.auth_limiter = FailureLimiter(10**6, 300.0)  # generated headers may carry bad tokens

@@ -79,10 +79,9 @@ async def list_adapters(
         order=order,
         q=q,
         latest_only=not all_versions,
+        allowed=tuple(principal.namespaces) or None,
     )
     page = await run_in_threadpool(adapters.lookup, filters, cursor=cursor, limit=limit)
-    if principal.namespaces:
-        page.items = [i for i in page.items if principal.covers(*i.name.split("/", 1))]
     return page
 
 

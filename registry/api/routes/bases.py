@@ -46,10 +46,15 @@ async def base_adapters(
 ) -> Page[VersionSummary]:
     """Adapters validated against this base, then those of other bases with the same layout."""
     validated, layout = await run_in_threadpool(_svc(request).lookup_ids, ref)
-    filters = LookupFilters(base_ids=validated, layout_base_ids=layout, target=target, max_rank=max_rank, order=order)
+    filters = LookupFilters(
+        base_ids=validated,
+        layout_base_ids=layout,
+        target=target,
+        max_rank=max_rank,
+        order=order,
+        allowed=tuple(principal.namespaces) or None,
+    )
     page = await run_in_threadpool(request.app.state.adapters.lookup, filters, cursor=cursor, limit=limit)
-    if principal.namespaces:
-        page.items = [i for i in page.items if principal.covers(*i.name.split("/", 1))]
     return page
 
 
