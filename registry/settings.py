@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_json_body: int = 1 * MiB
     max_metrics_per_request: int = 256
 
+    header_timeout_s: float = 10.0  # a request's line and headers must arrive within this (slowloris)
     anonymous_read: bool = False
     auth_max_failures: int = 10
     auth_failure_window_s: float = 300.0

@@ -16,9 +16,11 @@ def serve(host: str, port: int, log_level: str) -> None:
     """
     import uvicorn
 
+    from loreg.registry.http import protocol_with_header_deadline
     from loreg.registry.server import prepare
 
     app, url = prepare(host, port)
+    settings = app.state.settings
     click.echo(f"loreg serving at {url}", err=True)
     uvicorn.run(
         app,
@@ -26,8 +28,9 @@ def serve(host: str, port: int, log_level: str) -> None:
         port=port,
         log_level=log_level,
         timeout_keep_alive=5,
-        # h11 bounds request headers (h11_max_incomplete_event_size); httptools would not
-        http="h11",
+        # h11 bounds request headers (h11_max_incomplete_event_size), and our subclass closes
+        # connections whose headers do not arrive within LOREG_HEADER_TIMEOUT_S
+        http=protocol_with_header_deadline(settings.header_timeout_s),
         limit_concurrency=512,
         h11_max_incomplete_event_size=64 * 1024,
     )

@@ -32,6 +32,9 @@ def show(ref: str, as_json: bool, url: str | None) -> None:
     for key in ("ranks", "dtypes", "parameter_count", "use_dora", "use_rslora"):
         if key in facts:
             click.echo(f"facts     {key}={facts[key]}")
+    for engine, verdict in (facts.get("serving") or {}).items():
+        why = "loads with its defaults" if verdict.get("loads") else "refuses it: " + "; ".join(verdict.get("reasons", []))
+        click.echo(f"serving   {engine} {why}")
     if v["metrics"]:
         click.echo("metrics   " + ", ".join(f"{k}={val:g}" for k, val in sorted(v["metrics"].items())))
     click.echo("files")

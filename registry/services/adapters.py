@@ -50,6 +50,7 @@ from loreg.registry.errors import (
     RequestInvalidError,
     VersionNotFoundError,
 )
+from loreg.registry.faults import crash_point
 from loreg.registry.formats import names, peft, safetensors
 from loreg.registry.formats.fingerprint import manifest_digest
 from loreg.registry.services.context import Registry
@@ -249,6 +250,7 @@ class AdapterService:
                 log.debug("push %s/%s: integrity race, attempt %d", namespace, name, attempt + 1)
                 if attempt == COMMIT_ATTEMPTS - 1:
                     raise ConflictError("concurrent pushes kept conflicting; retry") from None
+        crash_point("after_commit")  # testing hook (registry/faults.py)
         with self.registry.sessions.begin() as session:
             out = self._public(session, session.get_one(Version, version_id))
         out.created = created
@@ -382,7 +384,11 @@ class AdapterService:
         names.check_name(namespace, name)
         adapter = session.scalar(select(Adapter).where(Adapter.namespace == namespace, Adapter.name == name))
         if adapter is None:
-            raise AdapterNotFoundError(f"adapter {namespace}/{name} does not exist", detail={"name": f"{namespace}/{name}"})
+            raise AdapterNotFoundError(
+                f"adapter {namespace}/{name} does not exist",
+                detail={"name": f"{namespace}/{name}"},
+                hint=f"list what exists: loreg ls {namespace}",
+            )
         return adapter
 
     def _resolve(self, session: Session, namespace: str, name: str, tag: str) -> Version:

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from loreg.registry.db.models import Blob, BlobScan
 from loreg.registry.errors import TooLargeError, UnsupportedFormatError
+from loreg.registry.faults import crash_point
 from loreg.registry.formats import safetensors
 from loreg.registry.services.context import Registry
 from loreg.registry.storage.base import check_digest
@@ -132,6 +133,7 @@ class BlobService:
         scanner = safetensors.StreamScanner(max_header_size=self.registry.settings.max_header_size)
         tapped = io.BufferedReader(ScanningStream(GuardedStream(stream, limit=limit), scanner), buffer_size=1 << 20)
         stat = self.registry.store.put(tapped, digest, size)  # type: ignore[arg-type]
+        crash_point("after_blob_put")  # testing hook (registry/faults.py)
         self._record(digest, stat.size, scanner.finish())
         return stat.size, True
 

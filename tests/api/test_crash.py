@@ -13,73 +13,20 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
 from loreg.cli.client import RegistryClient
 from loreg.registry import errors
 from tests import factories
-from tests.support.moto import free_port
+from tests.support.server import DEADLINE_S, env_with, poll_until, serving, token_for
 
 pytestmark = pytest.mark.slow
 
-LOREG = str(Path(sys.executable).with_name("loreg"))
-DEADLINE_S = 60.0
 BIG_FILE = "tokenizer.json"
 BIG_SIZE = 64 * 1024 * 1024
-
-
-@contextmanager
-def serving(home: Path, logdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`loreg serve` on the embedded default in ``home``; yields (url, process) once it answers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOREG_")}
-    env.update(LOREG_HOME=str(home), HF_HUB_OFFLINE="1")
-    port = free_port()
-    log_path = logdir / f"serve-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([LOREG, "serve", "--port", str(port), "--log-level", "warning"], env=env,
-                                cwd=logdir, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        poll_until(lambda: _healthy(url, proc, log_path), "loreg serve to answer")
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait(timeout=30)
-
-
-def _healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"loreg serve exited {proc.returncode}: {log_path.read_text()[-3000:]}")
-    try:
-        return httpx.get(f"{url}/v1/health", timeout=1.0).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def poll_until(condition, what: str, deadline_s: float = DEADLINE_S) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def token_for(home: Path, url: str) -> str:
-    return str(json.loads((home / "credentials.json").read_text())[url])
 
 
 def big_adapter(src: Path, dest: Path) -> Path:
@@ -121,7 +68,7 @@ def test_sigkill_mid_upload_leaves_nothing_visible_and_retry_gets_version_one(
 
     failure: list[BaseException] = []
 
-    with serving(home, tmp_path) as (url, proc):
+    with serving(env_with(LOREG_HOME=str(home)), tmp_path) as (url, proc):
         with RegistryClient(url, token_for(home, url)) as c:
             c.register_base(tiny_llama["base"], factories.base_name("llama"))
 
@@ -147,7 +94,7 @@ def test_sigkill_mid_upload_leaves_nothing_visible_and_retry_gets_version_one(
         assert len(failure) == 1 and isinstance(failure[0], errors.ConnectionFailedError), failure
 
     # restart on the same LOREG_HOME: nothing of the interrupted push is visible
-    with serving(home, tmp_path) as (url, _proc):
+    with serving(env_with(LOREG_HOME=str(home)), tmp_path) as (url, _proc):
         with RegistryClient(url, token_for(home, url)) as c:
             assert c.list_all() == []
             with pytest.raises(errors.AdapterNotFoundError):

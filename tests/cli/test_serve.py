@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import stat
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,59 +21,9 @@ import pytest
 from loreg.registry.db import migrate
 from tests import factories
 from tests.support.moto import free_port
+from tests.support.server import LOREG, env_with, loreg, serving
 
 pytestmark = pytest.mark.slow
-
-LOREG = str(Path(sys.executable).with_name("loreg"))
-START_DEADLINE_S = 60.0
-
-
-def env_with(**values: str) -> dict[str, str]:
-    """This process's environment without any LOREG_* variable, plus ``values``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOREG_")}
-    env["HF_HUB_OFFLINE"] = "1"
-    env.update(values)
-    return env
-
-
-def loreg(*args: str | Path, env: dict[str, str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([LOREG, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
-    if check:
-        assert done.returncode == 0, f"loreg {args} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-@contextmanager
-def serving(env: dict[str, str], cwd: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`loreg serve` on a free port; yields once /v1/health answers; always ends the process."""
-    port = free_port()
-    log = open(cwd / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([LOREG, "serve", "--port", str(port), "--log-level", "warning"], env=env, cwd=cwd,
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"loreg serve exited {proc.returncode}: {(cwd / log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"loreg serve did not answer in {START_DEADLINE_S}s")
-            time.sleep(0.05)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=20)
-        log.close()
 
 
 def tree(folder: Path) -> dict[str, str]:
