@@ -7,15 +7,16 @@ at a few chunks whatever the body size, and hashing and storage writes never blo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from loreg.registry.errors import RequestInvalidError
+from loreg.registry.errors import DigestMismatchError, RequestInvalidError
 
 T = TypeVar("T")
 QUEUE_CHUNKS = 32
@@ -93,3 +94,24 @@ async def consume_body(request: Request, consumer: Callable[[io.BufferedReader],
         await put(_Aborted(str(exc)))
         raise
     return await task
+
+
+DOWNLOAD_CHUNK = 1 << 20
+
+
+def verified_download(stream: Any, digest: str) -> Iterator[bytes]:
+    """Yield a stored blob's bytes, hashing them; the last chunk is held back until the digest
+    checks out: with Content-Length already sent, only a short body tells the client the bytes
+    were bad (the status line cannot change any more)."""
+    h = hashlib.sha256()
+    held = b""
+    with stream as f:
+        while chunk := f.read(DOWNLOAD_CHUNK):
+            h.update(chunk)
+            if held:
+                yield held
+            held = chunk
+    if "sha256:" + h.hexdigest() != digest:
+        raise DigestMismatchError(f"stored blob {digest} is corrupt", detail={"digest": digest})
+    if held:
+        yield held

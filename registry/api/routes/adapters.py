@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
@@ -23,7 +22,8 @@ from loreg.registry.api.schemas import (
     VersionPublic,
     VersionSummary,
 )
-from loreg.registry.errors import DigestMismatchError, RequestInvalidError
+from loreg.registry.api.streaming import verified_download
+from loreg.registry.errors import RequestInvalidError
 from loreg.registry.services.adapters import LookupFilters
 
 router = APIRouter(tags=["adapters"])
@@ -154,25 +154,9 @@ def download_file(
             # the client fetches the bytes from S3 itself and verifies the digest in X-Loreg-Digest
             return RedirectResponse(url, status_code=307, headers={"X-Loreg-Digest": entry.digest})  # type: ignore[return-value]
     headers["Content-Length"] = str(entry.size)
-    stream = store.open(entry.digest)
-
-    def verified() -> Iterator[bytes]:
-        # the last chunk is held back until the digest checks out: with Content-Length already
-        # sent, only a short body tells the client that the bytes were bad
-        h = hashlib.sha256()
-        held = b""
-        with stream as f:
-            while chunk := f.read(STREAM_CHUNK):
-                h.update(chunk)
-                if held:
-                    yield held
-                held = chunk
-        if "sha256:" + h.hexdigest() != entry.digest:
-            raise DigestMismatchError(f"stored blob {entry.digest} is corrupt", detail={"digest": entry.digest})
-        if held:
-            yield held
-
-    return StreamingResponse(verified(), media_type="application/octet-stream", headers=headers)
+    return StreamingResponse(
+        verified_download(store.open(entry.digest), entry.digest), media_type="application/octet-stream", headers=headers
+    )
 
 
 @router.put("/v1/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasPublic)

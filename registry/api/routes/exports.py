@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loreg.registry.api.deps import ReadDep, WriteDep
 from loreg.registry.api.schemas import ExportCreate, ExportList, ExportPublic
-from loreg.registry.errors import DigestMismatchError
+from loreg.registry.api.streaming import verified_download
 from loreg.registry.formats import names
 from loreg.registry.services.exports import ExportService
 from loreg.registry.services.tokens import Principal
 
 router = APIRouter(tags=["exports"])
-STREAM_CHUNK = 1 << 20
 
 
 def _svc(request: Request) -> ExportService:
@@ -56,24 +52,9 @@ def download_export_file(export_id: str, path: str, request: Request, principal:
     svc = _svc(request)
     _authorize(svc, export_id, principal)
     entry = svc.file_entry(export_id, path)
-    stream = request.app.state.registry.store.open(entry.digest)
-
-    def verified() -> Iterator[bytes]:
-        h = hashlib.sha256()
-        held = b""
-        with stream as f:
-            while chunk := f.read(STREAM_CHUNK):
-                h.update(chunk)
-                if held:
-                    yield held
-                held = chunk
-        if "sha256:" + h.hexdigest() != entry.digest:
-            raise DigestMismatchError(f"stored blob {entry.digest} is corrupt")
-        if held:
-            yield held
-
     headers = {"Content-Length": str(entry.size), "ETag": f'"{entry.digest}"', "X-Loreg-Digest": entry.digest}
-    return StreamingResponse(verified(), media_type="application/octet-stream", headers=headers)
+    stream = request.app.state.registry.store.open(entry.digest)
+    return StreamingResponse(verified_download(stream, entry.digest), media_type="application/octet-stream", headers=headers)
 
 
 @router.get("/v1/adapters/{namespace}/{name}/versions/{tag}/exports", response_model=ExportList)
