@@ -1,6 +1,6 @@
 """Push and pull throughput against raw boto3 on the same S3 endpoint, measured in the same run.
 
-Starts moto's S3 server on 127.0.0.1 and `loreg`'s API (uvicorn, SQLite + that S3 bucket),
+Starts moto's S3 server on 127.0.0.1 and `loreg serve` in its own process (SQLite + that bucket),
 registers a synthetic llama-like base (headers only), writes a synthetic r=16 all-linear adapter
 (~160 MB float32), then times:
   raw upload    boto3 upload_file of the adapter file to the bucket
@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -71,79 +70,71 @@ def main() -> None:
     args = ap.parse_args()
 
     import boto3
-    import uvicorn
 
     from loreg.cli.client import RegistryClient
-    from loreg.registry.app import create_app
-    from loreg.registry.db import migrate
-    from loreg.registry.services.context import open_registry
-    from loreg.registry.services.tokens import TokenService
-    from loreg.registry.settings import Settings
-    from tests.support.moto import fake_aws_env, free_port, make_bucket, start_moto
+    from tests.support.moto import fake_aws_env, make_bucket, start_moto
+    from tests.support.server import env_with, serving, token_for
 
     work = Path(tempfile.mkdtemp(prefix="loreg-bench-pp-"))
     os.environ["LOREG_HOME"] = str(work / "client")
     with fake_aws_env(), start_moto() as moto:
         make_bucket(moto.endpoint_url, "bench")
-        settings = Settings(home=work / "server", storage_url="s3://bench/registry", s3_endpoint_url=moto.endpoint_url,
-                            s3_region="us-east-1", export_worker="external")
-        registry = open_registry(settings)
-        migrate.upgrade(registry.engine)
-        token = TokenService(registry).create("admin")[1]
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(registry=registry), host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.01)
-        url = f"http://127.0.0.1:{port}"
-        client = RegistryClient(url, token)
-        client.request("POST", "/v1/base-models", json={
-            "name": "bench/llama-like", "config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
-            "tensors": base_tensors(args.layers),
-            "files": [{"path": "model.safetensors", "size": 1, "digest": "sha256:" + "0" * 64}]})
+        server_env = env_with(LOREG_HOME=str(work / "server"), LOREG_STORAGE_URL="s3://bench/registry",
+                              LOREG_S3_ENDPOINT_URL=moto.endpoint_url, LOREG_S3_REGION="us-east-1",
+                              LOREG_EXPORT_WORKER="external")
         adapter = work / "adapter"
         write_adapter(adapter, args.layers)
         st = adapter / "adapter_model.safetensors"
         size = st.stat().st_size
         s3 = boto3.client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")
-        subprocess_cat = open(st, "rb").read  # warm the page cache
-        subprocess_cat()
+        st.read_bytes()  # warm the page cache
 
-        t0 = time.perf_counter()
-        s3.upload_file(str(st), "bench", "raw/adapter.safetensors")
-        t_raw_up = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pushed = client.push(adapter, "bench/adapter")
-        t_push = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        again = client.push(adapter, "bench/adapter")
-        t_repush = time.perf_counter() - t0
+        # `loreg serve` in its own process, as in production (S3 + SQLite)
+        with serving(server_env, work) as (url, _proc):
+            client = RegistryClient(url, token_for(work / "server", url))
+            client.request("POST", "/v1/base-models", json={
+                "name": "bench/llama-like", "config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+                "tensors": base_tensors(args.layers),
+                "files": [{"path": "model.safetensors", "size": 1, "digest": "sha256:" + "0" * 64}]})
+            t0 = time.perf_counter()
+            s3.upload_file(str(st), "bench", "raw/adapter.safetensors")
+            t_raw_up = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pushed = client.push(adapter, "bench/adapter")
+            t_push = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            again = client.push(adapter, "bench/adapter")
+            t_repush = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        body = s3.get_object(Bucket="bench", Key="raw/adapter.safetensors")["Body"]
-        with open(work / "raw-download", "wb") as f:
-            for chunk in body.iter_chunks(1 << 20):
-                f.write(chunk)
-        t_raw_down = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        body = s3.get_object(Bucket="bench", Key="raw/adapter.safetensors")["Body"]
-        h = hashlib.sha256()
-        with open(work / "raw-download-verified", "wb") as f:
-            for chunk in body.iter_chunks(1 << 20):
-                h.update(chunk)
-                f.write(chunk)
-        t_raw_down_verified = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        client.pull("bench/adapter:1", work / "pulled")
-        t_pull = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            body = s3.get_object(Bucket="bench", Key="raw/adapter.safetensors")["Body"]
+            with open(work / "raw-download", "wb") as f:
+                for chunk in body.iter_chunks(1 << 20):
+                    f.write(chunk)
+            t_raw_down = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            body = s3.get_object(Bucket="bench", Key="raw/adapter.safetensors")["Body"]
+            h = hashlib.sha256()
+            with open(work / "raw-download-verified", "wb") as f:
+                for chunk in body.iter_chunks(1 << 20):
+                    h.update(chunk)
+                    f.write(chunk)
+            t_raw_down_verified = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            client.pull("bench/adapter:1", work / "pulled")
+            t_pull = time.perf_counter() - t0
+            client.close()
         shutil.rmtree(work / "client" / "cache")
-        settings.s3_presign_downloads = True
-        t0 = time.perf_counter()
-        client.pull("bench/adapter:1", work / "pulled-direct")
-        t_pull_direct = time.perf_counter() - t0
+        with serving({**server_env, "LOREG_S3_PRESIGN_DOWNLOADS": "true"}, work) as (url, _proc):
+            client = RegistryClient(url, token_for(work / "server", url))
+            t0 = time.perf_counter()
+            client.pull("bench/adapter:1", work / "pulled-direct")
+            t_pull_direct = time.perf_counter() - t0
+            client.close()
 
         mb = size / 1e6
-        print(f"adapter: {mb:.0f} MB ({args.layers} layers x 7 modules, r=16, float32); S3 = moto on 127.0.0.1; {os.cpu_count()} cpus")
+        print(f"adapter: {mb:.0f} MB ({args.layers} layers x 7 modules, r=16, float32); S3 = moto on 127.0.0.1; "
+              f"loreg serve in its own process; {os.cpu_count()} cpus")
         print(f"raw boto3 upload_file  {t_raw_up:6.2f} s {mb / t_raw_up:7.1f} MB/s")
         print(f"loreg push             {t_push:6.2f} s {mb / t_push:7.1f} MB/s   (version {pushed['version']})")
         print(f"raw get_object stream  {t_raw_down:6.2f} s {mb / t_raw_down:7.1f} MB/s")
@@ -154,9 +145,6 @@ def main() -> None:
         print(f"ratio push/raw upload throughput:   {t_raw_up / t_push:.2f}   (goal >= 0.8)")
         print(f"ratio pull/raw download throughput: {t_raw_down / t_pull:.2f} via the API, "
               f"{t_raw_down / t_pull_direct:.2f} presigned   (goal >= 0.8)")
-        server.should_exit = True
-        client.close()
-        registry.close()
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -709,14 +709,26 @@ class _Writer(threading.Thread):
 
 def _as_tensor(torch: Any, buf: Any, dtype: str, shape: tuple[int, ...], device: str, compute: Any) -> Any:
     t = buf.to(device, non_blocking=True) if device != "cpu" else buf
-    return t.view(_torch_dtype(torch, dtype)).reshape(shape).to(compute)
+    t = t.view(_torch_dtype(torch, dtype)).reshape(shape)
+    return t if compute is None else t.to(compute)
 
 
-def _delta(torch: Any, op: _Lora, a: Any, b: Any, shape: tuple[int, ...]) -> Any:
+def _scratch(torch: Any, scratch: dict[str, Any], key: str, shape: Sequence[int], dtype: Any, device: str) -> Any:
+    """A reused buffer of ``shape``: fresh multi-MB tensors for every tensor cost a page fault per 4 KiB."""
+    numel = math.prod(shape)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(*shape)
+
+
+def _delta(torch: Any, op: _Lora, a: Any, b: Any, shape: tuple[int, ...], scratch: dict[str, Any]) -> Any:
     if op.layer == "conv":
-        d = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(shape)
+        b2, a2 = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+        d = torch.mm(b2, a2, out=_scratch(torch, scratch, "delta", (b2.shape[0], a2.shape[1]), a.dtype, a.device))
+        d = d.reshape(shape)
     else:
-        d = b @ a
+        d = torch.mm(b, a, out=_scratch(torch, scratch, "delta", (b.shape[0], a.shape[1]), a.dtype, a.device))
         if op.layer in ("conv1d", "embedding"):
             d = d.T
     # PEFT multiplies (B @ A) by the scale afterwards; the same order keeps the result bit-identical
@@ -738,15 +750,19 @@ def _dora(torch: Any, op: _Lora, v: Any, m: Any) -> Any:
     return v * (m.reshape(-1) / norm).view(-1, *([1] * (v.dim() - 1)))
 
 
-def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int, str], Any], device: str) -> Any:
+def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int, str], Any], device: str,
+                  scratch: dict[str, Any] | None = None) -> Any:
+    """The merged tensor in the output dtype; ``scratch`` holds buffers reused from one tensor to the next."""
     ops = t.ops
     assert ops is not None
+    scratch = {} if scratch is None else scratch
     wide = "F64" in (t.src.dtype, t.out_dtype)
     compute = torch.float64 if wide else torch.float32
     shape = tuple(t.src.shape)
-    w = _as_tensor(torch, base_buf, t.src.dtype, shape, device, compute)
-    if w.data_ptr() == base_buf.data_ptr():
-        w = w.clone()  # never compute in the read buffer: the writer compares against it
+    # a copy, never the read buffer itself (the writer compares against it), into a reused buffer
+    src = _as_tensor(torch, base_buf, t.src.dtype, shape, device, None)
+    w = _scratch(torch, scratch, "weight", shape, compute, src.device).copy_(src)
+    work = w
 
     def get(src: _Source) -> Any:
         return _as_tensor(torch, loaded[(src.adapter, src.key)], src.info.dtype, tuple(src.info.shape), device,
@@ -766,7 +782,7 @@ def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int,
                               tensor=t.name, keys=[s.key for s in ops.replace])
         w = first.clone()
     for op in ops.lora:
-        d = _delta(torch, op, get(op.a), get(op.b), shape)
+        d = _delta(torch, op, get(op.a), get(op.b), shape, scratch)
         if op.magnitude is not None:
             w = _dora(torch, op, w + d, get(op.magnitude))
         else:
@@ -776,7 +792,8 @@ def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int,
     if ops.rows is not None:
         src, indices = ops.rows
         w.index_copy_(0, torch.tensor(indices, dtype=torch.long, device=w.device), get(src))
-    return w.to(_torch_dtype(torch, t.out_dtype))
+    out = w.to(_torch_dtype(torch, t.out_dtype))
+    return out.clone() if out.data_ptr() == work.data_ptr() else out  # the scratch buffer is used again
 
 
 def merge_to_dir(
@@ -865,6 +882,7 @@ def _pump(torch: Any, device: str, read_q: queue.Queue[Any], write_q: queue.Queu
           writer: _Writer, stop: threading.Event, tick: Callable[[], None]) -> None:
     """The calling thread's part: compute what the reader hands over and pass it to the writer."""
     cuda = device.startswith("cuda")
+    scratch: dict[str, Any] = {}
     tick()
     while True:
         if writer.error is not None:
@@ -889,7 +907,7 @@ def _pump(torch: Any, device: str, read_q: queue.Queue[Any], write_q: queue.Queu
         else:
             _, t, base_buf, loaded = item
             with torch.no_grad():
-                flat = _merge_tensor(torch, t, base_buf, loaded, device).reshape(-1)
+                flat = _merge_tensor(torch, t, base_buf, loaded, device, scratch).reshape(-1)
                 event = None
                 if cuda:  # copy back into pinned memory; the writer waits on the event, not this thread
                     host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)

@@ -25,7 +25,7 @@ from sqlalchemy import or_, select, update
 
 from loreg.registry.db.models import Blob, Export, ExportFile, ExportInput, Version, VersionFile
 from loreg.registry.db.models import BaseModel as BaseRow
-from loreg.registry.errors import InternalError, LoregError, MergeUnsupportedError
+from loreg.registry.errors import ConflictError, InternalError, LoregError, MergeUnsupportedError
 from loreg.registry.formats import peft, safetensors, validate
 from loreg.registry.services.context import Registry
 
@@ -268,6 +268,8 @@ class ExportWorker:
         for f in files:
             if f["local"] is None or store.exists(f["digest"]):
                 continue
+            if _adopt_local(store, f):
+                continue
             with open(f["local"], "rb") as stream:
                 store.put(stream, f["digest"], f["size"])
         with self.registry.sessions.begin() as session:
@@ -275,18 +277,24 @@ class ExportWorker:
             if job is None or job.lease_owner != claim.owner or job.state != "running":
                 raise LeaseLost(claim.export_id)
             for f in files:
-                blob = session.get(Blob, f["digest"])
-                if blob is None:
+                touched = session.execute(
+                    update(Blob).where(Blob.digest == f["digest"]).values(last_seen_at=now)
+                ).rowcount
+                if not touched:
                     session.add(Blob(digest=f["digest"], size=f["size"], created_at=now, last_seen_at=now))
-                else:
-                    blob.last_seen_at = now
-            session.flush()
+                    session.flush()
+                # GC deletes an object only while holding its row; this transaction holds it now
+                if not store.exists(f["digest"]):
+                    raise ConflictError(
+                        f"garbage collection removed {f['path']} while the export was stored; request it again",
+                        detail={"digest": f["digest"]},
+                    )
             for f in files:
                 session.add(ExportFile(export_id=job.id, path=f["path"], size=f["size"], digest=f["digest"]))
             job.state = "done"
             job.progress = dict(progress)
             job.device = device
-            job.finished_at = now
+            job.finished_at = self.clock()  # after the blobs are stored: the job's time includes storing them
             job.lease_owner = None
             job.lease_expires_at = None
 
@@ -305,6 +313,43 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _adopt_local(store: Any, f: dict[str, Any]) -> bool:
+    """Publish a merged file into a local blob folder by rename: no second copy and no second hash.
+
+    The engine hashed the bytes as it wrote them, so the digest is known; the file is fsynced, renamed
+    to its blob path and the folder fsynced, as LocalBlobStore.put does. False (the caller puts it
+    the usual way) for other stores or when the rename fails (another file system).
+    """
+    from loreg.registry.storage.base import blob_key
+    from loreg.registry.storage.local import LocalBlobStore
+
+    if not isinstance(store, LocalBlobStore):
+        return False
+    src = Path(f["local"])
+    final = store.root / blob_key(f["digest"])
+    try:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size != f["size"]:
+                return False
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        created = not final.parent.is_dir()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, final)
+        for folder in (final.parent, final.parent.parent) if created else (final.parent,):
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError:
+        log.debug("could not rename %s into the blob folder; copying it", src, exc_info=True)
+        return final.is_file() and final.stat().st_size == f["size"] and not src.exists()
+    return True
 
 
 def _file_entry(path: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from loreg.registry.db.models import Blob, BlobScan
-from loreg.registry.errors import TooLargeError, UnsupportedFormatError
+from loreg.registry.errors import ConflictError, TooLargeError, UnsupportedFormatError
 from loreg.registry.faults import crash_point
 from loreg.registry.formats import safetensors
 from loreg.registry.services.context import Registry
@@ -142,17 +142,25 @@ class BlobService:
         for _attempt in range(3):
             try:
                 with self.registry.sessions.begin() as session:
-                    row = session.get(Blob, digest)
-                    if row is None:
+                    touched = session.execute(
+                        update(Blob).where(Blob.digest == digest).values(last_seen_at=now)
+                    ).rowcount
+                    if not touched:
                         session.add(Blob(digest=digest, size=size, created_at=now, last_seen_at=now))
-                    else:
-                        row.last_seen_at = now
-                    if scan is not None and session.get(BlobScan, digest) is None:
                         session.flush()
+                    if scan is not None and session.get(BlobScan, digest) is None:
                         session.add(
                             BlobScan(
                                 digest=digest, header_size=scan.header_size, nonfinite=scan.nonfinite, zero=scan.zero
                             )
+                        )
+                        session.flush()
+                    # GC deletes an object only while its transaction holds the row (see
+                    # MaintenanceService): now that this one holds it, the object stays or is gone
+                    if not self.registry.store.exists(digest):
+                        raise ConflictError(
+                            "garbage collection removed this blob while it was being uploaded; upload it again",
+                            detail={"digest": digest},
                         )
                 return
             except IntegrityError:

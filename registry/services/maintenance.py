@@ -3,7 +3,10 @@
 GC is safe while pushes run: a blob goes only when nothing references it AND it was not uploaded
 or reported present (blobs:check) within the grace period; a commit touches every blob it
 references inside its own transaction, and the foreign keys from version_files / export_files to
-blobs make a commit that raced with a deletion fail (and the client re-upload).
+blobs make a commit that raced with a deletion fail (and the client re-upload). Each object is
+deleted inside the transaction that deletes (or, for an object with no row, claims) its row, and
+an upload checks the object after it has written the row: an upload of the same bytes racing the
+deletion waits for it and then fails (409, upload again) instead of recording a blob that is gone.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, exists, select
+from sqlalchemy.exc import IntegrityError
 
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.db.models import Blob, ExportFile, VersionFile
@@ -23,6 +27,7 @@ from loreg.registry.services.context import Registry
 
 log = logging.getLogger("loreg.gc")
 HASH_CHUNK = 8 << 20
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class MaintenanceService:
         cutoff = now - grace
         report = GcReport(dry_run=dry_run)
         store = self.registry.store
+        sizes: dict[str, int] = {}
         with self.registry.sessions.begin() as session:
             base_refs = self._base_digests(session)
             candidates = session.scalars(
@@ -88,31 +94,19 @@ class MaintenanceService:
                     report.kept_recent += 1
                 else:
                     report.deleted.append(blob.digest)
-                    report.bytes_freed += blob.size
-            if not dry_run and report.deleted:
-                # conditional on last_seen_at again: a commit or blobs:check that touched the blob
-                # since the select wins (its row lock makes this delete wait, then skip the row)
-                session.execute(
-                    delete(Blob)
-                    .where(Blob.digest.in_(report.deleted), Blob.last_seen_at <= cutoff)
-                    .execution_options(synchronize_session=False)
-                )
-        with self.registry.sessions.begin() as session:
-            still = set(session.scalars(select(Blob.digest).where(Blob.digest.in_(report.deleted))))
-        report.deleted = [d for d in report.deleted if d not in still]
+                    sizes[blob.digest] = blob.size
         if not dry_run:
-            for digest in report.deleted:
-                store.delete(digest)
+            report.deleted = [d for d in report.deleted if self._delete_blob(d, cutoff)]
+        report.bytes_freed += sum(sizes[d] for d in report.deleted)
         # objects in the store with no row at all: a crash between the store write and the record
         for stat in store.iter_digests():
             if stat.digest in known or stat.digest in base_refs:
                 continue
             if stat.modified is not None and stat.modified > cutoff:
                 continue
-            report.stray_deleted.append(stat.digest)
-            report.bytes_freed += stat.size
-            if not dry_run:
-                store.delete(stat.digest)
+            if dry_run or self._delete_stray(stat.digest, stat.size):
+                report.stray_deleted.append(stat.digest)
+                report.bytes_freed += stat.size
         if not dry_run:
             cleanup = getattr(store, "cleanup_staging", None)
             if callable(cleanup):
@@ -121,6 +115,44 @@ class MaintenanceService:
             if callable(abort):
                 report.multipart_aborted = int(abort(cutoff))
         return report
+
+    # Each deletion holds the blob's row (deleted, or claimed with a placeholder) in an open
+    # transaction while the object goes. An upload recording the same digest (BlobService._record)
+    # or a commit touching it waits for that transaction, then finds the row gone and checks the
+    # object: so an object is never deleted after a push re-uploaded it and saw it present.
+
+    def _delete_blob(self, digest: str, cutoff: datetime) -> bool:
+        """Delete an unreferenced blob unseen since ``cutoff``, row and object; False if it was
+        seen or referenced meanwhile."""
+        try:
+            with self.registry.sessions.begin() as session:
+                gone = session.execute(
+                    delete(Blob)
+                    .where(
+                        Blob.digest == digest,
+                        Blob.last_seen_at <= cutoff,
+                        ~exists().where(VersionFile.digest == Blob.digest),
+                        ~exists().where(ExportFile.digest == Blob.digest),
+                    )
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if gone:
+                    self.registry.store.delete(digest)
+                return bool(gone)
+        except IntegrityError:
+            return False  # referenced meanwhile (a foreign key refused the delete)
+
+    def _delete_stray(self, digest: str, size: int) -> bool:
+        """Delete an object that has no row; False if an upload recorded it meanwhile."""
+        try:
+            with self.registry.sessions.begin() as session:
+                session.add(Blob(digest=digest, size=size, created_at=EPOCH, last_seen_at=EPOCH))
+                session.flush()  # the claim: a concurrent record of this digest now waits for us
+                self.registry.store.delete(digest)
+                session.execute(delete(Blob).where(Blob.digest == digest).execution_options(synchronize_session=False))
+            return True
+        except IntegrityError:
+            return False
 
     def fsck(self) -> FsckReport:
         """Re-hash every blob the database knows; report corrupt and missing ones."""

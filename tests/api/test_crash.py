@@ -14,12 +14,16 @@ import json
 import os
 import shutil
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from loreg.cli.client import RegistryClient
 from loreg.registry import errors
+from loreg.registry.services.context import open_registry
+from loreg.registry.services.maintenance import MaintenanceService
+from loreg.registry.settings import Settings
 from tests import factories
 from tests.support.server import DEADLINE_S, env_with, poll_until, serving, token_for
 
@@ -102,7 +106,14 @@ def test_sigkill_mid_upload_leaves_nothing_visible_and_retry_gets_version_one(
             with pytest.raises(errors.AdapterNotFoundError):
                 c.version("org/big:1")
             assert c.missing_blobs([big_digest]) == [big_digest]  # the partial upload never became a blob
-            # (staging files may remain under store/uploads until garbage collection removes them)
+            # the staging file of the killed upload may remain; GC with grace 0 removes it
+            registry = open_registry(Settings(home=home))
+            try:
+                report = MaintenanceService(registry).gc(grace=timedelta(0))
+            finally:
+                registry.close()
+            assert report.staging_removed >= 1 and staged_bytes(home) == 0
+            assert not any((home / "store" / "uploads").iterdir())
 
             out = c.push(folder, "org/big")
             assert (out["created"], out["version"]) == (True, 1)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC, datetime, timedelta
+import os
+import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,12 @@ def blob_rows(registry: Any) -> set[str]:
 
 def set_last_seen(registry: Any, digest: str, when: datetime) -> None:
     """Age a blob row (as if last uploaded or reported present at ``when``)."""
-    with registry.engine.begin() as conn:
-        conn.execute(text("UPDATE blobs SET last_seen_at = :w, created_at = :w WHERE digest = :d"),
-                     {"w": when, "d": digest})
+    from sqlalchemy import update
+
+    from loreg.registry.db.models import Blob
+
+    with registry.sessions.begin() as session:
+        session.execute(update(Blob).where(Blob.digest == digest).values(last_seen_at=when, created_at=when))
 
 
 def store_objects(registry: Any) -> list[str]:
@@ -68,14 +73,6 @@ def staging_leftovers(store: Any) -> list[str]:
         return sorted(p.name for p in uploads.iterdir()) if uploads.exists() else []
     listing = store._client.list_multipart_uploads(Bucket=store.bucket)
     return sorted(u["Key"] for u in listing.get("Uploads", []))
-
-
-def gc_after_grace(registry: Any) -> Any:
-    """Run GC with a clock past the default grace period: everything unreferenced goes."""
-    from loreg.registry.services.maintenance import MaintenanceService
-
-    grace = timedelta(seconds=registry.settings.gc_grace_seconds)
-    return MaintenanceService(registry).gc(now=datetime.now(UTC) + grace + timedelta(minutes=1))
 
 
 def assert_pullable(registry: Any, name: str) -> None:
@@ -97,9 +94,6 @@ def tree(folder: Path) -> dict[str, str]:
 
 def big_adapter(src: Path, dest: Path, size: int) -> Path:
     """The real PEFT adapter plus a ``size``-byte tokenizer.json (valid JSON), which push uploads too."""
-    import os
-    import shutil
-
     shutil.copytree(src, dest)
     payload = os.urandom(size // 2 - 64).hex()
     doc = json.dumps({"version": "1.0", "padding": payload})
