@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.errors import RequestInvalidError, UnauthorizedError
@@ -33,6 +34,11 @@ AdaptersDep = Annotated[AdapterService, Depends(get_adapters)]
 BlobsDep = Annotated[BlobService, Depends(get_blobs)]
 
 
+# declares the bearer scheme in OpenAPI (/docs gets an Authorize button); Permission parses the
+# header itself so that every malformed form gets loreg's own 401
+BEARER = HTTPBearer(auto_error=False, description="A loreg token: loreg_<id>_<secret><checksum>")
+
+
 class Permission:
     """A route's permission: a scope, checked against the namespace in the path when there is one.
 
@@ -42,7 +48,9 @@ class Permission:
     def __init__(self, scope: str):
         self.scope = scope
 
-    async def __call__(self, request: Request) -> Principal:
+    async def __call__(
+        self, request: Request, _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None
+    ) -> Principal:
         if "token" in request.query_params or "access_token" in request.query_params:
             raise RequestInvalidError("tokens in the URL are refused; send Authorization: Bearer <token>")
         registry: Registry = request.app.state.registry

@@ -253,3 +253,46 @@ def test_l5_chunked_body_over_the_limit_is_413_before_it_is_read(
     assert sent < OFFERED // 2, sent // MiB
     assert digest not in blob_rows(registry)
     poll_until(lambda: staging_leftovers(registry.store) == [], "the staging file to go")
+
+
+BIG = 1024 * MiB
+
+
+def _big_body(block: bytes, total: int) -> Any:
+    for _ in range(total // len(block)):
+        yield block
+
+
+def test_l5_max_size_upload_is_streamed_with_flat_server_memory(tmp_path: Path) -> None:
+    """A 1 GiB blob upload (the limit) succeeds while the server's RSS grows by less than 64 MiB."""
+    block = hashlib.sha256(b"loreg").digest() * (MiB // 32)  # 1 MiB, not pickle or zip magic
+    h = hashlib.sha256()
+    for chunk in _big_body(block, BIG):
+        h.update(chunk)
+    digest = "sha256:" + h.hexdigest()
+    home = tmp_path / "home"
+    with serving(env_with(LOREG_HOME=str(home), LOREG_MAX_FILE_SIZE=str(BIG)), tmp_path) as (url, proc):
+        auth = {"Authorization": f"Bearer {token_for(home, url)}"}
+        with httpx.Client(base_url=url, headers=auth, timeout=120) as http:
+            warm = block[: MiB // 2]
+            assert http.put(f"/v1/blobs/{sha256(warm)}", content=warm).status_code == 201  # first-use allocations
+            baseline = rss_bytes(proc.pid)
+            peak = [baseline]
+            done = threading.Event()
+
+            def watch() -> None:
+                while not done.is_set():
+                    peak.append(rss_bytes(proc.pid))
+                    done.wait(0.05)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            try:
+                resp = http.put(f"/v1/blobs/{digest}", content=_big_body(block, BIG),
+                                headers={"Content-Length": str(BIG)})
+            finally:
+                done.set()
+                watcher.join()
+            assert resp.status_code == 201, resp.text
+            assert resp.json()["size"] == BIG
+    assert max(peak) - baseline < 64 * MiB, ((max(peak) - baseline) // MiB, baseline // MiB)
