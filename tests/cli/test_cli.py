@@ -374,3 +374,35 @@ def test_help_imports_no_server_code(args: list[str], tmp_path: Path) -> None:
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "clean"
+
+
+# --- tokens and login -----------------------------------------------------------------------------
+
+
+def test_token_create_ls_revoke_and_login(loreg: Loreg, live_server: str, loreg_home: Path, adapter_dir: Path) -> None:
+    created = ok(loreg("token", "create", "--scope", "write", "--namespace", "team-a/*", "--expires", "30d",
+                       "--description", "ci", "--json")).json()
+    secret = created["token"]
+    assert secret.startswith("loreg_") and created["scope"] == "write" and created["namespaces"] == ["team-a/*"]
+    listed = ok(loreg("token", "ls", "--json")).json()["items"]
+    assert any(t["id"] == created["id"] for t in listed)
+    assert secret not in json.dumps(listed)  # shown once, never again
+
+    # login keeps the token in LOREG_HOME/credentials.json (0600); the CLI then needs no LOREG_TOKEN
+    done = ok(loreg("login", live_server, "--token", secret, token=None))
+    assert created["id"] in done.stdout
+    creds = loreg_home / "credentials.json"
+    assert oct(creds.stat().st_mode & 0o777) == "0o600"
+    assert json.loads(creds.read_text())[live_server] == secret
+    denied = loreg("push", adapter_dir, "team-b/bot", token=None)
+    assert denied.code == 1 and "[DENIED]" in denied.stderr
+
+    ok(loreg("token", "revoke", created["id"], "--json"))
+    refused = loreg("ls", token=None)
+    assert refused.code == 1 and "[UNAUTHORIZED]" in refused.stderr
+
+
+def test_login_with_a_bad_token_keeps_nothing(loreg: Loreg, live_server: str, loreg_home: Path) -> None:
+    bad = loreg("login", live_server, "--token", "loreg_nope", token=None)
+    assert bad.code == 1 and "[UNAUTHORIZED]" in bad.stderr
+    assert not (loreg_home / "credentials.json").exists()

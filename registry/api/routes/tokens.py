@@ -18,7 +18,8 @@ class TokenCreate(StrictRequest):
     scope: str = Field(pattern=r"^(read|write|admin)$")
     namespaces: list[str] = Field(default_factory=list, max_length=32)
     description: str | None = Field(default=None, max_length=256)
-    expires_at: datetime | None = None
+    # JSON has no datetime type: an ISO 8601 string is the strict form here
+    expires_at: datetime | None = Field(default=None, strict=False)
 
 
 class TokenPublic(Response):
