@@ -38,11 +38,13 @@ def export(refs: tuple[str, ...], weights: tuple[float, ...], base: str | None, 
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            bar = Progress(TextColumn("merging {task.fields[state]}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
+            bar = Progress(TextColumn("merging {task.fields[state]}"), BarColumn(), TextColumn("{task.fields[count]}"),
                            TimeElapsedColumn(), console=Console(stderr=True))
             bar.start()
-            task = bar.add_task("merge", total=p.get("tensors_total") or None, state=job["state"])
-        bar.update(task, completed=p.get("tensors_done", 0), total=p.get("tensors_total") or None, state=job["state"])
+            task = bar.add_task("merge", total=None, state=job["state"], count="")
+        total = p.get("tensors_total") or None
+        count = f"{p.get('tensors_done', 0)}/{total} tensors" if total else ""
+        bar.update(task, completed=p.get("tensors_done", 0), total=total, state=job["state"], count=count)
         if job["state"] in ("done", "failed"):
             bar.stop()
 

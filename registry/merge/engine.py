@@ -65,6 +65,9 @@ ProgressFn = Callable[[int, int, int, int], None]
 
 CHUNK_SIZE = 16 << 20  # untouched tensors travel in pieces of at most this many bytes
 QUEUE_DEPTH = 4
+ROW_BLOCK = 2 << 20  # bytes of float32 rows a Linear weight is merged in at a time (CPU, cache-sized)
+ROW_TAIL = 32  # a last block of fewer rows joins the one before (no tiny matmuls: same kernels as PEFT's)
+BYTE_BUDGET = 96 << 20  # host buffer bytes the reader may hold in flight (read, queued, being written)
 INDEX_NAME = "model.safetensors.index.json"
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what the engine computes in or casts to
@@ -567,20 +570,78 @@ def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
 
 
 _DONE = object()
+_POOL_MIN = 1 << 20  # smaller buffers come from malloc's heap, which reuses them anyway
+
+
+class _Pool:
+    """Reused uint8 host buffers ("slabs") and a budget on the bytes in flight between the three threads.
+
+    Fresh multi-MB buffers for every tensor or chunk cost a page fault per 4 KiB (and the kernel zeroing the
+    page). Every buffer of at least ``_POOL_MIN`` bytes and at most ``slab`` bytes (the largest touched tensor,
+    read or written, or a chunk) is a view of one slab, so any idle slab serves any request; the writer hands
+    them back. ``take`` blocks while ``budget`` bytes are out (unless nothing is out: one tensor larger than
+    the budget still passes); ``take(wait=False)`` (the calling thread's output buffers) never blocks, since
+    the reader's budget already bounds what the calling thread can produce. A pooled buffer counts as a
+    whole slab against the budget (that is the memory it holds). Idle slabs are kept up to ``budget`` bytes.
+    """
+
+    def __init__(self, torch: Any, budget: int, slab: int, pinned: bool, stop: threading.Event):
+        self.torch, self.budget, self.slab, self.pinned, self.stop = torch, budget, slab, pinned, stop
+        self.cond = threading.Condition()
+        self.idle: list[Any] = []
+        self.slabs: dict[int, Any] = {}  # data_ptr -> slab, for every slab handed out
+        self.out = 0  # bytes taken and not given back
+
+    def charge(self, nbytes: int) -> int:
+        """The bytes a buffer of ``nbytes`` counts against the budget."""
+        return self.slab if _POOL_MIN <= nbytes <= self.slab else nbytes
+
+    def reserve(self, nbytes: int) -> None:
+        """Wait for room for ``nbytes`` and count them; ``take(..., reserved=True)`` then hands them out."""
+        with self.cond:
+            while self.out and self.out + nbytes > self.budget:
+                if self.stop.is_set():
+                    raise _Stop
+                self.cond.wait(0.1)
+            self.out += nbytes
+
+    def take(self, nbytes: int, wait: bool = True, reserved: bool = False) -> Any:
+        if wait and not reserved:
+            self.reserve(self.charge(nbytes))
+        elif not reserved:
+            with self.cond:
+                self.out += self.charge(nbytes)
+        if not _POOL_MIN <= nbytes <= self.slab:
+            return self.torch.empty(nbytes, dtype=self.torch.uint8, pin_memory=self.pinned and nbytes > 0)
+        with self.cond:
+            slab = self.idle.pop() if self.idle else None
+        if slab is None:
+            slab = self.torch.empty(self.slab, dtype=self.torch.uint8, pin_memory=self.pinned)
+        with self.cond:
+            self.slabs[slab.data_ptr()] = slab
+        return slab[:nbytes]
+
+    def give(self, view: Any) -> None:
+        with self.cond:
+            self.out -= self.charge(view.numel())
+            slab = self.slabs.pop(view.data_ptr(), None) if view.numel() >= _POOL_MIN else None
+            if slab is not None and (len(self.idle) + 1) * self.slab <= max(self.budget, 2 * self.slab):
+                self.idle.append(slab)
+            self.cond.notify_all()
 
 
 class _Reader(threading.Thread):
     """Reads tensors in file order: untouched ones in chunks, touched ones whole with their adapter tensors."""
 
     def __init__(self, plan: MergePlan, shards: Sequence[BaseShard], adapters: Sequence[AdapterInput],
-                 pinned: bool, out: queue.Queue[Any], stop: threading.Event, torch: Any):
+                 pool: _Pool, out: queue.Queue[Any], stop: threading.Event, torch: Any):
         super().__init__(name="loreg-merge-reader", daemon=True)
         self.plan, self.shards, self.adapters = plan, shards, adapters
-        self.pinned, self.out, self.stop, self.torch = pinned, out, stop, torch
+        self.pool, self.out, self.stop, self.torch = pool, out, stop, torch
         self.error: BaseException | None = None
 
-    def buffer(self, fd: int, offset: int, nbytes: int, pinned: bool) -> Any:
-        buf = self.torch.empty(nbytes, dtype=self.torch.uint8, pin_memory=pinned)
+    def buffer(self, fd: int, offset: int, nbytes: int, reserved: bool = False) -> Any:
+        buf = self.pool.take(nbytes, reserved=reserved)
         if nbytes:
             _pread_into(fd, memoryview(buf.numpy()), offset)
         return buf
@@ -612,25 +673,22 @@ class _Reader(threading.Thread):
     def read(self, fd: int, shard: BaseShard, t: _Tensor, adapter_fds: list[int]) -> None:
         start = shard.header.data_offset + t.src.start
         if t.ops is not None:
-            base_buf = self.buffer(fd, start, t.src.nbytes, self.pinned)
+            sources = t.ops.sources()
+            sizes = [t.src.nbytes] + [src.info.nbytes for src in sources]
+            self.pool.reserve(sum(map(self.pool.charge, sizes)))  # all of them or none: no deadlock
+            base_buf = self.buffer(fd, start, t.src.nbytes, reserved=True)
             loaded = {}
-            for src in t.ops.sources():
+            for src in sources:
                 offset = self.adapters[src.adapter].header.data_offset + src.info.start
                 loaded[(src.adapter, src.key)] = self.buffer(adapter_fds[src.adapter], offset, src.info.nbytes,
-                                                             self.pinned)
+                                                             reserved=True)
             _put(self.out, ("tensor", t, base_buf, loaded), self.stop)
             return
-        cast = t.out_dtype != t.src.dtype
         step = CHUNK_SIZE - CHUNK_SIZE % DTYPE_SIZES[t.src.dtype]
         position, end = start, start + t.src.nbytes
         while True:
             n = min(step, end - position)
-            if cast:  # cast on the CPU by the calling thread
-                data: Any = self.buffer(fd, position, n, False)
-            else:
-                data = os.pread(fd, n, position)
-                if len(data) != n:
-                    raise MergeUnsupportedError(f"base shard {shard.name!r} is shorter than its header says")
+            data = self.buffer(fd, position, n)  # a cast is done on the CPU by the calling thread
             position += n
             _put(self.out, ("chunk", t, data, position == end), self.stop)
             if position == end:
@@ -640,9 +698,11 @@ class _Reader(threading.Thread):
 class _Writer(threading.Thread):
     """Writes and hashes the output files; counts what is done for progress."""
 
-    def __init__(self, plan: MergePlan, out_dir: Path, inbox: queue.Queue[Any], stop: threading.Event, torch: Any):
+    def __init__(self, plan: MergePlan, out_dir: Path, inbox: queue.Queue[Any], stop: threading.Event, torch: Any,
+                 pool: _Pool):
         super().__init__(name="loreg-merge-writer", daemon=True)
         self.plan, self.out_dir, self.inbox, self.stop, self.torch = plan, out_dir, inbox, stop, torch
+        self.pool = pool
         self.outputs: list[OutputFile] = []
         self.created: list[Path] = []
         self.error: BaseException | None = None
@@ -670,22 +730,26 @@ class _Writer(threading.Thread):
                     planned = self.plan.files[item[1]]
                     partial = self.out_dir / f".{planned.name}.partial"
                     self.created.append(partial)
-                    f = open(partial, "wb")
+                    f = open(partial, "wb", buffering=0)
                     hasher = hashlib.sha256(planned.header_bytes)
-                    f.write(planned.header_bytes)
+                    _write_all(f, planned.header_bytes)
                     changed = planned.rebuilt
                     nbytes += len(planned.header_bytes)
                 elif kind == "data":
-                    _, data, last, event, original = item
+                    _, data, last, event, original, release = item
                     if event is not None:
                         event.synchronize()
-                    view = data if isinstance(data, bytes) else memoryview(data.numpy())  # bytes or uint8 tensor
-                    f.write(view)  # type: ignore[union-attr]
+                    view = memoryview(data.numpy())  # a uint8 tensor
+                    _write_all(f, view)
                     hasher.update(view)  # type: ignore[union-attr]
                     if original is not None and not changed:
                         changed = not self.torch.equal(data, original)  # a fast memcmp on uint8 tensors
                     nbytes += len(view)
                     tensors += last
+                    del view, data, original
+                    for buf in release:  # reused by the reader and the calling thread
+                        self.pool.give(buf)
+                    del release
                 elif kind == "close":
                     assert f is not None and planned is not None and partial is not None and hasher is not None
                     f.close()
@@ -705,6 +769,15 @@ class _Writer(threading.Thread):
         finally:
             if f is not None:
                 f.close()
+
+
+def _write_all(f: Any, data: Any) -> None:
+    view = memoryview(data)
+    while len(view):
+        n = f.write(view)
+        if not n:
+            raise OSError("write returned 0")
+        view = view[n:]
 
 
 def _as_tensor(torch: Any, buf: Any, dtype: str, shape: tuple[int, ...], device: str, compute: Any) -> Any:
@@ -750,15 +823,65 @@ def _dora(torch: Any, op: _Lora, v: Any, m: Any) -> Any:
     return v * (m.reshape(-1) / norm).view(-1, *([1] * (v.dim() - 1)))
 
 
+def _row_blocked(t: _Tensor, device: str, out: Any) -> bool:
+    """Whether ``t`` can be merged block of rows by block of rows: plain Linear LoRA deltas on the CPU.
+
+    Row i of B@A is row i of B times A, and splitting a matmul by rows of its left operand keeps every
+    element's sum in the same order (checked bit for bit against the full product), so each block is what
+    PEFT's full-tensor merge gives for those rows, without tensor-sized float32 copies.
+    """
+    ops = t.ops
+    return (out is not None and device == "cpu" and ops is not None and bool(ops.lora) and len(t.src.shape) == 2
+            and not ops.replace and not ops.replace_is_noop and not ops.bias and ops.rows is None
+            and all(op.layer == "linear" and op.magnitude is None for op in ops.lora)
+            and t.src.shape[0] >= 2 * ROW_TAIL)
+
+
+def _merge_rows(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int, str], Any], compute: Any,
+                scratch: dict[str, Any], out: Any) -> Any:
+    assert t.ops is not None
+    rows, cols = t.src.shape
+    src = base_buf.view(_torch_dtype(torch, t.src.dtype)).view(rows, cols)
+    dst = out.view(_torch_dtype(torch, t.out_dtype)).view(rows, cols)
+    factors = []
+    for op in t.ops.lora:
+        a = _as_tensor(torch, loaded[(op.a.adapter, op.a.key)], op.a.info.dtype, tuple(op.a.info.shape), "cpu",
+                       compute)
+        b = _as_tensor(torch, loaded[(op.b.adapter, op.b.key)], op.b.info.dtype, tuple(op.b.info.shape), "cpu",
+                       compute)
+        factors.append((op, a, b))
+    step = max(ROW_TAIL, ROW_BLOCK // (cols * 4))
+    i = 0
+    while i < rows:
+        j = min(i + step, rows)
+        if rows - j < ROW_TAIL:
+            j = rows
+        w = _scratch(torch, scratch, "rows_w", (j - i, cols), compute, "cpu").copy_(src[i:j])
+        for op, a, b in factors:
+            d = torch.mm(b[i:j], a, out=_scratch(torch, scratch, "rows_d", (j - i, cols), compute, "cpu"))
+            d.mul_(op.scale)  # PEFT's order: (B @ A) * scale, then added
+            if op.weight != 1.0:
+                d.mul_(op.weight)
+            w += d
+        dst[i:j].copy_(w)
+        i = j
+    return dst
+
+
 def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int, str], Any], device: str,
-                  scratch: dict[str, Any] | None = None) -> Any:
-    """The merged tensor in the output dtype; ``scratch`` holds buffers reused from one tensor to the next."""
+                  scratch: dict[str, Any] | None = None, out: Any = None) -> Any:
+    """The merged tensor in the output dtype; ``scratch`` holds buffers reused from one tensor to the next.
+
+    With ``out`` (a uint8 buffer of the output's size, on the computing device) the result is cast into it.
+    """
     ops = t.ops
     assert ops is not None
     scratch = {} if scratch is None else scratch
     wide = "F64" in (t.src.dtype, t.out_dtype)
     compute = torch.float64 if wide else torch.float32
     shape = tuple(t.src.shape)
+    if _row_blocked(t, device, out):
+        return _merge_rows(torch, t, base_buf, loaded, compute, scratch, out)
     # a copy, never the read buffer itself (the writer compares against it), into a reused buffer
     src = _as_tensor(torch, base_buf, t.src.dtype, shape, device, None)
     w = _scratch(torch, scratch, "weight", shape, compute, src.device).copy_(src)
@@ -792,8 +915,10 @@ def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int,
     if ops.rows is not None:
         src, indices = ops.rows
         w.index_copy_(0, torch.tensor(indices, dtype=torch.long, device=w.device), get(src))
-    out = w.to(_torch_dtype(torch, t.out_dtype))
-    return out.clone() if out.data_ptr() == work.data_ptr() else out  # the scratch buffer is used again
+    if out is not None:  # the same rounding as .to(), without a fresh tensor-sized allocation
+        return out.view(_torch_dtype(torch, t.out_dtype)).view(shape).copy_(w)
+    result = w.to(_torch_dtype(torch, t.out_dtype))
+    return result.clone() if result.data_ptr() == work.data_ptr() else result  # the scratch buffer is used again
 
 
 def merge_to_dir(
@@ -837,8 +962,15 @@ def merge_to_dir(
     stop = threading.Event()
     read_q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
     write_q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
-    reader = _Reader(plan, shards, adapters, cuda, read_q, stop, torch)
-    writer = _Writer(plan, out_dir, write_q, stop, torch)
+    slab = CHUNK_SIZE  # the largest buffer the pool hands out: a chunk read or cast, a touched tensor or its output
+    for tensors in plan.tensors:
+        for t in tensors:
+            wider = max(1.0, DTYPE_SIZES[t.out_dtype] / DTYPE_SIZES[t.src.dtype])
+            slab = max(slab, math.ceil(CHUNK_SIZE * wider) if t.ops is None else
+                       math.prod(t.src.shape) * max(DTYPE_SIZES[t.src.dtype], DTYPE_SIZES[t.out_dtype]))
+    pool = _Pool(torch, BYTE_BUDGET, slab, cuda, stop)
+    reader = _Reader(plan, shards, adapters, pool, read_q, stop, torch)
+    writer = _Writer(plan, out_dir, write_q, stop, torch, pool)
     totals = (plan.tensors_total, plan.bytes_total)
     reported: tuple[int, int] | None = None
     last_call = 0.0
@@ -859,7 +991,7 @@ def merge_to_dir(
     writer.start()
     try:
         with _on_device(torch, device):
-            _pump(torch, device, read_q, write_q, reader, writer, stop, tick)
+            _pump(torch, device, read_q, write_q, reader, writer, stop, tick, pool)
         _put(write_q, _DONE, stop)
         writer.join()
         if writer.error is not None:
@@ -879,7 +1011,7 @@ def merge_to_dir(
 
 
 def _pump(torch: Any, device: str, read_q: queue.Queue[Any], write_q: queue.Queue[Any], reader: _Reader,
-          writer: _Writer, stop: threading.Event, tick: Callable[[], None]) -> None:
+          writer: _Writer, stop: threading.Event, tick: Callable[[], None], pool: _Pool) -> None:
     """The calling thread's part: compute what the reader hands over and pass it to the writer."""
     cuda = device.startswith("cuda")
     scratch: dict[str, Any] = {}
@@ -900,23 +1032,28 @@ def _pump(torch: Any, device: str, read_q: queue.Queue[Any], write_q: queue.Queu
             _put(write_q, item, stop)
         elif kind == "chunk":
             _, t, data, last = item
-            if t.out_dtype != t.src.dtype:  # a torch uint8 buffer from the reader
-                cast = data.view(_torch_dtype(torch, t.src.dtype)).to(_torch_dtype(torch, t.out_dtype))
-                data = cast.view(torch.uint8)
-            _put(write_q, ("data", data, last, None, None), stop)
+            if t.out_dtype != t.src.dtype:  # a torch uint8 buffer from the reader, cast into a pooled one
+                src = data.view(_torch_dtype(torch, t.src.dtype))
+                out = pool.take(src.numel() * DTYPE_SIZES[t.out_dtype], wait=False)
+                out.view(_torch_dtype(torch, t.out_dtype)).copy_(src)
+                pool.give(data)
+                data = out
+            _put(write_q, ("data", data, last, None, None, (data,)), stop)
         else:
             _, t, base_buf, loaded = item
+            host = pool.take(math.prod(t.src.shape) * DTYPE_SIZES[t.out_dtype], wait=False)
             with torch.no_grad():
-                flat = _merge_tensor(torch, t, base_buf, loaded, device, scratch).reshape(-1)
                 event = None
                 if cuda:  # copy back into pinned memory; the writer waits on the event, not this thread
-                    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                    host.copy_(flat, non_blocking=True)
+                    flat = _merge_tensor(torch, t, base_buf, loaded, device, scratch).reshape(-1)
+                    host.view(flat.dtype).copy_(flat, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record()
-                    flat = host
+                else:
+                    _merge_tensor(torch, t, base_buf, loaded, device, scratch, out=host)
             original = base_buf if t.out_dtype == t.src.dtype else None
-            _put(write_q, ("data", flat.view(torch.uint8), True, event, original), stop)
+            # every buffer goes back to the pool once written (after the event: CUDA copies read them until then)
+            _put(write_q, ("data", host, True, event, original, (host, base_buf, *loaded.values())), stop)
         tick()
 
 
