@@ -32,11 +32,12 @@ and fp8 tensors are copied as they are. Updating config.json's dtype is the call
 
 Pipeline: a reader thread (pread, bounded chunks for untouched tensors, pinned buffers on CUDA), the calling
 thread computing (on CUDA when device="auto" finds one; IEEE float32 matmuls are forced while it runs, TF32
-would lose digits of the delta), and a writer thread hashing while it writes; bounded queues keep memory at a
-few tensors. Files are written as ``.<name>.partial`` and renamed when complete; on any error every file this
-call created is removed. ``progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called from the
-calling thread (bytes are output-file bytes, headers included), the last call with the totals; an exception
-it raises aborts the merge.
+would lose digits of the delta), and a writer thread hashing while it writes. Host buffers are reused slabs
+under a byte budget (BYTE_BUDGET) and plain Linear deltas are merged on the CPU in blocks of rows (ROW_BLOCK),
+so memory stays flat. Files are written as ``.<name>.partial`` and renamed when complete; on any error every
+file this call created is removed. ``progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is
+called from the calling thread (bytes are output-file bytes, headers included), the last call with the
+totals; an exception it raises aborts the merge.
 """
 
 from __future__ import annotations
@@ -582,7 +583,7 @@ class _Pool:
     them back. ``take`` blocks while ``budget`` bytes are out (unless nothing is out: one tensor larger than
     the budget still passes); ``take(wait=False)`` (the calling thread's output buffers) never blocks, since
     the reader's budget already bounds what the calling thread can produce. A pooled buffer counts as a
-    whole slab against the budget (that is the memory it holds). Idle slabs are kept up to ``budget`` bytes.
+    whole slab against the budget (that is the memory it holds). Idle slabs are kept until the merge ends.
     """
 
     def __init__(self, torch: Any, budget: int, slab: int, pinned: bool, stop: threading.Event):
@@ -625,7 +626,7 @@ class _Pool:
         with self.cond:
             self.out -= self.charge(view.numel())
             slab = self.slabs.pop(view.data_ptr(), None) if view.numel() >= _POOL_MIN else None
-            if slab is not None and (len(self.idle) + 1) * self.slab <= max(self.budget, 2 * self.slab):
+            if slab is not None:  # kept: there are never more slabs than the peak in flight
                 self.idle.append(slab)
             self.cond.notify_all()
 

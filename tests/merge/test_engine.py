@@ -223,6 +223,24 @@ def test_merge_equals_peft_merge_and_unload(cache: Cache, case: str) -> None:
     assert merged.touched, "the adapter changed nothing"
 
 
+@pytest.mark.parametrize("base", ["llama", "llama-bf16"])
+def test_row_blocked_linear_merge_is_bit_identical_to_the_whole_tensor_merge(
+    cache: Cache, root: Path, base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU path merges big Linear weights in blocks of rows; on the tiny models the 64-row MLP
+    weights take it only when the block is forced down to ROW_TAIL rows."""
+    import loreg.registry.merge.engine as engine
+
+    adapter = cache.adapter(f"rows-{base}", "llama", base, target_modules="all-linear")
+    monkeypatch.setattr(engine, "ROW_BLOCK", 1)  # blocks of ROW_TAIL (32) rows: 2 blocks per MLP weight
+    blocked = merge(cache.bases[base], [adapter], root / f"rows-blocked-{base}")
+    monkeypatch.setattr(engine, "ROW_TAIL", 1 << 30)  # the whole-tensor path for every weight
+    whole = merge(cache.bases[base], [adapter], root / f"rows-whole-{base}")
+    assert blocked.touched == whole.touched and any("mlp" in t for t in blocked.touched)
+    for a, b in zip(sorted(blocked.out_dir.glob("*.safetensors")), sorted(whole.out_dir.glob("*.safetensors"))):
+        assert sha256(a) == sha256(b)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_only_touched_tensors_change_and_the_rest_is_copied_verbatim(cache: Cache, case: str) -> None:
     merged = cache.merge(case)
