@@ -201,31 +201,15 @@ def client(bare_client: Any, tiny_llama: dict[str, Path]) -> Any:
 @pytest.fixture
 def live_server(app: Any, admin_token: str, tiny_llama: dict[str, Path]) -> Iterator[str]:
     """The app served by uvicorn on 127.0.0.1 in a thread (real HTTP, for CLI and concurrency tests)."""
-    import threading
-    import time
+    from tests.support.server import serve_in_thread
 
-    import uvicorn
+    with serve_in_thread(app) as url:
+        from loreg.cli.client import RegistryClient
+        from tests import factories
 
-    from tests.support.moto import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{port}"
-    from loreg.cli.client import RegistryClient
-    from tests import factories
-
-    with RegistryClient(url, admin_token) as c:
-        c.register_base(tiny_llama["base"], factories.base_name("llama"))
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+        with RegistryClient(url, admin_token) as c:
+            c.register_base(tiny_llama["base"], factories.base_name("llama"))
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from loreg.cli.client import RegistryClient
 from loreg.registry import errors
 from loreg.registry.merge.worker import ExportWorker
 from tests import factories
+from tests.support.server import poll_until
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +199,11 @@ def test_in_process_worker_of_serve_runs_queued_exports(settings: Any, admin_tok
             c.register_base(sharded["base"], factories.base_name("llama"), upload_weights=True)
             c.push(sharded["a"], "org/a")
             job = c.request("POST", "/v1/exports", json={"adapters": [{"ref": "org/a"}]}).json()
-            deadline = time.monotonic() + 120
-            state = job["state"]
-            while state in ("queued", "running"):
-                assert time.monotonic() < deadline, "the in-process worker never finished the export"
-                time.sleep(0.05)
-                state = c.get_json(f"/v1/exports/{job['id']}")["state"]
+            state = poll_until(
+                lambda: (st := c.get_json(f"/v1/exports/{job['id']}")["state"]) not in ("queued", "running") and st,
+                "the in-process worker to finish the export",
+                deadline_s=120,
+            )
             assert state == "done"
     finally:
         reg.close()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,41 +11,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.moto import free_port
+from tests.support.server import env_with, poll_until, serving
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def slow_deadline_server(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOREG_")}
-    env.update({"LOREG_HOME": str(tmp_path / "home"), "LOREG_HEADER_TIMEOUT_S": "1"})
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "loreg.cli.main", "serve", "--port", str(port), "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL, stderr=log_file,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "loreg serve did not start"
-            time.sleep(0.05)
+    """`loreg serve` (embedded default) with a 1 s request-receipt deadline."""
+    env = env_with(LOREG_HOME=str(tmp_path / "home"), LOREG_HEADER_TIMEOUT_S="1")
+    with serving(env, tmp_path) as (url, _proc):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_slow_header_senders_are_cut_off_while_normal_clients_are_served(slow_deadline_server: str) -> None:
@@ -58,13 +31,13 @@ def test_slow_header_senders_are_cut_off_while_normal_clients_are_served(slow_de
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         slow.append(s)
-    # the slow clients keep trickling header bytes; the server must close them all after ~1 s
     closed: set[int] = set()
-    latencies = []
-    deadline = time.monotonic() + 30  # generous: the deadline is 1 s
+    latencies: list[float] = []
+
     with httpx.Client(timeout=10) as normal:
-        while len(closed) < len(slow):
-            assert time.monotonic() < deadline, f"{len(slow) - len(closed)} slow connections still open"
+
+        def all_slow_cut_off() -> bool:
+            # a normal client is served meanwhile; the slow ones keep trickling header bytes
             t0 = time.monotonic()
             assert normal.get(f"{slow_deadline_server}/v1/health").status_code == 200
             latencies.append(time.monotonic() - t0)
@@ -80,18 +53,20 @@ def test_slow_header_senders_are_cut_off_while_normal_clients_are_served(slow_de
                     pass
                 except OSError:
                     closed.add(i)
-            time.sleep(0.2)
+            return len(closed) == len(slow)
+
+        # generous: the deadline is 1 s
+        poll_until(all_slow_cut_off, "the server to close every slow connection", deadline_s=30)
     for s in slow:
         s.close()
     assert latencies and max(latencies) < 10  # served meanwhile (a bound against hangs, not a benchmark)
 
 
 def test_a_complete_request_is_not_cut_by_the_header_deadline(slow_deadline_server: str) -> None:
-    # keep-alive: several requests on one connection, with pauses shorter than the deadline
+    # keep-alive: the deadline is re-armed after each response and disarmed by complete headers
     with httpx.Client(timeout=10) as c:
-        for _ in range(3):
+        for _ in range(5):
             assert c.get(f"{slow_deadline_server}/v1/health").status_code == 200
-            time.sleep(0.3)
 
 
 def test_exports_run_at_most_the_concurrency_bound_and_queue_the_rest(
@@ -115,14 +90,13 @@ def test_exports_run_at_most_the_concurrency_bound_and_queue_the_rest(
             jobs = [c.request("POST", "/v1/exports", json={"adapters": [{"ref": "org/a", "weight": w}]}).json()
                     for w in (0.25, 0.5, 0.75, 1.0)]
             assert all(j["state"] == "queued" for j in jobs)
-            deadline = time.monotonic() + 120
-            states = ["queued"]
-            while any(s in ("queued", "running") for s in states):
-                assert time.monotonic() < deadline, "exports did not finish"
-                done = [c.get_json(f"/v1/exports/{j['id']}") for j in jobs]
-                states = [d["state"] for d in done]
-                time.sleep(0.02)
-            assert states == ["done"] * 4
+
+            def finished() -> list[dict[str, Any]] | None:
+                now = [c.get_json(f"/v1/exports/{j['id']}") for j in jobs]
+                return None if any(d["state"] in ("queued", "running") for d in now) else now
+
+            done = poll_until(finished, "the exports to finish", deadline_s=120)
+            assert [d["state"] for d in done] == ["done"] * 4
             # the jobs' [started_at, finished_at] intervals never overlap more than the bound
             events = sorted(
                 [(d["started_at"], 1) for d in done] + [(d["finished_at"], -1) for d in done], key=lambda e: (e[0], e[1])
