@@ -11,29 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from loreg.registry.errors import ConfigInvalidError, NameInvalidError, UnsupportedFormatError
-from loreg.registry.formats import fingerprint, safetensors
+from loreg.registry.formats import fingerprint, names, safetensors
 
 READ_CHUNK = 8 << 20
 MAX_JSON = 16 << 20
 # files of a checkpoint folder that travel with the weights (config, tokenizer, templates)
-SIDE_FILES = frozenset(
-    {
-        "config.json",
-        "generation_config.json",
-        "model.safetensors.index.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "tokenizer.model",
-        "vocab.json",
-        "vocab.txt",
-        "merges.txt",
-        "chat_template.jinja",
-        "chat_template.json",
-        "preprocessor_config.json",
-    }
-)
+SIDE_FILES = names.TOKENIZER_FILES | {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "preprocessor_config.json",
+}
 
 
 @dataclass

@@ -339,12 +339,8 @@ class RegistryClient:
         if not ref:
             raise NameInvalidError("adapter_config.json names no base model", hint="pass --base ORG/MODEL")
         lay = self.base_layout(ref)
-        layout = validate.BaseLayout(
-            tensors={t[0]: (t[1], tuple(t[2])) for t in lay["tensors"]},
-            model_type=lay["model_type"],
-            architectures=tuple(lay["architectures"]),
-            tie_word_embeddings=bool(lay["config"].get("tie_word_embeddings", True)),
-        )
+        # the same layout the server validates against (model_type, architectures, tying from config.json)
+        layout = validate.base_layout({t[0]: (t[1], t[2]) for t in lay["tensors"]}, lay["config"])
         report = validate.validate_adapter(config, header, layout, base_name=ref.split("@")[0] if not ref.startswith("sha256:") else None)
         out = report.to_dict()
         out["facts"]["targets"] = peft.leaf_targets(out["facts"]["modules"])

@@ -25,12 +25,9 @@ BASE_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_VERSION_NUMBER = 2**31 - 1
 
-# Files a PEFT adapter folder may hold that loreg stores; everything else in the folder is skipped.
-ADAPTER_FILES = frozenset(
+# Tokenizer and chat-template files: they travel with adapters and with base checkpoints.
+TOKENIZER_FILES = frozenset(
     {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "README.md",
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
@@ -41,9 +38,15 @@ ADAPTER_FILES = frozenset(
         "merges.txt",
         "chat_template.jinja",
         "chat_template.json",
-        "generation_config.json",
     }
 )
+# Files a PEFT adapter folder may hold that loreg stores; everything else in the folder is skipped.
+ADAPTER_FILES = TOKENIZER_FILES | {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "README.md",
+    "generation_config.json",
+}
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 

@@ -116,13 +116,20 @@ def base_layout_from_headers(headers: Iterable[Header], config_json: Mapping[str
             if name in tensors:
                 raise DuplicateKeyError(f"tensor {name!r} appears in two shards", detail={"key": name})
             tensors[name] = (info.dtype, tuple(info.shape))
+    return base_layout(tensors, config_json)
+
+
+def base_layout(
+    tensors: Mapping[str, tuple[str, Iterable[int]]], config_json: Mapping[str, Any] | None
+) -> BaseLayout:
+    """A layout from ``{name: (dtype, shape)}`` (e.g. a stored base's tensor list) and config.json."""
     cfg = dict(config_json or {})
     text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures")
     tie = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", True))
     return BaseLayout(
-        tensors=tensors,
+        tensors={name: (dtype, tuple(shape)) for name, (dtype, shape) in tensors.items()},
         model_type=model_type if isinstance(model_type, str) else None,
         architectures=tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else (),
         # transformers' default; a checkpoint without lm_head.weight is tied whatever the flag says

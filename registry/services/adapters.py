@@ -43,6 +43,7 @@ from loreg.registry.errors import (
     AdapterNotFoundError,
     AliasNotFoundError,
     BlobMissingError,
+    BlobNotFoundError,
     ConfigTooLargeError,
     ConflictError,
     ManifestInvalidError,
@@ -159,12 +160,10 @@ class AdapterService:
         for f in files.values():
             try:
                 stat = store.stat(f.digest)
-            except Exception as exc:
-                if getattr(exc, "code", None) == "BLOB_NOT_FOUND":
-                    raise BlobMissingError(
-                        f"{f.path}: blob {f.digest} was not uploaded", detail={"path": f.path, "digest": f.digest}
-                    ) from exc
-                raise
+            except BlobNotFoundError as exc:
+                raise BlobMissingError(
+                    f"{f.path}: blob {f.digest} was not uploaded", detail={"path": f.path, "digest": f.digest}
+                ) from exc
             if stat.size != f.size:
                 raise ManifestInvalidError(
                     f"{f.path}: declared size {f.size} but the blob has {stat.size} bytes",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy import select
@@ -35,15 +36,7 @@ def split_base_ref(ref: str) -> tuple[str, str | None]:
 
 
 def layout_of(row: BaseRow) -> validate.BaseLayout:
-    cfg = row.config or {}
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    tie = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", True))
-    return validate.BaseLayout(
-        tensors={t[0]: (t[1], tuple(t[2])) for t in row.tensors},
-        model_type=row.model_type,
-        architectures=tuple(row.architectures or ()),
-        tie_word_embeddings=tie if isinstance(tie, bool) else True,
-    )
+    return validate.base_layout({t[0]: (t[1], t[2]) for t in row.tensors}, row.config)
 
 
 class BaseService:
@@ -88,15 +81,10 @@ class BaseService:
             self._check_uploaded(body, tensors)
         layout_digest = fingerprint.layout_digest((t[0], t[1], t[2]) for t in tensors)
         weights_digest = fingerprint.weights_digest((t[0], t[1], t[2], t[4]) for t in tensors)
+        layout = validate.base_layout({t[0]: (t[1], t[2]) for t in tensors}, body.config)
+        model_type, archs = layout.model_type, list(layout.architectures)
+        param_count = sum(math.prod(t[2]) for t in tensors)
         cfg = body.config
-        model_type = cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None
-        archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)] if isinstance(cfg.get("architectures"), list) else []
-        param_count = 0
-        for t in tensors:
-            n = 1
-            for d in t[2]:
-                n *= d
-            param_count += n
         created = False
         for _attempt in range(5):
             try:
