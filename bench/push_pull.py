@@ -1,17 +1,22 @@
 """Push and pull throughput against raw boto3 on the same S3 endpoint, measured in the same run.
 
 Starts moto's S3 server on 127.0.0.1 and `loreg serve` in its own process (SQLite + that bucket),
-registers a synthetic llama-like base (headers only), writes a synthetic r=16 all-linear adapter
-(~160 MB float32), then times:
-  raw upload    boto3 upload_file of the adapter file to the bucket
+registers a synthetic llama-like base (headers only), writes --repeat synthetic r=16 all-linear
+adapters (~160 MB float32 each, different bytes), then, --repeat times each, interleaved:
+  raw upload    boto3 upload_file of an adapter file to the bucket
   loreg push    hash, blobs:check, upload through the API, commit (strict parse, value scan, validation)
-  raw download  streamed get_object of that object to a file
-  loreg pull    resolve, download through the API with verification, into a fresh folder;
-                then again with presigned direct downloads from S3 (DESIGN §7)
+  raw download  streamed get_object of that object to a file (and again hashing it: context)
+  loreg pull    resolve, download through the API with verification, into a fresh folder; then the
+                same with presigned direct downloads from S3 (DESIGN §7, LOREG_S3_PRESIGN_DOWNLOADS)
   re-push       the same folder again: bytes uploaded (goal 0)
-and prints push/raw and pull/raw throughput ratios (goal >= 0.8).
+and prints the median of each, and push/raw and pull/raw throughput ratios (goal >= 0.8).
 
-    python bench/push_pull.py [--layers 32]
+Every timed download first deletes the previous one's output (and a pull its cache entry), so each
+writes into memory freed just before: on a VM that hands freed memory back to its host (virtio-balloon
+free page reporting), memory untouched for a few seconds costs a host fault per page, ~2.5 ms per MB
+here, which would otherwise decide which side looks faster.
+
+    python bench/push_pull.py [--layers 32] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,10 +53,10 @@ def base_tensors(layers: int) -> list[dict]:
     return out
 
 
-def write_adapter(folder: Path, layers: int, r: int = 16) -> None:
+def write_adapter(folder: Path, layers: int, r: int = 16, seed: int = 0) -> None:
     from safetensors.numpy import save_file
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     tensors = {}
     for i in range(layers):
         for leaf, (o, n) in TARGETS.items():
@@ -67,6 +74,7 @@ def write_adapter(folder: Path, layers: int, r: int = 16) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
     import boto3
@@ -77,17 +85,42 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="loreg-bench-pp-"))
     os.environ["LOREG_HOME"] = str(work / "client")
+    cache = work / "client" / "cache"
+    times: dict[str, list[float]] = {k: [] for k in ("raw_up", "push", "raw_down", "raw_down_sha", "pull", "direct")}
+
+    def timed(key: str, fn: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn()
+        times[key].append(time.perf_counter() - t0)
+        return out
+
+    def fresh(*paths: Path) -> None:
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
     with fake_aws_env(), start_moto() as moto:
         make_bucket(moto.endpoint_url, "bench")
         server_env = env_with(LOREG_HOME=str(work / "server"), LOREG_STORAGE_URL="s3://bench/registry",
                               LOREG_S3_ENDPOINT_URL=moto.endpoint_url, LOREG_S3_REGION="us-east-1",
                               LOREG_EXPORT_WORKER="external")
-        adapter = work / "adapter"
-        write_adapter(adapter, args.layers)
-        st = adapter / "adapter_model.safetensors"
-        size = st.stat().st_size
+        adapters = [work / f"adapter-{i}" for i in range(args.repeat)]
+        for i, folder in enumerate(adapters):
+            write_adapter(folder, args.layers, seed=i)
+            (folder / "adapter_model.safetensors").read_bytes()  # in the page cache, as for both sides
+        size = (adapters[0] / "adapter_model.safetensors").stat().st_size
         s3 = boto3.client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")
-        st.read_bytes()  # warm the page cache
+
+        def raw_download(key: str, target: Path, verify: bool) -> None:
+            body = s3.get_object(Bucket="bench", Key=key)["Body"]
+            h = hashlib.sha256()
+            with open(target, "wb") as f:
+                for chunk in body.iter_chunks(1 << 20):
+                    if verify:
+                        h.update(chunk)
+                    f.write(chunk)
 
         # `loreg serve` in its own process, as in production (S3 + SQLite)
         with serving(server_env, work) as (url, _proc):
@@ -96,55 +129,52 @@ def main() -> None:
                 "name": "bench/llama-like", "config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
                 "tensors": base_tensors(args.layers),
                 "files": [{"path": "model.safetensors", "size": 1, "digest": "sha256:" + "0" * 64}]})
+            for i, folder in enumerate(adapters):
+                st = folder / "adapter_model.safetensors"
+                timed("raw_up", lambda: s3.upload_file(str(st), "bench", f"raw/{i}"))
+                pushed = timed("push", lambda: client.push(folder, "bench/adapter"))
+                assert pushed["version"] == i + 1 and pushed["bytes_uploaded"] >= size
             t0 = time.perf_counter()
-            s3.upload_file(str(st), "bench", "raw/adapter.safetensors")
-            t_raw_up = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            pushed = client.push(adapter, "bench/adapter")
-            t_push = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            again = client.push(adapter, "bench/adapter")
+            again = client.push(adapters[-1], "bench/adapter")
             t_repush = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            body = s3.get_object(Bucket="bench", Key="raw/adapter.safetensors")["Body"]
-            with open(work / "raw-download", "wb") as f:
-                for chunk in body.iter_chunks(1 << 20):
-                    f.write(chunk)
-            t_raw_down = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            body = s3.get_object(Bucket="bench", Key="raw/adapter.safetensors")["Body"]
-            h = hashlib.sha256()
-            with open(work / "raw-download-verified", "wb") as f:
-                for chunk in body.iter_chunks(1 << 20):
-                    h.update(chunk)
-                    f.write(chunk)
-            t_raw_down_verified = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            client.pull("bench/adapter:1", work / "pulled")
-            t_pull = time.perf_counter() - t0
+            for i in range(args.repeat):
+                fresh(work / "raw-download")
+                timed("raw_down", lambda: raw_download(f"raw/{i}", work / "raw-download", False))
+                fresh(work / "raw-download")
+                timed("raw_down_sha", lambda: raw_download(f"raw/{i}", work / "raw-download", True))
+                fresh(work / "raw-download", work / "pulled", cache)
+                timed("pull", lambda: client.pull(f"bench/adapter:{i + 1}", work / "pulled"))
             client.close()
-        shutil.rmtree(work / "client" / "cache")
         with serving({**server_env, "LOREG_S3_PRESIGN_DOWNLOADS": "true"}, work) as (url, _proc):
             client = RegistryClient(url, token_for(work / "server", url))
-            t0 = time.perf_counter()
-            client.pull("bench/adapter:1", work / "pulled-direct")
-            t_pull_direct = time.perf_counter() - t0
+            for i in range(args.repeat):
+                fresh(work / "raw-download")
+                timed("raw_down", lambda: raw_download(f"raw/{i}", work / "raw-download", False))
+                fresh(work / "raw-download", work / "pulled", cache)
+                timed("direct", lambda: client.pull(f"bench/adapter:{i + 1}", work / "pulled"))
             client.close()
 
+        m = {k: statistics.median(v) for k, v in times.items()}
         mb = size / 1e6
+
+        def line(label: str, key: str, note: str = "") -> None:
+            runs = " ".join(f"{t:.2f}" for t in times[key])
+            print(f"{label:24s} {m[key]:6.2f} s {mb / m[key]:7.1f} MB/s   (runs: {runs}){note}")
+
         print(f"adapter: {mb:.0f} MB ({args.layers} layers x 7 modules, r=16, float32); S3 = moto on 127.0.0.1; "
-              f"loreg serve in its own process; {os.cpu_count()} cpus")
-        print(f"raw boto3 upload_file  {t_raw_up:6.2f} s {mb / t_raw_up:7.1f} MB/s")
-        print(f"loreg push             {t_push:6.2f} s {mb / t_push:7.1f} MB/s   (version {pushed['version']})")
-        print(f"raw get_object stream  {t_raw_down:6.2f} s {mb / t_raw_down:7.1f} MB/s")
-        print(f"raw get_object + sha256 {t_raw_down_verified:5.2f} s {mb / t_raw_down_verified:7.1f} MB/s   (context: the baseline verifies nothing)")
-        print(f"loreg pull (via API)   {t_pull:6.2f} s {mb / t_pull:7.1f} MB/s")
-        print(f"loreg pull (presigned) {t_pull_direct:6.2f} s {mb / t_pull_direct:7.1f} MB/s   (LOREG_S3_PRESIGN_DOWNLOADS=true)")
-        print(f"re-push                {t_repush:6.2f} s, bytes uploaded: {again['bytes_uploaded']} (created: {again['created']})")
-        print(f"ratio push/raw upload throughput:   {t_raw_up / t_push:.2f}   (goal >= 0.8)")
-        print(f"ratio pull/raw download throughput: {t_raw_down / t_pull:.2f} via the API, "
-              f"{t_raw_down / t_pull_direct:.2f} presigned   (goal >= 0.8)")
+              f"loreg serve in its own process; {os.cpu_count()} cpus; medians of {args.repeat} runs (raw download: "
+              f"{len(times['raw_down'])})")
+        line("raw boto3 upload_file", "raw_up")
+        line("loreg push", "push")
+        line("raw get_object stream", "raw_down")
+        line("raw get_object + sha256", "raw_down_sha", "   context: the baseline verifies nothing")
+        line("loreg pull (via API)", "pull")
+        line("loreg pull (presigned)", "direct", "   LOREG_S3_PRESIGN_DOWNLOADS=true")
+        print(f"re-push                  {t_repush:6.2f} s, bytes uploaded: {again['bytes_uploaded']} "
+              f"(created: {again['created']})")
+        print(f"ratio push/raw upload throughput:   {m['raw_up'] / m['push']:.2f}   (goal >= 0.8)")
+        print(f"ratio pull/raw download throughput: {m['raw_down'] / m['direct']:.2f} presigned, "
+              f"{m['raw_down'] / m['pull']:.2f} via the API   (goal >= 0.8)")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from loreg.cli import config
 from loreg.cli.client import RegistryClient
 from loreg.registry import errors
+from tests.faults.test_corruption import flip_one_byte
 from tests.support.adapters import variant
 
 
@@ -186,3 +189,13 @@ def test_presigned_downloads_bypass_the_api_and_still_verify(
     out = client.pull("org/bot", tmp_path / "direct")
     assert tree_digest(tmp_path / "direct") == stored_files(adapter_dir)
     assert out["bytes_downloaded"] > 0
+
+    # the bytes storage hands out are verified too: one flipped byte, and no file is placed
+    digest = next(f["digest"] for f in out["files"] if f["path"] == "adapter_model.safetensors")
+    monkeypatch.undo()  # flip_one_byte reads through the store
+    registry.settings.s3_presign_downloads = True
+    flip_one_byte(registry, digest)
+    shutil.rmtree(config.cache_dir())
+    with pytest.raises((errors.DigestMismatchError, errors.ConnectionFailedError)):
+        client.pull("org/bot", tmp_path / "rotten")
+    assert not (tmp_path / "rotten" / "adapter_model.safetensors").exists()
