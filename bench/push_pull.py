@@ -9,7 +9,8 @@ adapters (~160 MB float32 each, different bytes), then, --repeat times each, int
   loreg pull    resolve, download through the API with verification, into a fresh folder; then the
                 same with presigned direct downloads from S3 (DESIGN §7, LOREG_S3_PRESIGN_DOWNLOADS)
   re-push       the same folder again: bytes uploaded (goal 0)
-and prints the median of each, and push/raw and pull/raw throughput ratios (goal >= 0.8).
+and prints the median of each, the CPU seconds each process used for it (this process, `loreg serve`,
+moto), and push/raw and pull/raw throughput ratios (goal >= 0.8).
 
 Every timed download first deletes the previous one's output (and a pull its cache entry), so each
 writes into memory freed just before: on a VM that hands freed memory back to its host (virtio-balloon
@@ -25,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -51,6 +53,17 @@ def base_tensors(layers: int) -> list[dict]:
             out.append({"name": name, "dtype": "BF16", "shape": [o, n], "file": "model.safetensors",
                         "digest": "sha256:" + hashlib.sha256(name.encode()).hexdigest()})
     return out
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc; 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def write_adapter(folder: Path, layers: int, r: int = 16, seed: int = 0) -> None:
@@ -86,12 +99,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="loreg-bench-pp-"))
     os.environ["LOREG_HOME"] = str(work / "client")
     cache = work / "client" / "cache"
-    times: dict[str, list[float]] = {k: [] for k in ("raw_up", "push", "raw_down", "raw_down_sha", "pull", "direct")}
+    keys = ("raw_up", "push", "raw_down", "raw_down_sha", "pull", "direct")
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[tuple[float, float, float]]] = {k: [] for k in keys}  # (bench, loreg serve, moto)
+    pids: dict[str, int] = {}
+
+    def cpu_now() -> tuple[float, float, float]:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        return (me.ru_utime + me.ru_stime, process_cpu(pids.get("server")), process_cpu(pids.get("moto")))
 
     def timed(key: str, fn: Any) -> Any:
+        c0 = cpu_now()
         t0 = time.perf_counter()
         out = fn()
         times[key].append(time.perf_counter() - t0)
+        cpu[key].append(tuple(b - a for a, b in zip(c0, cpu_now(), strict=True)))  # type: ignore[arg-type]
         return out
 
     def fresh(*paths: Path) -> None:
@@ -102,6 +124,7 @@ def main() -> None:
                 path.unlink(missing_ok=True)
 
     with fake_aws_env(), start_moto() as moto:
+        pids["moto"] = moto.process.pid
         make_bucket(moto.endpoint_url, "bench")
         server_env = env_with(LOREG_HOME=str(work / "server"), LOREG_STORAGE_URL="s3://bench/registry",
                               LOREG_S3_ENDPOINT_URL=moto.endpoint_url, LOREG_S3_REGION="us-east-1",
@@ -123,7 +146,8 @@ def main() -> None:
                     f.write(chunk)
 
         # `loreg serve` in its own process, as in production (S3 + SQLite)
-        with serving(server_env, work) as (url, _proc):
+        with serving(server_env, work) as (url, proc):
+            pids["server"] = proc.pid
             client = RegistryClient(url, token_for(work / "server", url))
             client.request("POST", "/v1/base-models", json={
                 "name": "bench/llama-like", "config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
@@ -145,7 +169,8 @@ def main() -> None:
                 fresh(work / "raw-download", work / "pulled", cache)
                 timed("pull", lambda: client.pull(f"bench/adapter:{i + 1}", work / "pulled"))
             client.close()
-        with serving({**server_env, "LOREG_S3_PRESIGN_DOWNLOADS": "true"}, work) as (url, _proc):
+        with serving({**server_env, "LOREG_S3_PRESIGN_DOWNLOADS": "true"}, work) as (url, proc):
+            pids["server"] = proc.pid
             client = RegistryClient(url, token_for(work / "server", url))
             for i in range(args.repeat):
                 fresh(work / "raw-download")
@@ -159,7 +184,9 @@ def main() -> None:
 
         def line(label: str, key: str, note: str = "") -> None:
             runs = " ".join(f"{t:.2f}" for t in times[key])
-            print(f"{label:24s} {m[key]:6.2f} s {mb / m[key]:7.1f} MB/s   (runs: {runs}){note}")
+            used = [statistics.median(c[i] for c in cpu[key]) for i in range(3)]
+            print(f"{label:24s} {m[key]:6.2f} s {mb / m[key]:7.1f} MB/s   (runs: {runs}; cpu s: client {used[0]:.2f}, "
+                  f"server {used[1]:.2f}, moto {used[2]:.2f}){note}")
 
         print(f"adapter: {mb:.0f} MB ({args.layers} layers x 7 modules, r=16, float32); S3 = moto on 127.0.0.1; "
               f"loreg serve in its own process; {os.cpu_count()} cpus; medians of {args.repeat} runs (raw download: "
