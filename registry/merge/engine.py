@@ -30,7 +30,8 @@ byte-identical to the base shard. With ``dtype`` (e.g. "bfloat16") every F16/BF1
 the header of each shard holding one is rebuilt (metadata kept, offsets recomputed, 8-byte aligned); integer
 and fp8 tensors are copied as they are. Updating config.json's dtype is the caller's job.
 
-Pipeline: a reader thread (pread, bounded chunks for untouched tensors, pinned buffers on CUDA), the calling
+Pipeline: a reader thread (pread, bounded chunks for untouched tensors, pinned buffers on CUDA; a base shard
+that was not in the page cache is dropped from it behind the reads, see _Reader._read_base), the calling
 thread computing (on CUDA when device="auto" finds one; IEEE float32 matmuls are forced while it runs, TF32
 would lose digits of the delta), and a writer thread hashing while it writes. The writer gathers each file's
 bytes in an aligned staging buffer and writes it with O_DIRECT where the file system takes it (see _OutFile:
@@ -79,6 +80,7 @@ BYTE_BUDGET = 96 << 20  # host buffer bytes the reader may hold in flight (read,
 STAGE_SIZE = 8 << 20  # the writer's staging buffer: output bytes go to the file in writes of this size
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length multiples of this (any block size up to 4 KiB)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux, FreeBSD; 0 (always the page cache) elsewhere
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux: a read that takes only what the page cache holds
 INDEX_NAME = "model.safetensors.index.json"
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what the engine computes in or casts to
@@ -650,12 +652,47 @@ class _Reader(threading.Thread):
         self.plan, self.shards, self.adapters = plan, shards, adapters
         self.pool, self.out, self.stop, self.torch = pool, out, stop, torch
         self.error: BaseException | None = None
+        self.nowait = bool(_RWF_NOWAIT) and hasattr(os, "posix_fadvise")  # drop-behind for cold base reads
+        self.cold = False  # the current shard was found outside the page cache
 
-    def buffer(self, fd: int, offset: int, nbytes: int, reserved: bool = False) -> Any:
+    def buffer(self, fd: int, offset: int, nbytes: int, reserved: bool = False, base: bool = False) -> Any:
         buf = self.pool.take(nbytes, reserved=reserved)
         if nbytes:
-            _pread_into(fd, memoryview(buf.numpy()), offset)
+            view = memoryview(buf.numpy())
+            if base and self.nowait:
+                self._read_base(fd, view, offset)
+            else:
+                _pread_into(fd, view, offset)
         return buf
+
+    def _read_base(self, fd: int, view: memoryview, offset: int) -> None:
+        """Read base bytes; a shard that was not in the page cache is dropped from it as it is read.
+
+        A shard already cached (registered a moment ago, or merged before) stays cached and is read at
+        memory speed. A cold one is read once and not kept (drop-behind): the pages just read are freed and
+        reused by the next reads, instead of every read taking fresh pages and evicting others (for a model
+        larger than memory caching it would only evict everything else; on VMs whose host backs guest memory
+        lazily each fresh page costs a host fault). RWF_NOWAIT reads only cached pages: the first read that
+        falls short marks the shard cold, for the rest of it (the kernel's readahead then caches pages ahead
+        of the reads, which a per-read test would take for a warm file).
+        """
+        if not self.cold:
+            try:
+                n = os.preadv(fd, [view], offset, _RWF_NOWAIT)
+            except BlockingIOError:
+                n = 0  # the first page is not cached
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self.nowait = False  # this file system cannot tell: plain reads from now on
+                _pread_into(fd, view, offset)
+                return
+            if n >= len(view):
+                return
+            self.cold = True
+            view, offset = view[n:], offset + n
+        _pread_into(fd, view, offset)
+        os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
 
     def run(self) -> None:
         fds: list[int] = []
@@ -664,6 +701,7 @@ class _Reader(threading.Thread):
                 fds.append(os.open(adapter.path, os.O_RDONLY))
             for index, shard in enumerate(self.shards):
                 fd = os.open(shard.path, os.O_RDONLY)
+                self.cold = False
                 try:
                     _put(self.out, ("open", index), self.stop)
                     for t in self.plan.tensors[index]:
@@ -687,7 +725,7 @@ class _Reader(threading.Thread):
             sources = t.ops.sources()
             sizes = [t.src.nbytes] + [src.info.nbytes for src in sources]
             self.pool.reserve(sum(map(self.pool.charge, sizes)))  # all of them or none: no deadlock
-            base_buf = self.buffer(fd, start, t.src.nbytes, reserved=True)
+            base_buf = self.buffer(fd, start, t.src.nbytes, reserved=True, base=True)
             loaded = {}
             for src in sources:
                 offset = self.adapters[src.adapter].header.data_offset + src.info.start
@@ -699,7 +737,7 @@ class _Reader(threading.Thread):
         position, end = start, start + t.src.nbytes
         while True:
             n = min(step, end - position)
-            data = self.buffer(fd, position, n)  # a cast is done on the CPU by the calling thread
+            data = self.buffer(fd, position, n, base=True)  # a cast is done on the CPU by the calling thread
             position += n
             _put(self.out, ("chunk", t, data, position == end), self.stop)
             if position == end:
