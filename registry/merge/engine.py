@@ -34,7 +34,7 @@ Pipeline: a reader thread (pread, bounded chunks for untouched tensors, pinned b
 that was not in the page cache is dropped from it behind the reads, see _Reader._read_base), the calling
 thread computing (on CUDA when device="auto" finds one; IEEE float32 matmuls are forced while it runs, TF32
 would lose digits of the delta), and a writer thread hashing while it writes. The writer gathers each file's
-bytes in an aligned staging buffer and writes it with O_DIRECT where the file system takes it (see _OutFile:
+bytes in aligned staging buffers and writes them with O_DIRECT where the file system takes it (see _OutFile:
 a merged model is written once and not read back soon, and fresh page-cache pages cost more than the merge's
 arithmetic); elsewhere it writes through the page cache. Host buffers are reused slabs
 under a byte budget (BYTE_BUDGET) and plain Linear deltas are merged on the CPU in blocks of rows (ROW_BLOCK),
@@ -77,7 +77,8 @@ QUEUE_DEPTH = 4
 ROW_BLOCK = 2 << 20  # bytes of float32 rows a Linear weight is merged in at a time (CPU, cache-sized)
 ROW_TAIL = 32  # a last block of fewer rows joins the one before (no tiny matmuls: same kernels as PEFT's)
 BYTE_BUDGET = 96 << 20  # host buffer bytes the reader may hold in flight (read, queued, being written)
-STAGE_SIZE = 8 << 20  # the writer's staging buffer: output bytes go to the file in writes of this size
+STAGE_SIZE = 8 << 20  # the writer's staging buffers: output bytes go to the file in writes of this size
+STAGE_BUFFERS = 3  # one filling, the others being hashed and written
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length multiples of this (any block size up to 4 KiB)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux, FreeBSD; 0 (always the page cache) elsewhere
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux: a read that takes only what the page cache holds
@@ -819,15 +820,18 @@ class _Writer(threading.Thread):
 
 
 class _Staging:
-    """Two page-aligned staging buffers and an I/O thread: one buffer is written while the other fills."""
+    """Page-aligned staging buffers, an I/O thread and a hashing thread: while one buffer fills, the one
+    before it is hashed and written at the same time (both only read it; each thread keeps file order)."""
 
     def __init__(self, torch: Any):
-        self.buffers = [mmap.mmap(-1, STAGE_SIZE) for _ in range(2)]
+        self.buffers = [mmap.mmap(-1, STAGE_SIZE) for _ in range(STAGE_BUFFERS)]
         self.tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in self.buffers]  # copies release the GIL
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loreg-merge-io")
+        self.hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loreg-merge-hash")
 
     def close(self) -> None:
         self.io.shutdown(wait=True)
+        self.hashing.shutdown(wait=True)
         self.tensors.clear()  # the tensors view the buffers: they must go first
         for b in self.buffers:
             # after a failed write, the traceback's frames may still hold a view: the buffer goes with them
@@ -843,8 +847,9 @@ class _OutFile:
     only evicts pages worth keeping (the base's), and on VMs whose host backs guest memory lazily each fresh
     cache page costs a host fault (2 GB of buffered writes measured ~3.5 s of system time there, O_DIRECT
     ~0.7 s). The last piece is padded to DIRECT_ALIGN and the file truncated to its size. A file system that
-    refuses O_DIRECT at open, or a write with EINVAL, gets plain buffered writes instead. Each piece is hashed
-    by the calling thread while the staging I/O thread writes the piece before it.
+    refuses O_DIRECT at open, or a write with EINVAL, gets plain buffered writes instead. While the calling
+    thread fills one buffer, the staging threads hash and write the pieces before it (sha256 of the output is
+    the largest CPU cost of a merge: off the calling thread, it overlaps the copying and the arithmetic).
     """
 
     def __init__(self, path: Path, staging: _Staging):
@@ -859,7 +864,7 @@ class _OutFile:
             self.fd = os.open(path, flags, 0o644)
         self.staging = staging
         self.current = 0  # the staging buffer being filled
-        self.pending: list[Future[None] | None] = [None, None]  # each buffer's write in flight
+        self.pending: list[list[Future[None]]] = [[] for _ in staging.buffers]  # each buffer's hash and write
         self.fill = 0  # bytes in the current buffer
         self.offset = 0  # file offset of the current buffer's first byte
         self.hasher = hashlib.sha256()
@@ -881,19 +886,21 @@ class _OutFile:
                 self._flush()
 
     def _flush(self) -> None:
-        """Hash the current buffer, hand it to the I/O thread, and switch to the other one once it is free."""
+        """Hand the current buffer to the hashing and I/O threads; go on with the next once it is free."""
         i = self.current
-        self.hasher.update(memoryview(self.staging.buffers[i])[:self.fill])
-        self.pending[i] = self.staging.io.submit(self._pwrite, i, self.fill, self.offset)
+        view = memoryview(self.staging.buffers[i])[:self.fill]
+        self.pending[i] = [self.staging.hashing.submit(self.hasher.update, view),
+                           self.staging.io.submit(self._pwrite, i, self.fill, self.offset)]
+        del view
         self.offset += self.fill
         self.fill = 0
-        self.current = 1 - i
+        self.current = (i + 1) % len(self.staging.buffers)
         self._wait(self.current)
 
     def _wait(self, i: int) -> None:
-        pending, self.pending[i] = self.pending[i], None
-        if pending is not None:
-            pending.result()
+        pending, self.pending[i] = self.pending[i], []
+        for future in pending:
+            future.result()
 
     def _pwrite(self, i: int, length: int, position: int) -> None:
         view = memoryview(self.staging.buffers[i])[:length]
@@ -914,8 +921,8 @@ class _OutFile:
     def close(self) -> str:
         """Write what is staged, set the exact size, close; returns "sha256:<hex>" of the file's bytes."""
         try:
-            self._wait(0)
-            self._wait(1)
+            for i in range(len(self.pending)):
+                self._wait(i)
             if self.fill:  # the last piece, written here: zero-padded for O_DIRECT, truncated after
                 i, length = self.current, self.fill
                 self.hasher.update(memoryview(self.staging.buffers[i])[:length])
@@ -934,7 +941,7 @@ class _OutFile:
 
     def abandon(self) -> None:
         """Close without finishing (after an error): writes in flight end first, their errors dropped."""
-        for i in (0, 1):
+        for i in range(len(self.pending)):
             with contextlib.suppress(Exception):
                 self._wait(i)
         if self.fd >= 0:
