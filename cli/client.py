@@ -154,7 +154,7 @@ class RegistryClient:
         """
         with self._http.stream("GET", url, headers={**headers, "X-Loreg-Direct": "1"}) as resp:
             if resp.status_code != 307 or "location" not in resp.headers:
-                yield _Download(resp.status_code, resp.iter_bytes(CHUNK), lambda: _json_or_none(resp))
+                yield _Download(resp.status_code, resp.iter_bytes(CHUNK), lambda: _api_error(resp))
                 return
             location = resp.headers["location"]
         if not location.startswith(("http://", "https://")):
@@ -163,14 +163,14 @@ class RegistryClient:
             self._direct = urllib3.PoolManager(
                 timeout=urllib3.Timeout(connect=10.0, read=self._timeout), retries=False, maxsize=2
             )
+        direct = self._direct.request("GET", location, headers=headers, preload_content=False, redirect=False)
         try:
-            direct = self._direct.request("GET", location, headers=headers, preload_content=False, redirect=False)
-        except urllib3.exceptions.HTTPError as exc:
-            raise httpx.TransportError(str(exc)) from exc
-        try:
-            yield _Download(direct.status, _storage_chunks(direct), lambda: None)
-        finally:
-            direct.release_conn()
+            # the stored bytes as they are: no content decoding, the digest is over these bytes
+            yield _Download(direct.status, direct.stream(CHUNK, decode_content=False), lambda: _storage_error(direct.status))
+        except BaseException:
+            direct.close()  # a body left half read: the connection is not reused
+            raise
+        direct.release_conn()
 
     @staticmethod
     def _path(namespace: str, name: str) -> str:
@@ -554,7 +554,7 @@ class BlobCache:
             try:
                 with client._open_download(url, headers) as resp:
                     if resp.status_code >= 400:
-                        raise error_from_envelope(resp.status_code, resp.error_body())
+                        raise resp.error()
                     if resp.status_code != 206:
                         hasher = hashlib.sha256()
                     mode = "ab" if resp.status_code == 206 else "wb"
@@ -562,7 +562,7 @@ class BlobCache:
                         got = _receive(resp.chunks, out, hasher, lambda n: progress(label, n, size) if progress else None)
                     # no fsync: every use of a cache file re-verifies its digest, so a file torn by
                     # a crash is caught and fetched again
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, urllib3.exceptions.HTTPError) as exc:  # the API, or storage
                 raise ConnectionFailedError(
                     f"download of {label} broke off: {exc.__class__.__name__}",
                     hint="run the pull again: it resumes where it stopped",
@@ -578,27 +578,28 @@ class BlobCache:
 
 @dataclass
 class _Download:
-    """An open download: its status, its body in chunks, and (for errors) its JSON body if any."""
+    """An open download: its status, its body in chunks, and the error to raise for a status >= 400."""
 
     status_code: int
     chunks: Iterator[bytes]
-    error_body: Callable[[], Any]
+    error: Callable[[], LoregError]
 
 
-def _json_or_none(resp: httpx.Response) -> Any:
+def _api_error(resp: httpx.Response) -> LoregError:
     resp.read()
     try:
-        return resp.json()
+        body = resp.json()
     except ValueError:
-        return None
+        body = None
+    return error_from_envelope(resp.status_code, body)
 
 
-def _storage_chunks(resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """The stored bytes as they are (no content decoding: the digest is over these bytes)."""
-    try:
-        yield from resp.stream(CHUNK, decode_content=False)
-    except urllib3.exceptions.HTTPError as exc:
-        raise httpx.TransportError(str(exc)) from exc
+def _storage_error(status: int) -> LoregError:
+    return ConnectionFailedError(
+        f"storage answered HTTP {status} to a presigned download",
+        detail={"status": status},
+        hint="run the pull again (the server signs a fresh URL); if it persists, the server's S3 settings are off",
+    )
 
 
 def _receive(chunks: Iterator[bytes], out: Any, hasher: Any, advanced: Callable[[int], None]) -> int:
