@@ -933,8 +933,7 @@ class _OutFile:
                 self._pwrite(i, length, self.offset)
                 self.offset += self.fill
                 self.fill = 0
-            if self.direct:
-                os.ftruncate(self.fd, self.offset)
+            os.ftruncate(self.fd, self.offset)  # drops the padding (also if that write fell back to buffered)
         finally:
             self.abandon()
         return "sha256:" + self.hasher.hexdigest()

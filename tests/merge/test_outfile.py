@@ -96,3 +96,21 @@ def test_other_write_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(OSError) as info:
         _write(tmp_path / "out", 4)
     assert info.value.errno == errno.ENOSPC
+
+
+def test_a_refusal_at_the_padded_last_piece_still_leaves_the_exact_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _direct_supported(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT at open; the open fallback is the page-cache test")
+    real = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if len(data) != STAGE and fcntl.fcntl(fd, fcntl.F_GETFL) & engine._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")  # only the zero-padded last piece
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    expected, digest, _direct = _write(tmp_path / "out", 5)
+    assert (tmp_path / "out").read_bytes() == expected  # not followed by the padding
+    assert digest == "sha256:" + hashlib.sha256(expected).hexdigest()
