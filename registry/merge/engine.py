@@ -781,7 +781,7 @@ class _Writer(threading.Thread):
                     partial = self.out_dir / f".{planned.name}.partial"
                     self.created.append(partial)
                     f = _OutFile(partial, staging)
-                    f.write(planned.header_bytes)
+                    f.write(self.torch.frombuffer(bytearray(planned.header_bytes), dtype=self.torch.uint8))
                     changed = planned.rebuilt
                     nbytes += len(planned.header_bytes)
                 elif kind == "data":
@@ -870,16 +870,12 @@ class _OutFile:
         self.hasher = hashlib.sha256()
 
     def write(self, data: Any) -> None:
-        """Append ``data``: a uint8 tensor, or bytes (a header)."""
-        view = memoryview(data) if isinstance(data, bytes) else None
-        flat = None if view is not None else data.reshape(-1)
-        start, total = 0, len(view) if view is not None else flat.numel()
+        """Append ``data``, a uint8 tensor."""
+        flat = data.reshape(-1)
+        start, total = 0, flat.numel()
         while start < total:
             n = min(total - start, STAGE_SIZE - self.fill)
-            if view is not None:
-                self.staging.buffers[self.current][self.fill:self.fill + n] = view[start:start + n]
-            else:
-                self.staging.tensors[self.current][self.fill:self.fill + n].copy_(flat[start:start + n])
+            self.staging.tensors[self.current][self.fill:self.fill + n].copy_(flat[start:start + n])
             self.fill += n
             start += n
             if self.fill == STAGE_SIZE:

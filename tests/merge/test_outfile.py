@@ -36,7 +36,7 @@ def _write(path: Path, seed: int) -> tuple[bytes, str, bool]:
     staging = engine._Staging(torch)
     f = engine._OutFile(path, staging)
     try:
-        f.write(header)
+        f.write(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         for n in SIZES:
             piece = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
             f.write(piece)

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import psycopg
 
 from tests.support.moto import free_port
+from tests.support.server import poll_until
 
 START_DEADLINE_S = 60.0
 
@@ -66,15 +66,17 @@ class PgServer:
         self.start()
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while True:
+        def accepts() -> bool:
             try:
                 with psycopg.connect(self.admin_dsn, connect_timeout=2):
-                    return
+                    return True
             except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"postgres did not start; log: {self.logfile.read_text()[-2000:]}") from None
-                time.sleep(0.1)
+                return False
+
+        try:
+            poll_until(accepts, "postgres to accept connections", START_DEADLINE_S)
+        except AssertionError:
+            raise RuntimeError(f"postgres did not start; log: {self.logfile.read_text()[-2000:]}") from None
 
 
 @contextmanager

@@ -43,7 +43,10 @@ def loreg(*args: str | Path, env: dict[str, str], cwd: Path, check: bool = True)
 
 
 def poll_until(condition: Callable[[], Any], what: str, deadline_s: float = DEADLINE_S) -> Any:
-    """Call ``condition`` until it returns something true (returned), failing after ``deadline_s``."""
+    """Call ``condition`` until it returns something true (returned), failing after ``deadline_s``.
+
+    The one place tests wait: a short pause between checks of a condition, never a sleep that hopes
+    something has happened by then."""
     deadline = time.monotonic() + deadline_s
     while True:
         value = condition()
