@@ -9,12 +9,29 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# No test may touch the user's real data: the whole session gets its own HOME, XDG folders and
+# LOREG_HOME (set before anything reads them); pytest_sessionfinish checks the real folder.
+REAL_LOREG_DATA = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "loreg"
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="loreg-test-home-"))
+for _var, _sub in (
+    ("HOME", ""),
+    ("XDG_DATA_HOME", ".local/share"),
+    ("XDG_CONFIG_HOME", ".config"),
+    ("XDG_CACHE_HOME", ".cache"),
+    ("XDG_STATE_HOME", ".local/state"),
+    ("LOREG_HOME", ".local/share/loreg"),
+):
+    os.environ[_var] = str(SESSION_HOME / _sub)
+for _var in ("LOREG_URL", "LOREG_TOKEN", "LOREG_DATABASE_URL", "LOREG_STORAGE_URL", "LOREG_S3_ENDPOINT_URL"):
+    os.environ.pop(_var, None)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,6 +41,29 @@ from tests.support.moto import REGION, MotoServer, fake_aws_env, make_bucket, st
 from tests.support.postgres import PgServer, start_postgres  # noqa: E402
 
 BACKENDS = ("sqlite", "postgres")
+
+
+def _snapshot(folder: Path) -> list[tuple[str, int, int]]:
+    if not folder.exists():
+        return []
+    return sorted(
+        (str(p.relative_to(folder)), p.lstat().st_size, p.lstat().st_mtime_ns) for p in [folder, *folder.rglob("*")]
+    )
+
+
+REAL_LOREG_DATA_BEFORE = _snapshot(REAL_LOREG_DATA)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any test wrote into the user's real loreg data folder."""
+    after = _snapshot(REAL_LOREG_DATA)
+    if after != REAL_LOREG_DATA_BEFORE:
+        changed = sorted(set(after) ^ set(REAL_LOREG_DATA_BEFORE))[:10]
+        session.config.get_terminal_writer().line(
+            f"FAILED: the suite changed the real data folder {REAL_LOREG_DATA}: {changed}", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
 TEMPLATE_DB = "loreg_template"
 
 

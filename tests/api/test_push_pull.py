@@ -181,19 +181,18 @@ def test_presigned_downloads_bypass_the_api_and_still_verify(
 ) -> None:
     client.push(adapter_dir, "org/bot")
     registry.settings.s3_presign_downloads = True
-    if backend == "postgres":  # S3: the API must not stream the bytes itself
-        def no_streaming(*_a: Any, **_k: Any) -> Any:
-            raise AssertionError("the API streamed a file although presigned downloads are on")
+    with monkeypatch.context() as patch:
+        if backend == "postgres":  # S3: the API must not stream the bytes itself
+            def no_streaming(*_a: Any, **_k: Any) -> Any:
+                raise AssertionError("the API streamed a file although presigned downloads are on")
 
-        monkeypatch.setattr(registry.store, "open", no_streaming)
-    out = client.pull("org/bot", tmp_path / "direct")
+            patch.setattr(registry.store, "open", no_streaming)
+        out = client.pull("org/bot", tmp_path / "direct")
     assert tree_digest(tmp_path / "direct") == stored_files(adapter_dir)
     assert out["bytes_downloaded"] > 0
 
     # the bytes storage hands out are verified too: one flipped byte, and no file is placed
     digest = next(f["digest"] for f in out["files"] if f["path"] == "adapter_model.safetensors")
-    monkeypatch.undo()  # flip_one_byte reads through the store
-    registry.settings.s3_presign_downloads = True
     flip_one_byte(registry, digest)
     shutil.rmtree(config.cache_dir())
     with pytest.raises((errors.DigestMismatchError, errors.ConnectionFailedError)):
