@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Install the test dependencies into .venv and run the whole suite.
-# The suite starts the real services it uses itself: a throwaway Postgres 15 cluster
-# (initdb/pg_ctl on PATH; run as the `postgres` user when root) and moto's S3 server on 127.0.0.1.
+# Install the test dependencies into .venv-test and run the whole suite.
+# The suite has its own environment, so it never disturbs the registry that the README's first
+# command installed into .venv (and may still be running from there).
+# It starts the real services it uses itself: a throwaway Postgres 15 cluster (initdb/pg_ctl on
+# PATH; run as the `postgres` user when root) and moto's S3 server on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
+if [ ! -x .venv-test/bin/python ]; then
+    "$PY" -m venv .venv-test
 fi
-. .venv/bin/activate
+. .venv-test/bin/activate
 python -m pip install -q --upgrade pip
-# the pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build
+# torch before the test extra, pinned: this machine's package index serves 2.13.0 as a CPU wheel,
+# while an unpinned or open-ended torch would resolve to a multi-GB CUDA build. Elsewhere take the
+# CPU build from PyTorch's CPU wheel index (see the README).
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"registry": "loreg/registry", "cli": "loreg/cli", "migrations": "loreg/migrations"}
-SKIP_DIRS = {"__pycache__", ".venv", ".git", "build", "dist", "tests", "bench", ".tmp", ".pytest_cache", ".hypothesis"}
+SKIP_DIRS = {"__pycache__", ".venv", ".venv-test", ".git", "build", "dist", "tests", "bench", ".tmp", ".pytest_cache", ".hypothesis"}
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> str:
@@ -45,6 +45,15 @@ def source_files() -> set[str]:
             if path.is_file() and path.suffix in (".py", ".mako") and "__pycache__" not in path.parts:
                 out.add(f"{prefix}/{path.relative_to(ROOT / folder).as_posix()}")
     return out
+
+
+def dependencies_only(folder: Path) -> Path:
+    folder.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if entry.name.startswith(("loreg", "__editable__", "_loreg")):
+            continue
+        (folder / entry.name).symlink_to(entry)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +88,9 @@ def test_installed_wheel_runs_help_and_db_upgrade_without_the_checkout(wheel: Pa
     run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet",
          str(wheel)], cwd=tmp_path)
     site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip())
-    # dependencies only: a plain path line, so this venv's .pth hooks (the editable loreg) never run
-    (site / "_loreg_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # dependencies only: a folder of links to this venv's packages minus anything of loreg's (an editable
+    # hook, or a leftover loreg/ folder from an earlier non-editable install), reached by a plain path line
+    (site / "_loreg_test_deps.pth").write_text(f"{dependencies_only(tmp_path / 'deps')}\n")
 
     work = tmp_path / "work"
     work.mkdir()
