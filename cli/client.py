@@ -31,6 +31,7 @@ from loreg.cli import config
 from loreg.registry.errors import (
     ConnectionFailedError,
     DigestMismatchError,
+    FolderInvalidError,
     LoregError,
     NameInvalidError,
     UnsupportedFormatError,
@@ -65,7 +66,7 @@ def scan_adapter_folder(root: Path) -> AdapterFolder:
 
     root = Path(root)
     if not root.is_dir():
-        raise NameInvalidError(f"{root} is not a folder", hint="push the folder written by save_pretrained()")
+        raise FolderInvalidError(f"{root} is not a folder", hint="push the folder written by save_pretrained()")
     files: dict[str, Path] = {}
     skipped: list[str] = []
     for entry in sorted(root.iterdir()):
@@ -73,6 +74,15 @@ def scan_adapter_folder(root: Path) -> AdapterFolder:
             files[entry.name] = entry
         else:
             skipped.append(entry.name + ("/" if entry.is_dir() else ""))
+    if "adapter_config.json" not in files:
+        # a trainer's output folder holds the adapters one level down (checkpoint-500/)
+        inner = sorted(p.parent.name for p in root.glob("*/adapter_config.json"))[:3]
+        raise FolderInvalidError(
+            f"no adapter_config.json in {root}",
+            detail={"folder": str(root), "subfolders_with_adapters": inner},
+            hint=f"push one of its subfolders: {', '.join(str(root / i) for i in inner)}" if inner
+            else "push the folder written by PeftModel.save_pretrained()",
+        )
     if "adapter_model.safetensors" not in files:
         pickled = [s for s in skipped if s.lower().endswith(names.PICKLE_SUFFIXES)]
         if pickled:
@@ -81,11 +91,9 @@ def scan_adapter_folder(root: Path) -> AdapterFolder:
                 detail={"files": pickled},
                 hint="convert to safetensors: PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True)",
             )
-        raise NameInvalidError(
-            f"{root} has no adapter_model.safetensors", hint="push the folder written by PeftModel.save_pretrained()"
+        raise FolderInvalidError(
+            f"no adapter_model.safetensors in {root}", hint="push the folder written by PeftModel.save_pretrained()"
         )
-    if "adapter_config.json" not in files:
-        raise NameInvalidError(f"{root} has no adapter_config.json", hint="push the folder written by save_pretrained()")
     peft.parse_adapter_config(files["adapter_config.json"].read_bytes()[: 64 * 1024 + 1])
     safetensors.read_header_from_file(files["adapter_model.safetensors"])
     return AdapterFolder(root=root, files=files, skipped=skipped)
@@ -315,7 +323,7 @@ class RegistryClient:
         names.check_base_name(name)
         if revision:
             names.check_base_revision(revision)
-        ckpt = scan_checkpoint(Path(folder), progress=(lambda n: progress("hashing", n, 0)) if progress else None)
+        ckpt = scan_checkpoint(Path(folder), progress=(lambda n, total: progress("hashing", n, total)) if progress else None)
         files = ckpt.files
         uploaded = 0
         if upload_weights:
