@@ -21,7 +21,9 @@ def metrics() -> None:
 def add(ref: str, pairs: tuple[str, ...], metric_opts: tuple[str, ...], as_json: bool, url: str | None) -> None:
     """Append evaluations to REF; lookups use each key's latest value.
 
-    loreg metrics add org/bot:3 --metric eval_loss=1.1 --metric bleu=31   (or: ... eval_loss=1.1 bleu=31)
+    \b
+    loreg metrics add org/bot:3 --metric eval_loss=1.1 --metric bleu=31
+    loreg metrics add org/bot:3 eval_loss=1.1 bleu=31
     """
     if not pairs and not metric_opts:
         raise click.UsageError("give at least one metric: --metric KEY=VALUE")

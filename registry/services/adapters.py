@@ -624,8 +624,9 @@ class AdapterService:
         def after(col: Any, value: Any) -> Any:
             return col < value if desc else col > value
 
-        # Keyset order: (metric NULLS LAST, id) in the same direction on SQLite and Postgres, so
-        # an index on (key, value, version_id) can serve each branch of the condition below.
+        # Keyset order: (metric NULLS LAST, id), one direction, the same on SQLite and Postgres. The
+        # cursor's condition is two plain ranges, over (value, id) and over the rows without a
+        # value by id: the shape an index on the sort key serves, wherever the page boundary falls.
         if cursor:
             values = _decode_cursor(cursor, by_metric=metric_value is not None)
             if metric_value is None:
