@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loreg.registry.errors import ConfigInvalidError, NameInvalidError, UnsupportedFormatError
+from loreg.registry.errors import ConfigInvalidError, FolderInvalidError, UnsupportedFormatError
 from loreg.registry.formats import fingerprint, names, safetensors
 
 READ_CHUNK = 8 << 20
@@ -86,14 +86,17 @@ def _hash_weights(path: Path, progress: Callable[[int], None] | None) -> tuple[s
     return header, hasher
 
 
-def scan_checkpoint(root: Path, *, workers: int | None = None, progress: Callable[[int], None] | None = None) -> Checkpoint:
+def scan_checkpoint(
+    root: Path, *, workers: int | None = None, progress: Callable[[int, int], None] | None = None
+) -> Checkpoint:
     """Read config.json and every safetensors file of a checkpoint folder (one file or shards).
 
     Files are hashed in parallel, each read once for both its own digest and its tensors' digests.
+    ``progress(advance, total)`` is called as bytes are hashed (total: the weight files' sizes).
     """
     root = Path(root)
     if not (root / "config.json").is_file():
-        raise NameInvalidError(f"{root} has no config.json", hint="register the folder written by save_pretrained()")
+        raise FolderInvalidError(f"no config.json in {root}", hint="register the folder written by save_pretrained()")
     config = _read_json(root / "config.json")
     index_path = root / "model.safetensors.index.json"
     if index_path.is_file():
@@ -111,14 +114,16 @@ def scan_checkpoint(root: Path, *, workers: int | None = None, progress: Callabl
                 f"{root} holds weights only as pickle ({', '.join(pickled)}); loreg reads safetensors only",
                 hint="convert: AutoModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)",
             )
-        raise NameInvalidError(f"{root} has no .safetensors weights")
+        raise FolderInvalidError(f"no .safetensors weights in {root}")
     for name in names:
         if "/" in name or name.startswith(".") or not (root / name).is_file():
             raise ConfigInvalidError(f"weight file {name!r} is missing or not a plain file name")
     paths = [root / n for n in names]
+    total = sum(p.stat().st_size for p in paths)
+    advance = (lambda n: progress(n, total)) if progress else None
     workers = workers or min(8, max(1, (os.cpu_count() or 2)), len(paths))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda p: _hash_weights(p, progress), paths))
+        results = list(pool.map(lambda p: _hash_weights(p, advance), paths))
         side = [p for p in sorted(root.iterdir()) if p.name in SIDE_FILES and p.is_file()]
         side_digests = list(pool.map(_hash_plain, side))
     tensors: list[list[Any]] = []

@@ -10,11 +10,12 @@ Errors are the server's typed errors (``loreg.registry.errors``), rebuilt from i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import queue
+import secrets
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from loreg.cli import config
 from loreg.registry.errors import (
     ConnectionFailedError,
     DigestMismatchError,
+    FolderInvalidError,
     LoregError,
     NameInvalidError,
     UnsupportedFormatError,
@@ -64,7 +66,7 @@ def scan_adapter_folder(root: Path) -> AdapterFolder:
 
     root = Path(root)
     if not root.is_dir():
-        raise NameInvalidError(f"{root} is not a folder", hint="push the folder written by save_pretrained()")
+        raise FolderInvalidError(f"{root} is not a folder", hint="push the folder written by save_pretrained()")
     files: dict[str, Path] = {}
     skipped: list[str] = []
     for entry in sorted(root.iterdir()):
@@ -72,6 +74,15 @@ def scan_adapter_folder(root: Path) -> AdapterFolder:
             files[entry.name] = entry
         else:
             skipped.append(entry.name + ("/" if entry.is_dir() else ""))
+    if "adapter_config.json" not in files:
+        # a trainer's output folder holds the adapters one level down (checkpoint-500/)
+        inner = sorted(p.parent.name for p in root.glob("*/adapter_config.json"))[:3]
+        raise FolderInvalidError(
+            f"no adapter_config.json in {root}",
+            detail={"folder": str(root), "subfolders_with_adapters": inner},
+            hint=f"push one of its subfolders: {', '.join(str(root / i) for i in inner)}" if inner
+            else "push the folder written by PeftModel.save_pretrained()",
+        )
     if "adapter_model.safetensors" not in files:
         pickled = [s for s in skipped if s.lower().endswith(names.PICKLE_SUFFIXES)]
         if pickled:
@@ -80,11 +91,9 @@ def scan_adapter_folder(root: Path) -> AdapterFolder:
                 detail={"files": pickled},
                 hint="convert to safetensors: PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True)",
             )
-        raise NameInvalidError(
-            f"{root} has no adapter_model.safetensors", hint="push the folder written by PeftModel.save_pretrained()"
+        raise FolderInvalidError(
+            f"no adapter_model.safetensors in {root}", hint="push the folder written by PeftModel.save_pretrained()"
         )
-    if "adapter_config.json" not in files:
-        raise NameInvalidError(f"{root} has no adapter_config.json", hint="push the folder written by save_pretrained()")
     peft.parse_adapter_config(files["adapter_config.json"].read_bytes()[: 64 * 1024 + 1])
     safetensors.read_header_from_file(files["adapter_model.safetensors"])
     return AdapterFolder(root=root, files=files, skipped=skipped)
@@ -314,7 +323,7 @@ class RegistryClient:
         names.check_base_name(name)
         if revision:
             names.check_base_revision(revision)
-        ckpt = scan_checkpoint(Path(folder), progress=(lambda n: progress("hashing", n, 0)) if progress else None)
+        ckpt = scan_checkpoint(Path(folder), progress=(lambda n, total: progress("hashing", n, total)) if progress else None)
         files = ckpt.files
         uploaded = 0
         if upload_weights:
@@ -382,11 +391,13 @@ class RegistryClient:
         timeout_s: float | None = None,
         on_state: Callable[[dict[str, Any]], None] | None = None,
         progress: Progress | None = None,
+        link: bool = False,
     ) -> dict[str, Any]:
         """Ask the server to merge ``refs`` (weighted) into their base, wait, and download the result.
 
-        An identical request is answered from the stored result. Returns the export (the
-        server's JSON) plus ``path`` and ``bytes_downloaded``.
+        An identical request is answered from the stored result. Files are copied out of the
+        local cache (``link``: hard-linked, see ``pull``). Returns the export (the server's JSON)
+        plus ``path`` and ``bytes_downloaded``.
         """
         import time
 
@@ -424,18 +435,22 @@ class RegistryClient:
                     self, f"/v1/exports/{job['id']}/files/{quote(path)}", f["digest"], f["size"], label=path, progress=progress
                 )
                 cached = cache.path(f["digest"])
-            _place(cached, dest / path)
+            _place(cached, dest / path, link=link)
         job["path"] = str(dest)
         job["bytes_downloaded"] = downloaded
         return job
 
     # --- pull ---------------------------------------------------------------------------------
 
-    def pull(self, ref: str, dest: str | Path, *, progress: Progress | None = None) -> dict[str, Any]:
+    def pull(self, ref: str, dest: str | Path, *, progress: Progress | None = None, link: bool = False) -> dict[str, Any]:
         """Download a version into ``dest``: every file verified before an atomic move into place.
 
         A local content-addressed cache (LOREG_HOME/cache) makes a second pull of the same bytes
-        download nothing. Returns the version plus ``bytes_downloaded`` and ``path``.
+        download nothing. The files in ``dest`` are the caller's own copies (made in the kernel,
+        or reflinked where the file system can); with ``link`` they are hard links to the cache
+        instead, for folders that are never edited in place (an edit would change every folder
+        linked to the same bytes, until the cache's re-verification drops the entry).
+        Returns the version plus ``bytes_downloaded`` and ``path``.
         """
         r = names.parse_reference(ref)
         version = self.version(ref)
@@ -456,7 +471,7 @@ class RegistryClient:
                     self, f"{pinned}/files/{quote(path)}", f["digest"], f["size"], label=path, progress=progress
                 )
                 cached = cache.path(f["digest"])
-            _place(cached, target)
+            _place(cached, target, link=link)
         version["bytes_downloaded"] = downloaded
         version["path"] = str(dest)
         return version
@@ -476,31 +491,80 @@ def _base_path(ref: str) -> str:
     return name
 
 
-def _place(src: Path, target: Path) -> None:
-    """Put a verified cache file at ``target`` atomically: a hard link when the cache shares the
-    file system (no second copy of the bytes), else a copy. A linked file edited in place is
-    caught by the cache's re-verification on its next use."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
-    try:
-        tmp.unlink(missing_ok=True)
-        os.link(src, tmp)
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        _copy_atomic(src, target)
+def _place(src: Path, target: Path, *, link: bool = False) -> None:
+    """Put a verified cache file at ``target`` atomically (through a temporary name beside it).
+
+    By default the file is the user's own copy: editing it changes neither the cache nor another
+    folder pulled from the same bytes. With ``link`` it is a hard link to the cache entry (no second
+    copy on disk), for folders whose owner never edits files in place; a linked file edited anyway
+    is caught by the cache's re-verification on its next use.
+    """
+    if link:
+        try:
+            if os.path.samefile(src, target):
+                # rename() onto another name of the same inode does nothing and would leave the
+                # temporary name behind: the file is already in place
+                return
+        except FileNotFoundError:
+            pass
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.link")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            pass  # another file system, or one without hard links: a copy is just as correct
+        else:
+            try:
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)  # left only if target became the same inode meanwhile
+            return
+    _copy_atomic(src, target)
 
 
 def _copy_atomic(src: Path, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    """Copy ``src`` to a new file beside ``target``, fsync it (a pulled file is not re-verified
+    later, so it must not be torn by a crash), then rename it over ``target``."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.partial")
+        try:
+            # mode 0o666 under the user's umask, like any file they create (mkstemp would give 0600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name beside {target}")
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, CHUNK)
+            _copy_contents(inp, out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _copy_contents(inp: Any, out: Any) -> None:
+    """Copy in the kernel with copy_file_range (a reflink on btrfs/XFS, a server-side copy on NFS,
+    no round trip through user space elsewhere); fall back to reads and writes where it is refused."""
+    size = os.fstat(inp.fileno()).st_size
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < size and (n := os.copy_file_range(inp.fileno(), out.fileno(), size - done)):
+                done += n
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+    if done < size:
+        inp.seek(done)
+        out.seek(done)
+        shutil.copyfileobj(inp, out, CHUNK)
+
+
+# copy_file_range is refused across file systems on older kernels, and by some file systems
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 class BlobCache:

@@ -55,6 +55,9 @@ DuplicateKeyError = _error("DuplicateKeyError", "DUPLICATE_KEY", 400, "A JSON ob
 DtypeUnknownError = _error("DtypeUnknownError", "DTYPE_UNKNOWN", 400, "A tensor has an unknown dtype.")
 ManifestInvalidError = _error("ManifestInvalidError", "MANIFEST_INVALID", 400, "A version manifest is malformed.")
 SourceInvalidError = _error("SourceInvalidError", "SOURCE_INVALID", 400, "A URL or path field was refused.")
+FolderInvalidError = _error(
+    "FolderInvalidError", "FOLDER_INVALID", 400, "A local folder is not an adapter or checkpoint folder (client side)."
+)
 # 401 / 403
 UnauthorizedError = _error("UnauthorizedError", "UNAUTHORIZED", 401, "No valid token.")
 DeniedError = _error("DeniedError", "DENIED", 403, "The token may not do this.")

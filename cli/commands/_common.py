@@ -30,3 +30,18 @@ def parse_metrics(pairs: tuple[str, ...]) -> dict[str, float]:
             raise click.BadParameter(f"{pair!r}: metrics must be finite", param_hint="--metric")
         out[key] = number
     return out
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, param_hint: str) -> int:
+    """``90s``, ``30m``, ``24h``, ``2d``, ``1w`` (or ``0``) as seconds."""
+    import re
+
+    m = re.fullmatch(r"(\d{1,9})([smhdw])", text.strip())
+    if m is None:
+        if text.strip() == "0":
+            return 0
+        raise click.BadParameter(f"{text!r}: give a number with a unit, e.g. 30m, 24h or 2d", param_hint=param_hint)
+    return int(m.group(1)) * DURATION_UNITS[m.group(2)]

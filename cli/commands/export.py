@@ -15,10 +15,13 @@ from loreg.cli.output import emit_json, human_size, transfer_progress
 @click.option("--base", default=None, metavar="NAME|DIGEST", help="Base model (default: the first adapter's).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Destination folder.")
+@click.option("--link", is_flag=True,
+              help="Hard-link the files to the local cache instead of copying them (no second copy on disk; "
+                   "only for folders nobody edits).")
 @json_option
 @url_option
 def export(refs: tuple[str, ...], weights: tuple[float, ...], base: str | None, dtype: str, output: Path,
-           as_json: bool, url: str | None) -> None:
+           link: bool, as_json: bool, url: str | None) -> None:
     """Merge adapters into their base model on the server and download the merged model.
 
     The folder holds the base's safetensors shards with merged weights, the index when sharded,
@@ -51,7 +54,7 @@ def export(refs: tuple[str, ...], weights: tuple[float, ...], base: str | None, 
     with client(url) as c, transfer_progress(not as_json) as progress:
         try:
             out = c.export(list(refs), output, weights=list(weights) or None, base=base, dtype=dtype,
-                           on_state=on_state, progress=progress)
+                           on_state=on_state, progress=progress, link=link)
         finally:
             if bar is not None:
                 bar.stop()

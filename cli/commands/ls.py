@@ -10,12 +10,16 @@ from loreg.cli.output import emit_json, human_size
 @click.argument("namespace", required=False)
 @click.option("--base", default=None, metavar="NAME|DIGEST", help="Only adapters for this base model.")
 @click.option("--target", default=None, help="Only adapters with this target module (e.g. q_proj).")
-@click.option("--min-rank", type=int, default=None)
-@click.option("--max-rank", type=int, default=None)
+@click.option("--min-rank", type=int, default=None, metavar="R", help="Only adapters whose every rank is at least R.")
+@click.option("--max-rank", type=int, default=None, metavar="R", help="Only adapters whose every rank is at most R.")
 @click.option("--dora/--no-dora", default=None, help="Only DoRA (or only non-DoRA) adapters.")
-@click.option("--task-type", default=None)
-@click.option("--sort-by", "metric", default=None, metavar="METRIC", help="Order by this metric's latest value.")
-@click.option("--asc/--desc", "ascending", default=None, help="Sort order (default: desc; asc with --sort-by *loss*).")
+@click.option("--task-type", default=None, metavar="TYPE",
+              help="Only adapters with this PEFT task_type (CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, ...).")
+@click.option("--sort-by", "metric", default=None, metavar="METRIC",
+              help="Order by this metric's latest value; adapters without it come last.")
+@click.option("--asc/--desc", "ascending", default=None,
+              help="Sort order. Default: ascending when METRIC's name contains 'loss', else descending; "
+                   "without --sort-by, newest first. The REST API has the same default.")
 @click.option("-q", "--query", default=None, help="Text search in names and messages.")
 @click.option("--all-versions", is_flag=True, help="Every matching version, not only each adapter's newest.")
 @json_option
@@ -23,12 +27,16 @@ from loreg.cli.output import emit_json, human_size
 def ls(namespace: str | None, base: str | None, target: str | None, min_rank: int | None, max_rank: int | None,
        dora: bool | None, task_type: str | None, metric: str | None, ascending: bool | None, query: str | None,
        all_versions: bool, as_json: bool, url: str | None) -> None:
-    """List adapters (newest version of each), optionally in NAMESPACE, filtered and sorted."""
-    if ascending is None:
-        ascending = bool(metric and "loss" in metric)
+    """List adapters (newest version of each), optionally in NAMESPACE, filtered and sorted.
+
+    A `!` after the version number marks a version stored with warnings (for example a feature
+    vLLM refuses, or a base other than the one its config names); `loreg show NAME:VERSION` lists them.
+    """
+    # no --asc/--desc: the server's default order, so the CLI and REST sort alike
+    order = None if ascending is None else ("asc" if ascending else "desc")
     params = dict(namespace=namespace, base=base, target=target, min_rank=min_rank, max_rank=max_rank,
                   dora=None if dora is None else str(dora).lower(), task_type=task_type, metric=metric,
-                  order="asc" if ascending else "desc", q=query, all_versions="true" if all_versions else None)
+                  order=order, q=query, all_versions="true" if all_versions else None)
     with client(url) as c:
         items = c.list_all(**params)
     if as_json:
@@ -50,3 +58,5 @@ def ls(namespace: str | None, base: str | None, target: str | None, min_rank: in
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    if any(i.get("warnings") for i in items):
+        click.echo("! stored with warnings: loreg show NAME:VERSION lists them", err=True)

@@ -4,7 +4,7 @@ import sys
 
 import click
 
-from loreg.cli.commands._common import json_option
+from loreg.cli.commands._common import json_option, parse_duration
 from loreg.cli.output import emit_json, human_size
 
 
@@ -22,10 +22,13 @@ def _registry():  # type: ignore[no-untyped-def]
 
 
 @click.command()
-@click.option("--grace", default=None, type=float, metavar="HOURS", help="Keep blobs seen within this many hours (default: LOREG_GC_GRACE_SECONDS).")
+@click.option("--grace", "grace_s", default=None, metavar="DURATION",
+              callback=lambda _ctx, _param, value: None if value is None else parse_duration(value, "--grace"),
+              help="Keep blobs seen within this long: 90s, 30m, 24h, 2d (a unit is required: a bare number "
+                   "once meant hours). Default: LOREG_GC_GRACE_SECONDS (a day).")
 @click.option("--dry-run", is_flag=True, help="Report what would go; delete nothing.")
 @json_option
-def gc(grace: float | None, dry_run: bool, as_json: bool) -> None:
+def gc(grace_s: int | None, dry_run: bool, as_json: bool) -> None:
     """Delete unreferenced blobs older than the grace period (server host; safe while pushes run)."""
     from datetime import timedelta
 
@@ -33,7 +36,7 @@ def gc(grace: float | None, dry_run: bool, as_json: bool) -> None:
 
     registry = _registry()
     try:
-        report = MaintenanceService(registry).gc(grace=None if grace is None else timedelta(hours=grace), dry_run=dry_run)
+        report = MaintenanceService(registry).gc(grace=None if grace_s is None else timedelta(seconds=grace_s), dry_run=dry_run)
     finally:
         registry.close()
     if as_json:

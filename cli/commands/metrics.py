@@ -13,13 +13,22 @@ def metrics() -> None:
 
 @metrics.command("add")
 @click.argument("ref")
-@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+@click.argument("pairs", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--metric", "metric_opts", multiple=True, metavar="KEY=VALUE",
+              help="An evaluation metric (repeatable), as in `loreg push --metric`.")
 @json_option
 @url_option
-def add(ref: str, pairs: tuple[str, ...], as_json: bool, url: str | None) -> None:
-    """Append evaluations to REF; lookups use each key's latest value."""
+def add(ref: str, pairs: tuple[str, ...], metric_opts: tuple[str, ...], as_json: bool, url: str | None) -> None:
+    """Append evaluations to REF; lookups use each key's latest value.
+
+    \b
+    loreg metrics add org/bot:3 --metric eval_loss=1.1 --metric bleu=31
+    loreg metrics add org/bot:3 eval_loss=1.1 bleu=31
+    """
+    if not pairs and not metric_opts:
+        raise click.UsageError("give at least one metric: --metric KEY=VALUE")
     with client(url) as c:
-        out = c.add_metrics(ref, parse_metrics(pairs))
+        out = c.add_metrics(ref, parse_metrics(metric_opts + pairs))
     if as_json:
         emit_json(out)
     else:

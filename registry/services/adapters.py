@@ -75,7 +75,7 @@ class LookupFilters:
     metric: str | None = None
     metric_min: float | None = None
     metric_max: float | None = None
-    order: str = "desc"
+    order: str | None = None  # None: default_order(metric)
     q: str | None = None
     latest_only: bool = True
     # the caller's token globs ("team-a/*"): filtered in SQL, so pages and cursors reveal nothing else
@@ -94,25 +94,42 @@ def _encode_cursor(values: list[Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> list[Any]:
+def _decode_cursor(cursor: str, *, by_metric: bool) -> list[Any]:
+    """A cursor is the sort key of the last row handed out: ``[id]``, or by a metric
+    ``[true, value, id]`` for a row with the metric and ``[false, null, id]`` for one without (those
+    sort last, by id), so a page boundary may fall anywhere, the null boundary included."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         values = json.loads(raw)
     except (ValueError, TypeError) as exc:
         raise RequestInvalidError("invalid cursor") from exc
-    if not isinstance(values, list) or len(values) > 2 or not all(map(_cursor_value, values)):
+    if not isinstance(values, list) or not values or not _row_id(values[-1]):
         raise RequestInvalidError("invalid cursor")
+    if by_metric:
+        fits = len(values) == 3 and (
+            (values[0] is True and _finite(values[1])) or (values[0] is False and values[1] is None)
+        )
+    else:
+        fits = len(values) == 1
+    if not fits:
+        raise RequestInvalidError("cursor does not fit this query", hint="start again without cursor")
     return values
 
 
-def _cursor_value(value: Any) -> bool:
-    # a cursor holds a row id and, when ordered by a metric, a finite number; anything else would
-    # reach the database as a mistyped or overflowing parameter (Postgres: DataError, a 500)
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return -(2**63) <= value < 2**63
-    return isinstance(value, float) and math.isfinite(value)
+# a cursor's numbers reach the database as parameters: a mistyped or overflowing one would be a
+# DataError on Postgres (a 500), so only row ids in range and finite metric values pass
+def _row_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _finite(value: Any) -> bool:
+    return _row_id(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def default_order(metric: str | None) -> str:
+    """The order when none is asked for (the CLI's too): by a metric whose name contains ``loss``,
+    ascending (lower is better); by any other metric, and newest first without one, descending."""
+    return "asc" if metric and "loss" in metric.lower() else "desc"
 
 
 def latest_metrics(version: Version) -> dict[str, float]:
@@ -451,6 +468,26 @@ class AdapterService:
                 versions=[self._summary(v, adapter, alias_map.get(v.id, [])) for v in versions],
             )
 
+    def versions(self, namespace: str, name: str, *, cursor: str | None = None, limit: int = 50) -> Page[VersionSummary]:
+        """An adapter's versions, newest first, a page at a time (the cursor is the last number)."""
+        limit = max(1, min(limit, 500))
+        with self.registry.sessions.begin() as session:
+            adapter = self._adapter(session, namespace, name)
+            query = select(Version).where(Version.adapter_id == adapter.id)
+            if cursor:
+                query = query.where(Version.number < _decode_cursor(cursor, by_metric=False)[0])
+            rows = session.scalars(
+                query.order_by(Version.number.desc())
+                .limit(limit + 1)
+                .options(selectinload(Version.metrics), selectinload(Version.base_model))
+            ).all()
+            page = rows[:limit]
+            alias_map = self._alias_map(session, [v.id for v in page])
+            return Page[VersionSummary](
+                items=[self._summary(v, adapter, alias_map.get(v.id, [])) for v in page],
+                next_cursor=_encode_cursor([page[-1].number]) if len(rows) > limit else None,
+            )
+
     def _alias_map(self, session: Session, version_ids: list[int]) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
         if not version_ids:
@@ -541,6 +578,15 @@ class AdapterService:
                     pattern, escape="\\"
                 )
             )
+        bounds = {k: x for k, x in (("metric_min", filters.metric_min), ("metric_max", filters.metric_max)) if x is not None}
+        if bounds and not filters.metric:
+            raise RequestInvalidError(
+                f"{' and '.join(bounds)} bound a metric, but no metric is named",
+                detail={"fields": sorted(bounds)},
+                hint="name it: ?metric=eval_loss&metric_max=1.0 (loreg ls --sort-by eval_loss)",
+            )
+        if not all(math.isfinite(x) for x in bounds.values()):
+            raise RequestInvalidError("metric_min and metric_max must be finite numbers", detail={"fields": sorted(bounds)})
         metric_value = None
         if filters.metric:
             metric_value = (
@@ -551,7 +597,7 @@ class AdapterService:
                 .correlate(v)
                 .scalar_subquery()
             )
-            conds.append(metric_value.is_not(None))
+            # bounds filter; sorting alone does not: versions without the metric come last
             if filters.metric_min is not None:
                 conds.append(metric_value >= filters.metric_min)
             if filters.metric_max is not None:
@@ -572,22 +618,30 @@ class AdapterService:
         else:
             ranked = base_query.subquery()
             outer = select(ranked)
-        desc = filters.order != "asc"
-        if metric_value is not None:
-            key_cols = [ranked.c.mv, ranked.c.vid]
-        else:
-            key_cols = [ranked.c.vid]
+        desc = (filters.order or default_order(filters.metric)) != "asc"
+        vid = ranked.c.vid
+
+        def after(col: Any, value: Any) -> Any:
+            return col < value if desc else col > value
+
+        # Keyset order: (metric NULLS LAST, id), one direction, the same on SQLite and Postgres. The
+        # cursor's condition is two plain ranges, over (value, id) and over the rows without a
+        # value by id: the shape an index on the sort key serves, wherever the page boundary falls.
         if cursor:
-            values = _decode_cursor(cursor)
-            if len(values) != len(key_cols):
-                raise RequestInvalidError("cursor does not fit this query")
-            if len(key_cols) == 1:
-                cond = key_cols[0] < values[0] if desc else key_cols[0] > values[0]
+            values = _decode_cursor(cursor, by_metric=metric_value is not None)
+            if metric_value is None:
+                outer = outer.where(after(vid, values[0]))
             else:
-                (a, b), (va, vb) = key_cols, values
-                cond = (a < va) | ((a == va) & (b < vb)) if desc else (a > va) | ((a == va) & (b > vb))
-            outer = outer.where(cond)
-        outer = outer.order_by(*[c.desc() if desc else c.asc() for c in key_cols]).limit(limit + 1)
+                mv = ranked.c.mv
+                has, value, last_id = values
+                if has:
+                    outer = outer.where(or_(after(mv, value), and_(mv == value, after(vid, last_id)), mv.is_(None)))
+                else:
+                    outer = outer.where(mv.is_(None), after(vid, last_id))
+        keys = [vid.desc() if desc else vid.asc()]
+        if metric_value is not None:
+            keys.insert(0, (ranked.c.mv.desc() if desc else ranked.c.mv.asc()).nulls_last())
+        outer = outer.order_by(*keys).limit(limit + 1)
 
         with self.registry.sessions.begin() as session:
             rows = session.execute(outer).all()
@@ -614,7 +668,10 @@ class AdapterService:
             next_cursor = None
             if more and rows:
                 last = rows[-1]
-                next_cursor = _encode_cursor([last.mv, last.vid] if metric_value is not None else [last.vid])
+                if metric_value is None:
+                    next_cursor = _encode_cursor([last.vid])
+                else:
+                    next_cursor = _encode_cursor([False, None, last.vid] if last.mv is None else [True, last.mv, last.vid])
             return Page[VersionSummary](items=items, next_cursor=next_cursor)
 
     # --- aliases, metrics, delete -------------------------------------------------------------

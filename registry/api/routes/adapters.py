@@ -43,10 +43,13 @@ async def list_adapters(
     max_rank: Annotated[int | None, Query(ge=0, le=1 << 20)] = None,
     dora: bool | None = None,
     task_type: Annotated[str | None, Query(max_length=64)] = None,
-    metric: Annotated[str | None, Query(max_length=128)] = None,
-    metric_min: float | None = None,
-    metric_max: float | None = None,
-    order: Literal["asc", "desc"] = "desc",
+    metric: Annotated[str | None, Query(max_length=128, description="sort by this metric's latest value")] = None,
+    metric_min: Annotated[float | None, Query(description="only with metric: lower bound")] = None,
+    metric_max: Annotated[float | None, Query(description="only with metric: upper bound")] = None,
+    order: Annotated[
+        Literal["asc", "desc"] | None,
+        Query(description="default: asc by a metric whose name contains 'loss', else desc; no metric: newest first"),
+    ] = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
     all_versions: bool = False,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -54,7 +57,8 @@ async def list_adapters(
 ) -> Page[VersionSummary]:
     """Find adapter versions: by namespace, base model, rank, target module, DoRA, task, metrics, text.
 
-    Each adapter contributes its newest matching version unless ``all_versions``.
+    Each adapter contributes its newest matching version unless ``all_versions``. Sorted by a
+    metric, versions without it come last (in either direction); bounds need ``metric``.
     """
     if namespace is not None:
         principal.require("read", namespace)
@@ -88,6 +92,19 @@ async def list_adapters(
 @router.get("/v1/adapters/{namespace}/{name}", response_model=AdapterPublic)
 def get_adapter(namespace: str, name: str, adapters: AdaptersDep, _p: ReadDep) -> AdapterPublic:
     return adapters.adapter(namespace, name)
+
+
+@router.get("/v1/adapters/{namespace}/{name}/versions", response_model=Page[VersionSummary])
+def list_versions(
+    namespace: str,
+    name: str,
+    adapters: AdaptersDep,
+    _p: ReadDep,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[VersionSummary]:
+    """An adapter's versions, newest first, paginated (``next_cursor``)."""
+    return adapters.versions(namespace, name, cursor=cursor, limit=limit)
 
 
 @router.post(
