@@ -201,10 +201,10 @@ class ExportService:
                             for i, (vid, n, md, w) in enumerate(inputs)
                         )
                         if not adopt_stored_result(session, row, datetime.now(UTC)):
-                            self._check_bound(session, principal)
+                            self._check_bound(session, principal, row.id)
                     elif row.state == "failed":
                         # an identical request retries a failed export
-                        self._check_bound(session, principal)
+                        self._check_bound(session, principal, row.id)
                         row.state, row.error, row.progress = "queued", None, {}
                         row.lease_owner = row.lease_expires_at = None
                         row.requested_by = principal.token_id
@@ -218,7 +218,7 @@ class ExportService:
                 wake()
         return out, out.state == "done"
 
-    def _check_bound(self, session: Session, principal: Principal) -> None:
+    def _check_bound(self, session: Session, principal: Principal, new_id: str) -> None:
         """A read-scoped token (a host that only consumes) may have a bounded number of jobs waiting."""
         if principal.has_scope("write"):
             return
@@ -227,7 +227,7 @@ class ExportService:
         waiting = session.scalar(
             select(func.count())
             .select_from(Export)
-            .where(Export.requested_by == principal.token_id, Export.state.in_(("queued", "running")))
+            .where(Export.requested_by == principal.token_id, Export.state.in_(("queued", "running")), Export.id != new_id)
         ) or 0
         if waiting >= limit:
             raise TooManyRequestsError(
