@@ -61,7 +61,9 @@ def content_key(base_digest: str, inputs: list[tuple[str, float]], dtype: str) -
 
 def request_key(base_digest: str, inputs: list[tuple[str, str, float]], dtype: str) -> tuple[dict[str, Any], str]:
     """The canonical request (inputs as [``ns/name:N``, manifest digest, weight]) and its digest."""
-    canonical = {"format": EXPORT_FORMAT, "base": base_digest, "inputs": [[n, d, w] for n, d, w in inputs], "dtype": dtype}
+    canonical = {
+        "format": EXPORT_FORMAT, "base": base_digest, "inputs": [[n, d, w] for n, d, w in inputs], "dtype": dtype,
+    }
     return canonical, fingerprint.sha256_digest(fingerprint.canonical_json(canonical))
 
 
@@ -139,7 +141,7 @@ class ExportService:
                     f"the weight {a.weight!r} of {a.ref[:300]} is outside [-{settings.max_export_weight:g}, "
                     f"{settings.max_export_weight:g}]",
                     detail={"ref": a.ref[:300], "max": settings.max_export_weight},
-                    hint="weights must be finite; negative weights subtract a task (LOREG_MAX_EXPORT_WEIGHT sets the bound)",
+                    hint="weights must be finite; negative ones subtract a task (LOREG_MAX_EXPORT_WEIGHT sets the bound)",
                 )
         if settings.export_worker == "inprocess" and importlib.util.find_spec("torch") is None:
             raise MergeUnavailableError(
@@ -170,8 +172,9 @@ class ExportService:
                     f"base model {label} has no stored weights to merge into",
                     hint=f"register it with its weights: loreg base register DIR --name {label} --upload-weights",
                 )
-            inputs = [
-                (v.id, f"{session.get_one(Adapter, v.adapter_id).full_name}:{v.number}", v.manifest_digest, float(a.weight))
+            inputs = [  # (version id, ns/name:N, manifest digest, weight)
+                (v.id, f"{session.get_one(Adapter, v.adapter_id).full_name}:{v.number}", v.manifest_digest,
+                 float(a.weight))
                 for v, a in zip(versions, body.adapters)
             ]
             canonical, digest = request_key(base.weights_digest, [(n, md, w) for _, n, md, w in inputs], body.dtype)
@@ -197,7 +200,9 @@ class ExportService:
                         session.add(row)
                         session.flush()
                         session.add_all(
-                            ExportInput(export_id=row.id, position=i, version_id=vid, name=n, manifest_digest=md, weight=w)
+                            ExportInput(
+                                export_id=row.id, position=i, version_id=vid, name=n, manifest_digest=md, weight=w
+                            )
                             for i, (vid, n, md, w) in enumerate(inputs)
                         )
                         if not adopt_stored_result(session, row, datetime.now(UTC)):
@@ -227,7 +232,11 @@ class ExportService:
         waiting = session.scalar(
             select(func.count())
             .select_from(Export)
-            .where(Export.requested_by == principal.token_id, Export.state.in_(("queued", "running")), Export.id != new_id)
+            .where(
+                Export.requested_by == principal.token_id,
+                Export.state.in_(("queued", "running")),
+                Export.id != new_id,
+            )
         ) or 0
         if waiting >= limit:
             raise TooManyRequestsError(

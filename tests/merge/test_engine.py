@@ -514,7 +514,8 @@ def test_merge_that_is_not_finite_in_float32_fails_naming_the_tensor_and_leaves_
     _merge_path(monkeypatch, path)
     adapter = cache.adapter("finite-all-linear", "llama", "llama", target_modules="all-linear")
     out = root / f"refused-inf-{path}"
-    with pytest.raises(NonFiniteValuesError, match=r"the merged tensor model\.layers\.0\..*holds NaN or inf values in float32") as err:
+    message = r"the merged tensor model\.layers\.0\..*holds NaN or inf values in float32"
+    with pytest.raises(NonFiniteValuesError, match=message) as err:
         merge(cache.bases["llama"], [adapter], out, weights=[1e300])
     assert err.value.detail["tensor"].endswith("_proj.weight")
     assert not out.exists() or not any(out.iterdir())

@@ -80,11 +80,12 @@ def test_version_export_history_lists_only_exports_whose_every_input_the_token_r
     app: Any, api: TestClient, teams: RegistryClient, make_token: Any
 ) -> None:
     alone = api.post("/v1/exports", json={"adapters": [{"ref": "team-a/x:1"}]}).json()
-    mixed = api.post("/v1/exports", json={"adapters": [{"ref": "team-a/x:1"}, {"ref": "team-b/y:1", "weight": 0.5}]}).json()
+    mixed_body = {"adapters": [{"ref": "team-a/x:1"}, {"ref": "team-b/y:1", "weight": 0.5}]}
+    mixed = api.post("/v1/exports", json=mixed_body).json()
     with TestClient(app, raise_server_exceptions=False, headers=bearer(make_token("read", ["team-a/*"]))) as http:
         listed = http.get("/v1/adapters/team-a/x/versions/1/exports")
         assert [e["id"] for e in listed.json()["items"]] == [alone["id"]]
-        assert "team-b" not in listed.text and mixed["files"] == []
+        assert "team-b" not in listed.text
     both = make_token("read", ["team-a/*", "team-b/*"])
     with TestClient(app, raise_server_exceptions=False, headers=bearer(both)) as http:
         listed = http.get("/v1/adapters/team-a/x/versions/1/exports").json()["items"]
