@@ -558,6 +558,28 @@ def test_dtype_change_that_overflows_an_untouched_base_tensor_fails_naming_it(ca
     merge(base_dir, [adapter], root / "norm-bf16", dtype="bfloat16")  # bfloat16 has float32's range
 
 
+def test_huge_but_finite_merged_values_pass_the_check_whose_sum_overflows(cache: Cache, root: Path) -> None:
+    """The check sums each block first (cheap); a sum that overflows on finite values must not refuse them."""
+    from safetensors.torch import save_file
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base_dir = root / "base-huge-q"
+    shutil.copytree(cache.bases["llama"], base_dir)
+    for p in base_dir.glob("*.safetensors"):
+        tensors = load_file(p)
+        if name in tensors:
+            tensors[name] = torch.full_like(tensors[name], 1e38)
+            save_file(tensors, p, metadata={"format": "pt"})
+    adapter = cache.adapter("finite-q", "llama", "llama", target_modules=["q_proj"])
+    merged = merge(base_dir, [adapter], root / "huge-q-f32")
+    out = {}
+    for p in merged.out_dir.glob("*.safetensors"):
+        out.update(load_file(p))
+    assert name in merged.touched and torch.isfinite(out[name]).all() and out[name].min() > 9e37
+    with pytest.raises(NonFiniteValuesError, match=f"{name} overflows F16"):
+        merge(base_dir, [adapter], root / "huge-q-f16", dtype="float16")
+
+
 def _run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120,
