@@ -41,7 +41,7 @@ from loreg.registry.formats import fingerprint, names
 from loreg.registry.services.adapters import AdapterService, base_ref
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.context import Registry
-from loreg.registry.services.tokens import Principal
+from loreg.registry.services.tokens import ANONYMOUS, Principal
 
 # the result's format: part of both keys, bumped when the same inputs would give other bytes
 EXPORT_FORMAT = 1
@@ -55,7 +55,9 @@ def loreg_version() -> str:
 
 def content_key(base_digest: str, inputs: list[tuple[str, float]], dtype: str) -> str:
     """Digest of what decides the result's bytes: base weights, [manifest digest, weight]..., dtype."""
-    canonical = {"format": EXPORT_FORMAT, "base": base_digest, "adapters": [[d, w] for d, w in inputs], "dtype": dtype}
+    canonical = {
+        "format": EXPORT_FORMAT, "base": base_digest, "adapters": [[d, w] for d, w in inputs], "dtype": dtype,
+    }  # exactly the request digest's form before 0005, so migrated rows keep it as their content digest
     return fingerprint.sha256_digest(fingerprint.canonical_json(canonical))
 
 
@@ -133,7 +135,7 @@ class ExportService:
             base without weights), MergeUnavailableError, TooManyRequestsError (a read token's bound)
         """
         settings = self.registry.settings
-        if principal.token_id == "anonymous":
+        if principal is ANONYMOUS:  # anonymous read may not spend merge time
             raise UnauthorizedError("exports need a token", hint="run loreg login, or set LOREG_TOKEN")
         for a in body.adapters:
             if not math.isfinite(a.weight) or abs(a.weight) > settings.max_export_weight:
@@ -141,7 +143,7 @@ class ExportService:
                     f"the weight {a.weight!r} of {a.ref[:300]} is outside [-{settings.max_export_weight:g}, "
                     f"{settings.max_export_weight:g}]",
                     detail={"ref": a.ref[:300], "max": settings.max_export_weight},
-                    hint="weights must be finite; negative ones subtract a task (LOREG_MAX_EXPORT_WEIGHT sets the bound)",
+                    hint="weights must be finite; negative ones subtract a task (LOREG_MAX_EXPORT_WEIGHT: the bound)",
                 )
         if settings.export_worker == "inprocess" and importlib.util.find_spec("torch") is None:
             raise MergeUnavailableError(
