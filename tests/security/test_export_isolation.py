@@ -199,3 +199,26 @@ def test_export_that_overflows_float16_fails_naming_the_tensor(
     assert "overflows F16" in failed["error"]["message"]
     assert count(registry, "export_files") == 0
     assert isinstance(errors.error_from_envelope(500, {"errors": [failed["error"]]}), errors.NonFiniteValuesError)
+
+
+def test_export_whose_input_name_was_lost_before_names_were_stored_needs_a_token_covering_all(
+    app: Any, api: TestClient, teams: RegistryClient, registry: Any, make_token: Any
+) -> None:
+    """Rows migrated from before 0005 whose version was already deleted have no name: fail closed."""
+    job = api.post("/v1/exports", json={"adapters": [{"ref": "team-b/x:1"}]}).json()
+    with registry.engine.begin() as conn:
+        conn.execute(text("UPDATE export_inputs SET name = NULL, version_id = NULL WHERE export_id = :i"),
+                     {"i": job["id"]})
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(make_token("read", ["team-b/*"]))) as http:
+        error_of(http.get(f"/v1/exports/{job['id']}"), 403, "DENIED")
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(make_token("read"))) as http:
+        assert http.get(f"/v1/exports/{job['id']}").json()["adapters"][0]["name"] is None
+
+
+def test_anonymous_read_cannot_queue_merges(
+    app: Any, teams: RegistryClient, registry: Any, anon: TestClient
+) -> None:
+    registry.settings.anonymous_read = True
+    assert anon.get("/v1/adapters/team-a/x").status_code == 200  # reads are open
+    error_of(anon.post("/v1/exports", json={"adapters": [{"ref": "team-a/x:1"}]}), 401, "UNAUTHORIZED")
+    assert count(registry, "exports") == 0
