@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     export_worker: str = "inprocess"
     export_lease_s: float = 60.0
     export_device: str = "auto"
+    # |weight| of each adapter in an export: larger ones only write infinities (negative ones negate a task)
+    max_export_weight: float = 100.0
+    # queued + running exports one read-scoped token may have (a serving host that only consumes)
+    max_queued_exports_per_token: int = 4
     work_dir: Path | None = None  # scratch space for merges (default: a temp folder)
 
     @property

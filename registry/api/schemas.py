@@ -249,7 +249,9 @@ class BaseList(Response):
 
 class ExportAdapter(StrictRequest):
     ref: str = Field(min_length=3, max_length=300)
-    weight: float = 1.0
+    # inf and NaN pass here (1e400 parses as inf) so that the server refuses every bad weight the same way:
+    # 422 with the bound (LOREG_MAX_EXPORT_WEIGHT)
+    weight: float = Field(default=1.0, allow_inf_nan=True)
 
 
 class ExportCreate(StrictRequest):

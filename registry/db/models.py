@@ -249,21 +249,29 @@ class Token(Base):
 
 
 class Export(Base):
-    """A merge request (base weights, weighted adapter versions, dtype) and its result.
+    """A merge request (base weights, weighted adapter versions by name and number, dtype) and its result.
 
-    ``request_digest`` is the sha256 of the canonical request: an identical request is answered
-    from the stored result. Workers claim queued jobs (or running ones whose lease expired).
+    ``request_digest`` is the sha256 of the canonical request, which names the input versions: an
+    identical request is answered from this record, and two namespaces never share one.
+    ``content_digest`` is the same without the names: a request whose inputs have the same bytes as
+    a finished record gets its own record with that record's result files (no second merge).
+    Workers claim queued jobs (or running ones whose lease expired).
     """
 
     __tablename__ = "exports"
     __table_args__ = (
         digest_check("request_digest"),
+        digest_check("content_digest"),
         CheckConstraint("state IN ('queued', 'running', 'done', 'failed')", name="state_valid"),
         Index("ix_exports_state_created", "state", "created_at"),
+        Index("ix_exports_requested_by_state", "requested_by", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     request_digest: Mapped[str] = mapped_column(String(DIGEST_LEN), unique=True)
+    content_digest: Mapped[str] = mapped_column(String(DIGEST_LEN), index=True)
+    # the token that queued the job (None: before 0005): read tokens have a bound on queued jobs
+    requested_by: Mapped[str | None] = mapped_column(String(32))
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     dtype: Mapped[str] = mapped_column(String(16))
@@ -284,13 +292,19 @@ class Export(Base):
 
 
 class ExportInput(Base):
-    """Lineage: which adapter version (with which weight) went into an export."""
+    """Lineage: which adapter version (with which weight) went into an export.
+
+    ``name`` (``ns/name:N``) outlives the version: who may read the export is decided by it, so a
+    deleted input still fails closed. None only for a version deleted before 0005 stored names:
+    such an export is readable by tokens that cover every namespace.
+    """
 
     __tablename__ = "export_inputs"
 
     export_id: Mapped[str] = mapped_column(ForeignKey("exports.id", ondelete="CASCADE"), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id", ondelete="SET NULL"), index=True)
+    name: Mapped[str | None] = mapped_column(String(160))
     manifest_digest: Mapped[str] = mapped_column(String(DIGEST_LEN))
     weight: Mapped[float] = mapped_column(Float)
 

@@ -23,6 +23,9 @@ same tensor; otherwise MergeUnsupportedError (``.base_layer`` copies equal to th
 Refused as well: a full copy redirected through tied embeddings (it would overwrite the input embedding), a
 resized vocabulary, ``lora_B.bias`` without ``lora_bias``, non-float base tensors, adapter keys the validation
 report does not map, and targets missing from the given shards (an adapter validated against another base).
+A merged tensor that is not finite in the output dtype (NaN or inf in float32, or finite there and inf after
+the cast to float16) fails the merge with NonFiniteValuesError naming it, as does an untouched tensor that a
+dtype change overflows; the engine never writes a model full of infinities.
 
 Layout: the same file names, tensor order, shapes and shard split as the base. Each output starts with the
 base's header bytes verbatim and untouched tensors are copied byte for byte, so an untouched shard is
@@ -63,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loreg.registry.errors import MergeUnavailableError, MergeUnsupportedError
+from loreg.registry.errors import MergeUnavailableError, MergeUnsupportedError, NonFiniteValuesError
 from loreg.registry.formats.safetensors import DTYPE_SIZES, Header, TensorInfo, parse_header
 
 if TYPE_CHECKING:
@@ -987,6 +990,46 @@ def _dora(torch: Any, op: _Lora, v: Any, m: Any) -> Any:
     return v * (m.reshape(-1) / norm).view(-1, *([1] * (v.dim() - 1)))
 
 
+def _all_finite(torch: Any, x: Any) -> bool:
+    """Whether every element of ``x`` is finite.
+
+    A sum is finite only if every element is (NaN and inf propagate), and on the CPU it costs a small
+    fraction of ``isfinite(x).all()`` (about 60 us against 6.5 ms for a 2 MiB float32 block); a sum that
+    overflows with finite elements only sends the block to the exact check. float16 sums in float32:
+    its own range is too small for the sum of a block.
+    """
+    total = x.sum(dtype=torch.float32) if x.dtype == torch.float16 else x.sum()
+    return math.isfinite(float(total)) or bool(torch.isfinite(x).all())
+
+
+def _require_finite(torch: Any, t: _Tensor, wide: Any, out: Any) -> None:
+    """Refuse a merged block that is not finite in the output dtype, naming the tensor.
+
+    One check of the cast result covers both failures (NaN and inf survive every cast); only a failing
+    block is looked at again, in the compute dtype, to tell which one it was.
+    """
+    if _all_finite(torch, out):
+        return
+    compute = "float64" if wide.dtype == torch.float64 else "float32"
+    if not bool(torch.isfinite(wide).all()):
+        raise NonFiniteValuesError(
+            f"the merged tensor {t.name} holds NaN or inf values in {compute}", detail={"tensor": t.name},
+            hint="lower the export weights; an adapter or base tensor with huge values overflows the merge")
+    raise NonFiniteValuesError(
+        f"the merged tensor {t.name} overflows {t.out_dtype}: finite in {compute}, inf after the cast",
+        detail={"tensor": t.name, "dtype": t.out_dtype},
+        hint="lower the export weights, or export with a wider dtype (bfloat16 or float32)")
+
+
+def _require_cast_finite(torch: Any, t: _Tensor, src: Any, out: Any) -> None:
+    """A dtype change of an untouched tensor must not turn finite base values into inf (float32 -> float16)."""
+    if _all_finite(torch, out) or not bool((torch.isfinite(src) & ~torch.isfinite(out)).any()):
+        return  # non-finite values the base already held are copied as they are
+    raise NonFiniteValuesError(
+        f"the base tensor {t.name} overflows {t.out_dtype}: finite as {t.src.dtype}, inf after the cast",
+        detail={"tensor": t.name, "dtype": t.out_dtype}, hint="export with a wider dtype (bfloat16 or float32)")
+
+
 def _row_blocked(t: _Tensor, device: str, out: Any) -> bool:
     """Whether ``t`` can be merged block of rows by block of rows: plain Linear LoRA deltas on the CPU.
 
@@ -1027,7 +1070,7 @@ def _merge_rows(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int, s
             if op.weight != 1.0:
                 d.mul_(op.weight)
             w += d
-        dst[i:j].copy_(w)
+        _require_finite(torch, t, w, dst[i:j].copy_(w))
         i = j
     return dst
 
@@ -1080,8 +1123,11 @@ def _merge_tensor(torch: Any, t: _Tensor, base_buf: Any, loaded: dict[tuple[int,
         src, indices = ops.rows
         w.index_copy_(0, torch.tensor(indices, dtype=torch.long, device=w.device), get(src))
     if out is not None:  # the same rounding as .to(), without a fresh tensor-sized allocation
-        return out.view(_torch_dtype(torch, t.out_dtype)).view(shape).copy_(w)
+        result = out.view(_torch_dtype(torch, t.out_dtype)).view(shape).copy_(w)
+        _require_finite(torch, t, w, result)
+        return result
     result = w.to(_torch_dtype(torch, t.out_dtype))
+    _require_finite(torch, t, w, result)
     return result.clone() if result.data_ptr() == work.data_ptr() else result  # the scratch buffer is used again
 
 
@@ -1199,7 +1245,9 @@ def _pump(torch: Any, device: str, read_q: queue.Queue[Any], write_q: queue.Queu
             if t.out_dtype != t.src.dtype:  # a torch uint8 buffer from the reader, cast into a pooled one
                 src = data.view(_torch_dtype(torch, t.src.dtype))
                 out = pool.take(src.numel() * DTYPE_SIZES[t.out_dtype], wait=False)
-                out.view(_torch_dtype(torch, t.out_dtype)).copy_(src)
+                cast = out.view(_torch_dtype(torch, t.out_dtype)).copy_(src)
+                if DTYPE_SIZES[t.out_dtype] < DTYPE_SIZES[t.src.dtype]:  # only a narrower dtype can overflow
+                    _require_cast_finite(torch, t, src, cast)
                 pool.give(data)
                 data = out
             _put(write_q, ("data", data, last, None, None, (data,)), stop)

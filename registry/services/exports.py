@@ -1,29 +1,49 @@
-"""Export requests: merge adapters into a stored base, keyed by the digest of the canonical request."""
+"""Export requests: merge adapters into a stored base, keyed by the digest of the canonical request.
+
+The job/record model (exports, and every job that turns stored versions into a result the same way):
+- A record is keyed by its *request key*, the digest of the canonical request, which names the input
+  versions (``ns/name:N``, manifest digest, weight), the base's weights digest, the dtype and the
+  format of the result. An identical request is answered from that record; two namespaces never
+  share one, so a record only ever names what its requester asked for.
+- Its *content key* is the same without the names. A request whose inputs have the same bytes as a
+  finished record gets a record of its own, created done with that record's result files (no second
+  merge; blobs are stored once), its lineage pointing at its own inputs. A worker that claims a
+  queued job checks the same key first, so concurrent requests merge at most once in the common case.
+- Who may read a record is decided by the input names stored with it: a token must be able to read
+  every one. A deleted version keeps its name there, so access fails closed.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from loreg.registry.api.schemas import ExportCreate, ExportInputPublic, ExportPublic, FilePublic
-from loreg.registry.db.models import Adapter, Export, ExportFile, ExportInput, Version
+from loreg.registry.db.models import Adapter, Export, ExportFile, ExportInput, Token
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.errors import (
+    DeniedError,
     ExportNotFoundError,
     MergeUnavailableError,
     MergeUnsupportedError,
+    TooManyRequestsError,
+    UnauthorizedError,
     VersionNotFoundError,
 )
 from loreg.registry.formats import fingerprint, names
 from loreg.registry.services.adapters import AdapterService, base_ref
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.context import Registry
+from loreg.registry.services.tokens import ANONYMOUS, Principal
 
+# the result's format: part of both keys, bumped when the same inputs would give other bytes
 EXPORT_FORMAT = 1
 
 
@@ -31,6 +51,69 @@ def loreg_version() -> str:
     from loreg.registry.api.routes.health import loreg_version as v
 
     return v()
+
+
+def content_key(base_digest: str, inputs: list[tuple[str, float]], dtype: str) -> str:
+    """Digest of what decides the result's bytes: base weights, [manifest digest, weight]..., dtype."""
+    canonical = {
+        "format": EXPORT_FORMAT, "base": base_digest, "adapters": [[d, w] for d, w in inputs], "dtype": dtype,
+    }  # exactly the request digest's form before 0005, so migrated rows keep it as their content digest
+    return fingerprint.sha256_digest(fingerprint.canonical_json(canonical))
+
+
+def request_key(base_digest: str, inputs: list[tuple[str, str, float]], dtype: str) -> tuple[dict[str, Any], str]:
+    """The canonical request (inputs as [``ns/name:N``, manifest digest, weight]) and its digest."""
+    canonical = {
+        "format": EXPORT_FORMAT, "base": base_digest, "inputs": [[n, d, w] for n, d, w in inputs], "dtype": dtype,
+    }
+    return canonical, fingerprint.sha256_digest(fingerprint.canonical_json(canonical))
+
+
+def split_input_name(name: str) -> tuple[str, str, int]:
+    """``ns/name:N`` -> (ns, name, N)."""
+    full, _, number = name.rpartition(":")
+    namespace, _, adapter = full.partition("/")
+    return namespace, adapter, int(number)
+
+
+def can_read_inputs(principal: Principal, input_names: list[str | None]) -> bool:
+    """Whether ``principal`` may read every input; a name lost before 0005 needs a token covering all."""
+    if not principal.has_scope("read"):
+        return False
+    for name in input_names:
+        if name is None:
+            if principal.namespaces:
+                return False
+            continue
+        namespace, adapter, _ = split_input_name(name)
+        if not principal.covers(namespace, adapter):
+            return False
+    return True
+
+
+def adopt_stored_result(session: Session, row: Export, now: datetime) -> bool:
+    """Finish ``row`` with the files of a finished record of the same content key. True if one existed.
+
+    The donor's file rows reference the blobs inside this transaction, so GC cannot remove them before
+    ``row``'s own references are added.
+    """
+    donor = session.scalar(
+        select(Export)
+        .where(Export.content_digest == row.content_digest, Export.state == "done", Export.id != row.id)
+        .order_by(Export.finished_at)
+        .limit(1)
+    )
+    if donor is None:
+        return False
+    session.add_all(ExportFile(export_id=row.id, path=f.path, size=f.size, digest=f.digest) for f in donor.files)
+    row.state, row.error = "done", None
+    row.progress = dict(donor.progress or {})
+    row.device = donor.device
+    row.loreg_version = donor.loreg_version  # the version that made these bytes
+    row.started_at = row.started_at or now
+    row.finished_at = now
+    row.lease_owner = row.lease_expires_at = None
+    return True
 
 
 class ExportService:
@@ -42,13 +125,26 @@ class ExportService:
         self.bases = bases
         self.on_queued: list[Any] = []  # callbacks that wake in-process workers
 
-    def request(self, body: ExportCreate) -> tuple[ExportPublic, bool]:
-        """Queue an export, or answer an identical one from what is stored. Returns (export, done_already).
+    def request(self, body: ExportCreate, principal: Principal) -> tuple[ExportPublic, bool]:
+        """Queue an export, or answer it from what is stored. Returns (export, done_already).
+
+        The caller has checked that ``principal`` may read every adapter reference.
 
         Raises:
-            VersionNotFoundError, BaseNotFoundError, MergeUnsupportedError, MergeUnavailableError
+            VersionNotFoundError, BaseNotFoundError, MergeUnsupportedError (a weight out of bounds, a
+            base without weights), MergeUnavailableError, TooManyRequestsError (a read token's bound)
         """
         settings = self.registry.settings
+        if principal is ANONYMOUS:  # anonymous read may not spend merge time
+            raise UnauthorizedError("exports need a token", hint="run loreg login, or set LOREG_TOKEN")
+        for a in body.adapters:
+            if not math.isfinite(a.weight) or abs(a.weight) > settings.max_export_weight:
+                raise MergeUnsupportedError(
+                    f"the weight {a.weight!r} of {a.ref[:300]} is outside [-{settings.max_export_weight:g}, "
+                    f"{settings.max_export_weight:g}]",
+                    detail={"ref": a.ref[:300], "max": settings.max_export_weight},
+                    hint="weights must be finite; negative ones subtract a task (LOREG_MAX_EXPORT_WEIGHT: the bound)",
+                )
         if settings.export_worker == "inprocess" and importlib.util.find_spec("torch") is None:
             raise MergeUnavailableError(
                 "this server cannot merge: torch is not installed",
@@ -78,14 +174,13 @@ class ExportService:
                     f"base model {label} has no stored weights to merge into",
                     hint=f"register it with its weights: loreg base register DIR --name {label} --upload-weights",
                 )
-            canonical = {
-                "format": EXPORT_FORMAT,
-                "base": base.weights_digest,
-                "adapters": [[v.manifest_digest, float(a.weight)] for v, a in zip(versions, body.adapters)],
-                "dtype": body.dtype,
-            }
-            digest = fingerprint.sha256_digest(fingerprint.canonical_json(canonical))
-            inputs = [(v.id, v.manifest_digest, float(a.weight)) for v, a in zip(versions, body.adapters)]
+            inputs = [  # (version id, ns/name:N, manifest digest, weight)
+                (v.id, f"{session.get_one(Adapter, v.adapter_id).full_name}:{v.number}", v.manifest_digest,
+                 float(a.weight))
+                for v, a in zip(versions, body.adapters)
+            ]
+            canonical, digest = request_key(base.weights_digest, [(n, md, w) for _, n, md, w in inputs], body.dtype)
+            content = content_key(base.weights_digest, [(md, w) for _, _, md, w in inputs], body.dtype)
             base_id = base.id
         for _attempt in range(5):
             try:
@@ -95,6 +190,8 @@ class ExportService:
                         row = Export(
                             id=uuid.uuid4().hex,
                             request_digest=digest,
+                            content_digest=content,
+                            requested_by=principal.token_id,
                             base_model_id=base_id,
                             request=canonical,
                             dtype=body.dtype,
@@ -105,13 +202,19 @@ class ExportService:
                         session.add(row)
                         session.flush()
                         session.add_all(
-                            ExportInput(export_id=row.id, position=i, version_id=vid, manifest_digest=md, weight=w)
-                            for i, (vid, md, w) in enumerate(inputs)
+                            ExportInput(
+                                export_id=row.id, position=i, version_id=vid, name=n, manifest_digest=md, weight=w
+                            )
+                            for i, (vid, n, md, w) in enumerate(inputs)
                         )
+                        if not adopt_stored_result(session, row, datetime.now(UTC)):
+                            self._check_bound(session, principal, row.id)
                     elif row.state == "failed":
                         # an identical request retries a failed export
+                        self._check_bound(session, principal, row.id)
                         row.state, row.error, row.progress = "queued", None, {}
                         row.lease_owner = row.lease_expires_at = None
+                        row.requested_by = principal.token_id
                     session.flush()
                     out = self._public(session, row)
                 break
@@ -122,21 +225,45 @@ class ExportService:
                 wake()
         return out, out.state == "done"
 
+    def _check_bound(self, session: Session, principal: Principal, new_id: str) -> None:
+        """A read-scoped token (a host that only consumes) may have a bounded number of jobs waiting."""
+        if principal.has_scope("write"):
+            return
+        limit = self.registry.settings.max_queued_exports_per_token
+        session.get(Token, principal.token_id, with_for_update=True)  # serialises one token's requests
+        waiting = session.scalar(
+            select(func.count())
+            .select_from(Export)
+            .where(
+                Export.requested_by == principal.token_id,
+                Export.state.in_(("queued", "running")),
+                Export.id != new_id,
+            )
+        ) or 0
+        if waiting >= limit:
+            raise TooManyRequestsError(
+                f"this token already has {waiting} exports queued or running (at most {limit} for a read token)",
+                detail={"queued": waiting, "limit": limit, "retry_after": 30},
+                hint="wait for them to finish (GET /v1/exports/{id}), or raise LOREG_MAX_QUEUED_EXPORTS_PER_TOKEN",
+            )
+
     def get(self, export_id: str) -> ExportPublic:
         with self.registry.sessions.begin() as session:
             return self._public(session, self._row(session, export_id))
 
-    def namespaces(self, export_id: str) -> list[tuple[str, str]]:
-        """The (namespace, name) of every adapter in an export, for authorisation."""
+    def authorize(self, export_id: str, principal: Principal) -> None:
+        """Raise unless ``principal`` may read every input stored with the export (deleted ones included).
+
+        Raises:
+            ExportNotFoundError, DeniedError (which names nothing: the inputs may be another namespace's)
+        """
         with self.registry.sessions.begin() as session:
             row = self._row(session, export_id)
-            out = []
-            for i in row.inputs:
-                v = session.get(Version, i.version_id) if i.version_id else None
-                if v is not None:
-                    a = session.get_one(Adapter, v.adapter_id)
-                    out.append((a.namespace, a.name))
-            return out
+            if not can_read_inputs(principal, [i.name for i in row.inputs]):
+                raise DeniedError(
+                    f"this token cannot read every adapter version export {export_id} was made from",
+                    hint="a token must be able to read each input of an export, deleted ones included",
+                )
 
     def file_entry(self, export_id: str, path: str) -> FilePublic:
         names.check_file_name(path)
@@ -147,13 +274,15 @@ class ExportService:
                 raise VersionNotFoundError(f"export {export_id} has no file {path}", detail={"path": path})
             return FilePublic(path=f.path, size=f.size, digest=f.digest)
 
-    def for_version(self, namespace: str, name: str, tag: str) -> list[ExportPublic]:
-        """Exports that used this version (lineage)."""
+    def for_version(self, namespace: str, name: str, tag: str, principal: Principal) -> list[ExportPublic]:
+        """Exports that used this version (lineage), limited to those whose every input ``principal`` can read."""
         with self.registry.sessions.begin() as session:
             version = self.adapters._resolve(session, namespace, name, tag)
             ids = session.scalars(select(ExportInput.export_id).where(ExportInput.version_id == version.id)).all()
             rows = session.scalars(select(Export).where(Export.id.in_(ids)).order_by(Export.created_at.desc())).all()
-            return [self._public(session, r) for r in rows]
+            return [
+                self._public(session, r) for r in rows if can_read_inputs(principal, [i.name for i in r.inputs])
+            ]
 
     def _row(self, session: Session, export_id: str) -> Export:
         if not isinstance(export_id, str) or len(export_id) != 32 or not all(c in "0123456789abcdef" for c in export_id):
@@ -167,13 +296,11 @@ class ExportService:
         base = session.get_one(BaseRow, row.base_model_id)
         adapters = []
         for i in row.inputs:
-            v = session.get(Version, i.version_id) if i.version_id else None
-            a = session.get(Adapter, v.adapter_id) if v else None
-            adapters.append(
-                ExportInputPublic(
-                    name=a.full_name if a else None, version=v.number if v else None, digest=i.manifest_digest, weight=i.weight
-                )
-            )
+            full, number = None, None
+            if i.name is not None:  # kept after the version is deleted
+                namespace, adapter, number = split_input_name(i.name)
+                full = f"{namespace}/{adapter}"
+            adapters.append(ExportInputPublic(name=full, version=number, digest=i.manifest_digest, weight=i.weight))
         return ExportPublic(
             id=row.id,
             state=row.state,  # type: ignore[arg-type]

@@ -245,3 +245,28 @@ def test_standalone_worker_process_claims_jobs_from_postgres(
     assert f"ran {job['id']}" in run.stderr
     done = api.get(f"/v1/exports/{job['id']}").json()
     assert done["state"] == "done" and done["device"] == "cpu" and done["files"]
+
+
+def test_export_whose_merge_overflows_float16_fails_and_the_client_names_the_tensor(
+    settings: Any, admin_token: str, sharded: dict[str, Path], tmp_path: Path
+) -> None:
+    """What `loreg export` runs, with the in-process worker of `loreg serve` (TESTPLAN B19)."""
+    from fastapi.testclient import TestClient
+
+    from loreg.registry.app import create_app
+    from loreg.registry.services.context import open_registry
+
+    settings.export_worker = "inprocess"
+    settings.max_export_weight = 1e7  # past the request check: the engine's own check must catch it
+    reg = open_registry(settings)
+    try:
+        with TestClient(create_app(registry=reg), base_url="http://testserver") as http:
+            c = RegistryClient("http://testserver", admin_token, http=http)
+            c.register_base(sharded["base"], factories.base_name("llama"), upload_weights=True)
+            c.push(sharded["a"], "org/a")
+            with pytest.raises(errors.NonFiniteValuesError, match=r"overflows F16") as err:
+                c.export(["org/a"], tmp_path / "out", weights=[1e6], dtype="float16", poll_s=0.05, timeout_s=120)
+            assert err.value.detail["tensor"].endswith("_proj.weight")
+            assert not (tmp_path / "out").exists()
+    finally:
+        reg.close()

@@ -63,3 +63,41 @@ def test_downgrade_to_base_and_upgrade_again(empty_engine: Any) -> None:
     assert set(inspect(empty_engine).get_table_names()) <= {"alembic_version"}
     migrate.upgrade(empty_engine)
     assert migrate.is_up_to_date(empty_engine)
+
+
+def test_export_keys_migration_backfills_names_and_content_digest(empty_engine: Any) -> None:
+    """0005: each input gets its version's ``ns/name:N`` (NULL once deleted); the old request digest, which
+    hashed exactly what the content key hashes, becomes the content digest."""
+    from datetime import UTC, datetime
+
+    import sqlalchemy as sa
+
+    migrate.upgrade(empty_engine, "0003")
+    now = datetime.now(UTC)
+    d = "sha256:" + "a" * 64
+    meta = sa.MetaData()
+    t = {n: sa.Table(n, meta, autoload_with=empty_engine)
+         for n in ("base_models", "adapters", "versions", "exports", "export_inputs")}
+    with empty_engine.begin() as conn:
+        conn.execute(t["base_models"].insert(), [dict(
+            id=1, weights_digest=d, layout_digest=d, architectures=[], config={}, tensors=[], files=[],
+            weights_uploaded=True, parameter_count=0, created_at=now)])
+        conn.execute(t["adapters"].insert(), [dict(id=1, namespace="team-b", name="x", last_number=2, created_at=now)])
+        conn.execute(t["versions"].insert(), [dict(
+            id=1, adapter_id=1, number=2, manifest_digest="sha256:" + "b" * 64, size=1, config={}, facts={},
+            warnings=[], rank_min=8, rank_max=8, use_dora=False, base_model_id=1, created_at=now)])
+        conn.execute(t["exports"].insert(), [dict(
+            id="e" * 32, request_digest="sha256:" + "c" * 64, base_model_id=1, request={}, dtype="auto",
+            state="done", progress={}, attempts=1, loreg_version="0", created_at=now)])
+        conn.execute(t["export_inputs"].insert(), [
+            dict(export_id="e" * 32, position=0, version_id=1, manifest_digest="sha256:" + "b" * 64, weight=1.0),
+            dict(export_id="e" * 32, position=1, version_id=None, manifest_digest="sha256:" + "f" * 64, weight=0.5),
+        ])
+    migrate.upgrade(empty_engine)
+    with empty_engine.connect() as conn:
+        names = conn.execute(sa.text("SELECT name FROM export_inputs ORDER BY position")).scalars().all()
+        row = conn.execute(sa.text("SELECT request_digest, content_digest, requested_by FROM exports")).one()
+    assert names == ["team-b/x:2", None]
+    assert tuple(row) == ("sha256:" + "c" * 64, "sha256:" + "c" * 64, None)
+    migrate.downgrade(empty_engine, "0003")
+    assert "name" not in {c["name"] for c in inspect(empty_engine).get_columns("export_inputs")}

@@ -38,8 +38,9 @@ def put(api: Any, data: bytes) -> str:
 def add_export(registry: Registry, base_id: int, digest: str, size: int) -> None:
     """An export result referencing ``digest`` (rows only: no merge needed to test GC)."""
     with registry.sessions.begin() as session:
-        export = Export(id=uuid.uuid4().hex, request_digest=sha256(os.urandom(8)), base_model_id=base_id,
-                        request={}, dtype="float32", state="done", loreg_version="test")
+        export = Export(id=uuid.uuid4().hex, request_digest=sha256(os.urandom(8)),
+                        content_digest=sha256(os.urandom(8)), base_model_id=base_id, request={}, dtype="float32",
+                        state="done", loreg_version="test")
         session.add(export)
         session.flush()
         session.add(ExportFile(export_id=export.id, path="model.safetensors", size=size, digest=digest))

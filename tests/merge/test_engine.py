@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loreg.registry.errors import MergeUnsupportedError
+from loreg.registry.errors import MergeUnsupportedError, NonFiniteValuesError
 from loreg.registry.formats.peft import parse_adapter_config
 from loreg.registry.formats.safetensors import parse_header, read_header_from_file
 from loreg.registry.formats.validate import base_layout_from_headers, validate_adapter
@@ -492,6 +492,92 @@ def test_empty_shards_zero_size_and_integer_tensors_survive_a_dtype_change(root:
 
 # ------------------------------------------------------------------------------------------------
 # imports and the GPU check script
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite results (TESTPLAN B19): the job fails naming the tensor, never a model full of infinities
+
+
+def _merge_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    import loreg.registry.merge.engine as engine
+
+    if path == "whole":  # the whole-tensor path for every weight (CPU Linear weights take the row path by default)
+        monkeypatch.setattr(engine, "ROW_TAIL", 1 << 30)
+    else:
+        monkeypatch.setattr(engine, "ROW_BLOCK", 1)  # several blocks of rows per weight
+
+
+@pytest.mark.parametrize("path", ["rows", "whole"])
+def test_merge_that_is_not_finite_in_float32_fails_naming_the_tensor_and_leaves_nothing(
+    cache: Cache, root: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _merge_path(monkeypatch, path)
+    adapter = cache.adapter("finite-all-linear", "llama", "llama", target_modules="all-linear")
+    out = root / f"refused-inf-{path}"
+    message = r"the merged tensor model\.layers\.0\..*holds NaN or inf values in float32"
+    with pytest.raises(NonFiniteValuesError, match=message) as err:
+        merge(cache.bases["llama"], [adapter], out, weights=[1e300])
+    assert err.value.detail["tensor"].endswith("_proj.weight")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("path", ["rows", "whole"])
+def test_merge_that_overflows_at_the_cast_to_float16_fails_and_float32_output_keeps_the_values(
+    cache: Cache, root: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _merge_path(monkeypatch, path)
+    adapter = cache.adapter("finite-all-linear", "llama", "llama", target_modules="all-linear")
+    out = root / f"refused-f16-{path}"
+    with pytest.raises(NonFiniteValuesError, match="overflows F16: finite in float32, inf after the cast") as err:
+        merge(cache.bases["llama"], [adapter], out, weights=[1e6], dtype="float16")
+    assert err.value.detail["dtype"] == "F16" and err.value.detail["tensor"].endswith("_proj.weight")
+    assert not out.exists() or not any(out.iterdir())
+    wide = merge(cache.bases["llama"], [adapter], root / f"f32-{path}", weights=[1e6])  # float32 holds them
+    merged = {}
+    for p in wide.out_dir.glob("*.safetensors"):
+        merged.update(load_file(p))
+    largest = merged[err.value.detail["tensor"]].abs().max().item()
+    assert 65504 < largest < float("inf")
+
+
+def test_dtype_change_that_overflows_an_untouched_base_tensor_fails_naming_it(cache: Cache, root: Path) -> None:
+    from safetensors.torch import save_file
+
+    base_dir = root / "base-huge-norm"
+    shutil.copytree(cache.bases["llama"], base_dir)
+    for p in base_dir.glob("*.safetensors"):
+        tensors = load_file(p)
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1e6
+            save_file(tensors, p, metadata={"format": "pt"})
+    adapter = cache.adapter("finite-q", "llama", "llama", target_modules=["q_proj"])
+    out = root / "refused-norm-f16"
+    with pytest.raises(NonFiniteValuesError, match=r"the base tensor model\.norm\.weight overflows F16"):
+        merge(base_dir, [adapter], out, dtype="float16")
+    assert not out.exists() or not any(out.iterdir())
+    merge(base_dir, [adapter], root / "norm-bf16", dtype="bfloat16")  # bfloat16 has float32's range
+
+
+def test_huge_but_finite_merged_values_pass_the_check_whose_sum_overflows(cache: Cache, root: Path) -> None:
+    """The check sums each block first (cheap); a sum that overflows on finite values must not refuse them."""
+    from safetensors.torch import save_file
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base_dir = root / "base-huge-q"
+    shutil.copytree(cache.bases["llama"], base_dir)
+    for p in base_dir.glob("*.safetensors"):
+        tensors = load_file(p)
+        if name in tensors:
+            tensors[name] = torch.full_like(tensors[name], 1e38)
+            save_file(tensors, p, metadata={"format": "pt"})
+    adapter = cache.adapter("finite-q", "llama", "llama", target_modules=["q_proj"])
+    merged = merge(base_dir, [adapter], root / "huge-q-f32")
+    out = {}
+    for p in merged.out_dir.glob("*.safetensors"):
+        out.update(load_file(p))
+    assert name in merged.touched and torch.isfinite(out[name]).all() and out[name].min() > 9e37
+    with pytest.raises(NonFiniteValuesError, match=f"{name} overflows F16"):
+        merge(base_dir, [adapter], root / "huge-q-f16", dtype="float16")
 
 
 def _run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:

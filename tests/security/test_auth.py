@@ -295,9 +295,9 @@ def test_namespace_token_cannot_reach_another_namespace_through_export_ids(
             http.get("/v1/adapters/team-b/x/versions/1/exports"),
         ):
             error_of(resp, 403, "DENIED")
-    read = make_token("read")
+    read = make_token("read", ["team-a/*"])  # a read token may export what it reads, nothing else
     with TestClient(app, raise_server_exceptions=False, headers=bearer(read)) as http:
-        error_of(http.post("/v1/exports", json={"adapters": [{"ref": "team-a/x:1"}]}), 403, "DENIED")
+        error_of(http.post("/v1/exports", json={"adapters": [{"ref": "team-b/x:1"}]}), 403, "DENIED")
     with registry.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM exports")).scalar() == exports_before
 

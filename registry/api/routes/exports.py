@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from loreg.registry.api.deps import ReadDep, WriteDep
+from loreg.registry.api.deps import ReadDep
 from loreg.registry.api.schemas import ExportCreate, ExportList, ExportPublic
 from loreg.registry.api.streaming import verified_download
 from loreg.registry.formats import names
@@ -19,18 +19,16 @@ def _svc(request: Request) -> ExportService:
     return request.app.state.exports
 
 
-def _authorize(svc: ExportService, export_id: str, principal: Principal) -> None:
-    for namespace, name in svc.namespaces(export_id):
-        principal.require("read", namespace, name)
-
-
 @router.post("/v1/exports", response_model=ExportPublic, status_code=202, responses={200: {"model": ExportPublic}})
-def create_export(body: ExportCreate, request: Request, principal: WriteDep) -> JSONResponse:
-    """Queue a merge (202 with the job), or answer an identical request from its stored result (200)."""
+def create_export(body: ExportCreate, request: Request, principal: ReadDep) -> JSONResponse:
+    """Queue a merge of versions the token can read (202 with the job), or answer it from a stored result (200).
+
+    A read-scoped token may have a bounded number of jobs queued or running (429 past it).
+    """
     for a in body.adapters:
         ref = names.parse_reference(a.ref)
         principal.require("read", ref.namespace, ref.name)
-    out, done = _svc(request).request(body)
+    out, done = _svc(request).request(body, principal)
     return JSONResponse(out.model_dump(mode="json"), status_code=200 if done else 202)
 
 
@@ -38,7 +36,7 @@ def create_export(body: ExportCreate, request: Request, principal: WriteDep) -> 
 def get_export(export_id: str, request: Request, principal: ReadDep) -> ExportPublic:
     """State (queued, running, done, failed with the reason), progress, and the result's files."""
     svc = _svc(request)
-    _authorize(svc, export_id, principal)
+    svc.authorize(export_id, principal)
     return svc.get(export_id)
 
 
@@ -50,7 +48,7 @@ def get_export(export_id: str, request: Request, principal: ReadDep) -> ExportPu
 def download_export_file(export_id: str, path: str, request: Request, principal: ReadDep) -> StreamingResponse:
     """A file of a finished export, verified while sent (a corrupt blob aborts the connection)."""
     svc = _svc(request)
-    _authorize(svc, export_id, principal)
+    svc.authorize(export_id, principal)
     entry = svc.file_entry(export_id, path)
     headers = {"Content-Length": str(entry.size), "ETag": f'"{entry.digest}"', "X-Loreg-Digest": entry.digest}
     stream = request.app.state.registry.store.open(entry.digest)
@@ -58,6 +56,6 @@ def download_export_file(export_id: str, path: str, request: Request, principal:
 
 
 @router.get("/v1/adapters/{namespace}/{name}/versions/{tag}/exports", response_model=ExportList)
-def version_exports(namespace: str, name: str, tag: str, request: Request, _p: ReadDep) -> ExportList:
-    """Exports that used this version (lineage)."""
-    return ExportList(items=_svc(request).for_version(namespace, name, tag))
+def version_exports(namespace: str, name: str, tag: str, request: Request, principal: ReadDep) -> ExportList:
+    """Exports that used this version (lineage): only those whose every input the token can read."""
+    return ExportList(items=_svc(request).for_version(namespace, name, tag, principal))
