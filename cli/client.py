@@ -465,8 +465,8 @@ class RegistryClient:
 def _base_path(ref: str) -> str:
     """A base reference as a URL path: names keep their slash, everything else is quoted."""
     if ref.startswith("sha256:"):
-        if names.DIGEST.fullmatch(ref) is None:
-            raise NameInvalidError(f"invalid digest {ref[:80]!r}")
+        if names.DIGEST_PREFIX.fullmatch(ref) is None:
+            raise NameInvalidError(f"invalid digest {ref[:80]!r}", hint=names.DIGEST_PREFIX_HINT)
         return ref
     name, _, revision = ref.partition("@")
     names.check_base_name(name)

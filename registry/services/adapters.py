@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from loreg.registry.errors import (
     BlobNotFoundError,
     ConfigTooLargeError,
     ConflictError,
+    DigestAmbiguousError,
     ManifestInvalidError,
     NonFiniteValuesError,
     RequestInvalidError,
@@ -401,7 +403,11 @@ class AdapterService:
                 raise VersionNotFoundError(f"{ref} has no versions", detail={"name": ref})
             return version
         if tag.startswith("sha256:"):
-            version = session.scalar(query.where(Version.manifest_digest == tag))
+            version = one_by_digest(
+                session.scalars(query.where(digest_matches(Version.manifest_digest, tag)).order_by(Version.number)),
+                tag,
+                lambda v: {"version": f"{ref}:{v.number}", "digest": v.manifest_digest},
+            )
         elif tag.isdigit():
             version = session.scalar(query.where(Version.number == int(tag)))
         else:
@@ -693,6 +699,33 @@ class AdapterService:
             session.execute(delete(Alias).where(Alias.version_id == version.id))
             session.delete(version)
             return full, number
+
+
+MAX_CANDIDATES = 10
+
+
+def digest_matches(column: Any, digest: str) -> Any:
+    """A SQL condition: ``column`` is ``digest``, or starts with it when it is a short prefix."""
+    if names.DIGEST.fullmatch(digest):
+        return column == digest
+    # a range rather than LIKE: Postgres uses the btree index for it under any collation; the
+    # stored digests are lowercase hex, all below the prefix followed by "g"
+    return and_(column >= digest, column < digest + "g")
+
+
+def one_by_digest(rows: Any, digest: str, describe: Callable[[Any], dict[str, Any]]) -> Any:
+    """The one row a (short) digest names, None when none; refuse a prefix that names several."""
+    found = list(itertools.islice(rows, MAX_CANDIDATES + 1))
+    if len(found) <= 1:
+        return found[0] if found else None
+    candidates = [describe(r) for r in found[:MAX_CANDIDATES]]
+    more = " and more" if len(found) > MAX_CANDIDATES else ""
+    raise DigestAmbiguousError(
+        f"{digest} is the start of several digests: "
+        + ", ".join(c.get("version") or c["digest"] for c in candidates) + more,
+        detail={"digest": digest, "candidates": candidates},
+        hint="give more hex digits of the digest",
+    )
 
 
 SCAN_CHUNK = 4 << 20

@@ -20,6 +20,7 @@ from loreg.registry.errors import (
     ManifestInvalidError,
 )
 from loreg.registry.formats import fingerprint, names, peft, safetensors, validate
+from loreg.registry.services.adapters import one_by_digest, digest_matches
 from loreg.registry.services.context import Registry
 
 MAX_TENSORS = 200_000
@@ -155,8 +156,17 @@ class BaseService:
 
     def _by_ref(self, session: Session, ref: str) -> BaseRow:
         if ref.startswith("sha256:"):
-            names.DIGEST.fullmatch(ref) or _invalid_digest(ref)
-            row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == ref))
+            names.DIGEST_PREFIX.fullmatch(ref) or _invalid_digest(ref)
+            row = one_by_digest(
+                session.scalars(
+                    select(BaseRow)
+                    .where(digest_matches(BaseRow.weights_digest, ref))
+                    .options(selectinload(BaseRow.names))
+                    .order_by(BaseRow.weights_digest)
+                ),
+                ref,
+                lambda r: {"digest": r.weights_digest, "names": [_label(n) for n in r.names]},
+            )
             if row is None:
                 raise BaseNotFoundError(f"no base model with weights digest {ref}", detail={"base": ref})
             return row
@@ -276,4 +286,8 @@ class BaseService:
 
 
 def _invalid_digest(ref: str) -> None:
-    raise DigestInvalidError(f"invalid digest {ref[:80]!r}", hint="digests look like sha256:<64 lowercase hex>")
+    raise DigestInvalidError(f"invalid digest {ref[:80]!r}", hint=names.DIGEST_PREFIX_HINT)
+
+
+def _label(n: BaseName) -> str:
+    return f"{n.name}@{n.revision}" if n.revision else n.name
