@@ -292,6 +292,11 @@ class RegistryClient:
         r = names.parse_reference(ref)
         return self.request("DELETE", f"{self._path(r.namespace, r.name)}/versions/{quote(r.tag, safe=':')}").json()
 
+    def delete_adapter(self, name: str) -> dict[str, Any]:
+        """Delete every version and alias of ``name`` (``ns/name``); its numbers are never given again."""
+        namespace, short = names.split_name(name)
+        return self.request("DELETE", self._path(namespace, short)).json()
+
     # --- base models --------------------------------------------------------------------------
 
     def register_base(

@@ -35,7 +35,7 @@ SUMMARIES = {
     "show": "Show a version: files, config facts, metrics, aliases.",
     "alias": "Point, show or remove aliases (prod, staging).",
     "metrics": "Append evaluation metrics to a version.",
-    "rm": "Delete a version (its number is never reused).",
+    "rm": "Delete a version, or an adapter with --all (numbers are never reused).",
     "serve": "Run the registry server.",
     "db": "Database migrations (server host).",
     "token": "Create, list and revoke API tokens.",

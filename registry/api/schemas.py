@@ -197,6 +197,12 @@ class DeletedPublic(Response):
     deleted: bool = True
 
 
+class AdapterDeletedPublic(Response):
+    name: str
+    versions: list[int]  # the numbers deleted; none of them is given again
+    deleted: bool = True
+
+
 # --- base models ------------------------------------------------------------------------------
 
 

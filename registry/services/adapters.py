@@ -700,6 +700,23 @@ class AdapterService:
             session.delete(version)
             return full, number
 
+    def delete_adapter(self, namespace: str, name: str) -> tuple[str, list[int]]:
+        """Delete every version of an adapter and its aliases. The adapter's counter stays, so a
+        later push under the same name continues the numbering instead of reusing a number.
+
+        Returns the name and the numbers deleted (oldest first).
+        """
+        with self.registry.sessions.begin() as session:
+            adapter = self._adapter(session, namespace, name)
+            # the push's lock: a concurrent push waits and then numbers after the deleted ones
+            session.scalar(select(Adapter).where(Adapter.id == adapter.id).with_for_update())
+            numbers = list(
+                session.scalars(select(Version.number).where(Version.adapter_id == adapter.id).order_by(Version.number))
+            )
+            session.execute(delete(Alias).where(Alias.adapter_id == adapter.id))
+            session.execute(delete(Version).where(Version.adapter_id == adapter.id))
+            return adapter.full_name, numbers
+
 
 MAX_CANDIDATES = 10
 

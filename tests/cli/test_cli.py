@@ -227,6 +227,48 @@ def test_rm_deletes_version_and_its_number_is_never_reused(loreg: Loreg, adapter
     assert (again["version"], again["created"]) == (2, True)
 
 
+def test_rm_without_a_version_is_a_usage_error_and_deletes_nothing(loreg: Loreg, adapter_dir: Path) -> None:
+    ok(loreg("push", adapter_dir, "org/bot"))
+    for args in (("rm", "org/bot", "--yes"), ("rm", "org/bot", "--yes", "--json"), ("rm", "org/bot:1", "--all", "--yes")):
+        result = loreg(*args)
+        assert result.code == 2, (args, result)
+        assert "Error:" in result.stderr and "--all" in result.stderr
+        assert result.stdout == ""
+    assert ok(loreg("show", "org/bot:1", "--json")).json()["version"] == 1
+
+
+def test_rm_declined_exits_1_and_keeps_the_version(loreg: Loreg, adapter_dir: Path) -> None:
+    ok(loreg("push", adapter_dir, "org/bot"))
+    declined = loreg("rm", "org/bot:1", input="n\n")
+    assert declined.code == 1
+    assert "nothing deleted" in declined.stderr
+    assert ok(loreg("show", "org/bot:1", "--json")).json()["version"] == 1
+
+
+def test_rm_all_asks_then_deletes_every_version_and_numbers_continue(
+    loreg: Loreg, adapter_dir: Path, tmp_path: Path
+) -> None:
+    ok(loreg("push", adapter_dir, "org/bot", "--alias", "prod"))
+    ok(loreg("push", variant(adapter_dir, tmp_path / "v2", seed=2), "org/bot"))
+
+    declined = loreg("rm", "org/bot", "--all", input="n\n")
+    assert declined.code == 1
+    assert "all 2 versions of org/bot (1, 2)" in declined.stderr and "prod" in declined.stderr
+    assert ok(loreg("show", "org/bot:prod", "--json")).json()["version"] == 1
+
+    done = ok(loreg("rm", "org/bot", "--all", input="y\n"))
+    assert "deleted org/bot: versions 1, 2" in done.stdout
+    for ref in ("org/bot", "org/bot:1", "org/bot:2", "org/bot:prod"):
+        assert loreg("show", ref).code == 1, ref
+    assert ok(loreg("ls", "--json")).json()["items"] == []
+
+    again = ok(loreg("push", adapter_dir, "org/bot", "--json")).json()
+    assert (again["version"], again["created"]) == (3, True)
+    assert ok(loreg("rm", "org/bot", "--all", "--yes", "--json")).json() == {
+        "name": "org/bot", "versions": [3], "deleted": True,
+    }
+
+
 # --- base models, check, inspect ---------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import AdaptersDep, ReadDep, RegistryDep, WriteDep
 from loreg.registry.api.schemas import (
+    AdapterDeletedPublic,
     AdapterPublic,
     AliasPublic,
     AliasSet,
@@ -88,6 +89,13 @@ async def list_adapters(
 @router.get("/v1/adapters/{namespace}/{name}", response_model=AdapterPublic)
 def get_adapter(namespace: str, name: str, adapters: AdaptersDep, _p: ReadDep) -> AdapterPublic:
     return adapters.adapter(namespace, name)
+
+
+@router.delete("/v1/adapters/{namespace}/{name}", response_model=AdapterDeletedPublic)
+def delete_adapter(namespace: str, name: str, adapters: AdaptersDep, _p: WriteDep) -> AdapterDeletedPublic:
+    """Delete every version and alias of an adapter; its version numbers are never given again."""
+    full, numbers = adapters.delete_adapter(namespace, name)
+    return AdapterDeletedPublic(name=full, versions=numbers)
 
 
 @router.post(
