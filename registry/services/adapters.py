@@ -193,7 +193,7 @@ class AdapterService:
         base_row_id: int | None = None
         base_mapping: dict[str, Any] | None = None
         if self.validator is not None:
-            base_row_id, report = self.validator(config, header, facts, body.base)
+            base_row_id, report = self.validator(config, header, facts, body.base, body.base_source)
             facts = report.get("facts", facts)
             warnings.extend(report.get("warnings", []))
             base_mapping = report.get("mapping")

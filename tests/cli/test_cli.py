@@ -310,6 +310,22 @@ def test_check_validates_locally_and_uploads_nothing(loreg: Loreg, adapter_dir: 
     assert rest.get("/v1/adapters").json()["items"] == []
 
 
+def test_push_and_check_say_the_same_about_a_base_folder(
+    loreg: Loreg, adapter_dir: Path, tiny_llama: dict[str, Path], tmp_path: Path, rest: httpx.Client
+) -> None:
+    gone = factories.edit_adapter(adapter_dir, tmp_path / "gone", config={"base_model_name_or_path": "/data/models/llama"})
+    checked, pushed = loreg("check", gone), loreg("push", gone, "org/bot")
+    assert checked.code == pushed.code == 1
+    assert checked.stderr == pushed.stderr
+    assert "[BASE_UNKNOWN]" in checked.stderr and "--base" in checked.stderr
+    assert rest.get("/v1/adapters").json()["items"] == []
+
+    local = factories.edit_adapter(adapter_dir, tmp_path / "local", config={"base_model_name_or_path": str(tiny_llama["base"])})
+    line = f"base: {BASE} (matched by weights from {tiny_llama['base']})"
+    assert line in ok(loreg("check", local)).stdout.splitlines()
+    assert line in ok(loreg("push", local, "org/bot")).stdout.splitlines()
+
+
 def test_inspect_json_lists_every_adapted_module(loreg: Loreg, adapter_dir: Path) -> None:
     ok(loreg("push", adapter_dir, "org/bot"))
     doc = ok(loreg("inspect", "org/bot:1", "--json")).json()
