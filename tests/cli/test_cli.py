@@ -326,6 +326,24 @@ def test_push_and_check_say_the_same_about_a_base_folder(
     assert line in ok(loreg("push", local, "org/bot")).stdout.splitlines()
 
 
+def test_shape_mismatch_prints_each_key_once_with_a_hint(loreg: Loreg, tmp_path: Path, rest: httpx.Client) -> None:
+    wide = factories.make_base(tmp_path / "wide", "llama", hidden=64)
+    adapter = factories.make_adapter(tmp_path / "adapter", "llama", base_dir=wide, target_modules=["q_proj", "o_proj"])
+    from loreg.registry.formats.safetensors import read_header_from_file
+
+    keys = sorted(read_header_from_file(adapter / "adapter_model.safetensors").tensors)
+    result = loreg("push", adapter, "org/bot")
+    assert result.code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"error: {len(keys)} adapter tensors do not fit the base's shapes [SHAPE_MISMATCH]"
+    assert sorted(lines[1:-1]) == sorted(
+        f"  - {k}: expected {[8, 32] if 'lora_A' in k else [32, 8]}, found {[8, 64] if 'lora_A' in k else [64, 8]}"
+        for k in keys
+    )
+    assert lines[-1] == "hint: every mismatch is hidden size 32 vs 64: trained for another base? pass --base"
+    assert rest.get("/v1/adapters").json()["items"] == []
+
+
 def test_inspect_json_lists_every_adapted_module(loreg: Loreg, adapter_dir: Path) -> None:
     ok(loreg("push", adapter_dir, "org/bot"))
     doc = ok(loreg("inspect", "org/bot:1", "--json")).json()
