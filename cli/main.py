@@ -96,7 +96,7 @@ def fail(err: LoregError, as_json: bool) -> None:
             total = err.detail.get("problem_count")
             more = (total if isinstance(total, int) else len(problems)) - len(shown)
             if more > 0:
-                click.echo(f"  … and {more} more (--json lists them)", err=True)
+                click.echo(f"  … and {more} more", err=True)
         if err.hint:
             click.secho(f"hint: {err.hint}", fg="cyan", err=True)
     sys.exit(1)

@@ -21,7 +21,7 @@ from loreg.registry.errors import (
     RequestInvalidError,
 )
 from loreg.registry.formats import fingerprint, names, peft, safetensors, validate
-from loreg.registry.services.adapters import one_by_digest, digest_matches
+from loreg.registry.services.adapters import digest_matches, one_by_digest
 from loreg.registry.services.context import Registry
 
 MAX_TENSORS = 200_000
@@ -204,7 +204,10 @@ class BaseService:
         """Every base model, newest first; with ``layout_digest``, those of that tensor layout."""
         query = select(BaseRow).options(selectinload(BaseRow.names)).order_by(BaseRow.id.desc())
         if layout_digest is not None:
-            names.DIGEST.fullmatch(layout_digest) or _invalid_digest(layout_digest)
+            if names.DIGEST.fullmatch(layout_digest) is None:
+                raise DigestInvalidError(
+                    f"invalid layout digest {layout_digest[:80]!r}", hint="a layout digest is sha256:<64 lowercase hex>"
+                )
             query = query.where(BaseRow.layout_digest == layout_digest)
         with self.registry.sessions.begin() as session:
             return [self._public(session, r) for r in session.scalars(query)]
