@@ -86,18 +86,9 @@ def _hash_weights(path: Path, progress: Callable[[int], None] | None) -> tuple[s
     return header, hasher
 
 
-def scan_checkpoint(
-    root: Path, *, workers: int | None = None, progress: Callable[[int, int], None] | None = None
-) -> Checkpoint:
-    """Read config.json and every safetensors file of a checkpoint folder (one file or shards).
-
-    Files are hashed in parallel, each read once for both its own digest and its tensors' digests.
-    ``progress(advance, total)`` is called as bytes are hashed (total: the weight files' sizes).
-    """
+def list_weight_files(root: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: the index's shards, else every *.safetensors."""
     root = Path(root)
-    if not (root / "config.json").is_file():
-        raise FolderInvalidError(f"no config.json in {root}", hint="register the folder written by save_pretrained()")
-    config = _read_json(root / "config.json")
     index_path = root / "model.safetensors.index.json"
     if index_path.is_file():
         index = _read_json(index_path)
@@ -118,7 +109,59 @@ def scan_checkpoint(
     for name in names:
         if "/" in name or name.startswith(".") or not (root / name).is_file():
             raise ConfigInvalidError(f"weight file {name!r} is missing or not a plain file name")
-    paths = [root / n for n in names]
+    return [root / n for n in names]
+
+
+@dataclass
+class LocalLayout:
+    """A checkpoint read from its safetensors headers alone."""
+
+    paths: list[Path]
+    tensors: list[tuple[str, str, list[int]]]  # [name, dtype, shape]
+    size: int  # bytes of the weight files
+
+    @property
+    def layout_digest(self) -> str:
+        return fingerprint.layout_digest(self.tensors)
+
+
+def read_layout(root: Path) -> LocalLayout:
+    """The tensor layout of a checkpoint folder from its headers (no tensor bytes are read)."""
+    paths = list_weight_files(root)
+    tensors: list[tuple[str, str, list[int]]] = []
+    seen: set[str] = set()
+    for path in paths:
+        for t in safetensors.read_header_from_file(path).tensors.values():
+            if t.name in seen:
+                raise ConfigInvalidError(f"tensor {t.name} appears in two shards", detail={"key": t.name})
+            seen.add(t.name)
+            tensors.append((t.name, t.dtype, list(t.shape)))
+    return LocalLayout(paths=paths, tensors=tensors, size=sum(p.stat().st_size for p in paths))
+
+
+def weights_digest(paths: list[Path], *, workers: int | None = None) -> str:
+    """The weights digest of a checkpoint's safetensors files (every tensor hashed, files in parallel)."""
+    workers = workers or min(8, max(1, (os.cpu_count() or 2)), len(paths))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda p: _hash_weights(p, None), paths))
+    return fingerprint.weights_digest(
+        (t.name, t.dtype, t.shape, hasher.tensor_digests[t.name]) for header, hasher in results for t in header.tensors.values()
+    )
+
+
+def scan_checkpoint(
+    root: Path, *, workers: int | None = None, progress: Callable[[int, int], None] | None = None
+) -> Checkpoint:
+    """Read config.json and every safetensors file of a checkpoint folder (one file or shards).
+
+    Files are hashed in parallel, each read once for both its own digest and its tensors' digests.
+    ``progress(advance, total)`` is called as bytes are hashed (total: the weight files' sizes).
+    """
+    root = Path(root)
+    if not (root / "config.json").is_file():
+        raise FolderInvalidError(f"no config.json in {root}", hint="register the folder written by save_pretrained()")
+    config = _read_json(root / "config.json")
+    paths = list_weight_files(root)
     total = sum(p.stat().st_size for p in paths)
     advance = (lambda n: progress(n, total)) if progress else None
     workers = workers or min(8, max(1, (os.cpu_count() or 2)), len(paths))

@@ -29,6 +29,8 @@ import urllib3
 
 from loreg.cli import config
 from loreg.registry.errors import (
+    BaseNotFoundError,
+    BaseUnknownError,
     ConnectionFailedError,
     DigestMismatchError,
     FolderInvalidError,
@@ -97,6 +99,43 @@ def scan_adapter_folder(root: Path) -> AdapterFolder:
     peft.parse_adapter_config(files["adapter_config.json"].read_bytes()[: 64 * 1024 + 1])
     safetensors.read_header_from_file(files["adapter_model.safetensors"])
     return AdapterFolder(root=root, files=files, skipped=skipped)
+
+
+# A local base folder is hashed in full (every tensor) only up to this size (models up to ~2B
+# parameters in bf16): sha256 runs at 0.5-2 GB/s per core and shards hash in parallel, so this
+# costs seconds; above it the layout alone decides.
+BASE_HASH_LIMIT = 4 << 30
+BASE_HINT = "pass the base explicitly: --base ORG/MODEL (or its sha256 digest)"
+
+
+@dataclass
+class BaseChoice:
+    """Which base a push or check validates against, and how it was chosen."""
+
+    ref: str | None  # sent as the push's ``base``; None: the server takes the config's name
+    source: str  # "explicit" (--base), "config" (the config's name), "weights" or "layout" (a local folder)
+    name: str | None = None  # the base's name, for messages
+    path: str | None = None  # the local folder matched by content
+
+    @property
+    def by_content(self) -> bool:
+        return self.source in ("weights", "layout")
+
+    def describe(self) -> dict[str, Any]:
+        return {"ref": self.ref, "by": self.source, "name": self.name, "path": self.path}
+
+
+def _local_folder(value: str) -> Path | None:
+    """base_model_name_or_path as a folder on this machine (transformers tries a folder first too)."""
+    try:
+        path = Path(value).expanduser()
+        return path if path.is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1
 
 
 class RegistryClient:
@@ -208,6 +247,87 @@ class RegistryClient:
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
         ).json()
 
+    # --- base choice --------------------------------------------------------------------------
+
+    def choose_base(self, config: Any, base: str | None = None) -> BaseChoice:
+        """The base to validate an adapter against: ``base`` when given; else the config's
+        ``base_model_name_or_path``, and when that is a folder here, the registered base with the
+        same content (the same weights first, else the only base with the same layout).
+
+        Raises:
+            BaseUnknownError: no name, a folder that does not exist, no registered base with the
+                folder's layout, or several with it and none with its weights.
+        """
+        if base is not None:
+            return BaseChoice(base, "explicit", name=base)
+        name = config.base_model_name_or_path
+        if not name:
+            raise BaseUnknownError(
+                "adapter_config.json names no base model (base_model_name_or_path is empty)", hint=BASE_HINT
+            )
+        folder = _local_folder(name)
+        if folder is not None:
+            return self._base_by_content(folder)
+        try:
+            names.check_base_name(name)
+        except LoregError:
+            if _looks_like_path(name):
+                raise BaseUnknownError(
+                    f"base_model_name_or_path {name[:200]!r} is a folder that does not exist on this machine",
+                    detail={"base": name[:200]},
+                    hint=BASE_HINT + ", or run this where that folder exists to match it by content",
+                ) from None
+            raise BaseUnknownError(
+                f"base_model_name_or_path {name[:200]!r} is not a registered base model name",
+                detail={"base": name[:200]},
+                hint=BASE_HINT,
+            ) from None
+        ref = f"{name}@{config.revision}" if config.revision and config.revision != "main" else name
+        return BaseChoice(None, "config", name=ref)
+
+    def _base_by_content(self, folder: Path) -> BaseChoice:
+        from loreg.cli.checkpoint import read_layout, weights_digest
+
+        try:
+            local = read_layout(folder)
+        except LoregError as exc:
+            raise BaseUnknownError(
+                f"base_model_name_or_path is the folder {folder}, and it cannot be read as a checkpoint: {exc.message}",
+                detail={"path": str(folder)},
+                hint=BASE_HINT,
+            ) from None
+        layout = local.layout_digest
+        candidates = self.get_json("/v1/base-models", params={"layout_digest": layout})["items"]
+        if not candidates:
+            raise BaseUnknownError(
+                f"no registered base model has the tensor layout of {folder} ({layout[:19]})",
+                detail={"path": str(folder), "layout_digest": layout},
+                hint=f"register it (loreg base register {folder} --name ORG/MODEL), or {BASE_HINT}",
+            )
+        chosen, by = None, "layout"
+        if local.size <= BASE_HASH_LIMIT:
+            weights = weights_digest(local.paths)
+            chosen = next((c for c in candidates if c["weights_digest"] == weights), None)
+            by = "weights" if chosen is not None else "layout"
+        if chosen is None and len(candidates) == 1:
+            chosen = candidates[0]
+        if chosen is None:
+            labels = [", ".join(c["names"]) or c["weights_digest"][:19] for c in candidates]
+            refs = [c["names"][0] if c["names"] else c["weights_digest"][:19] for c in candidates]
+            why = "none has its exact weights" if local.size <= BASE_HASH_LIMIT else "its weights are too large to hash here"
+            raise BaseUnknownError(
+                f"{len(candidates)} registered base models have the tensor layout of {folder} and {why}: "
+                + "; ".join(labels),
+                detail={
+                    "path": str(folder),
+                    "layout_digest": layout,
+                    "candidates": [{"digest": c["weights_digest"], "names": c["names"]} for c in candidates],
+                },
+                hint="pass the one it was trained on: " + " or ".join(f"--base {r}" for r in refs),
+            )
+        label = chosen["names"][0] if chosen["names"] else chosen["weights_digest"][:19]
+        return BaseChoice(chosen["weights_digest"], by, name=label, path=str(folder))
+
     # --- adapters -----------------------------------------------------------------------------
 
     def push(
@@ -233,6 +353,9 @@ class RegistryClient:
         for a in aliases or []:
             names.check_alias(a)
         scanned = scan_adapter_folder(Path(folder))
+        from loreg.registry.formats import peft
+
+        choice = self.choose_base(peft.parse_adapter_config(scanned.files["adapter_config.json"].read_bytes()), base)
         entries = []
         for rel, path in scanned.files.items():
             entries.append({"path": rel, "size": path.stat().st_size, "digest": sha256_file(path)})
@@ -249,11 +372,15 @@ class RegistryClient:
         body: dict[str, Any] = {"files": entries, "metrics": metrics or {}, "aliases": aliases or []}
         if message is not None:
             body["message"] = message
-        if base is not None:
-            body["base"] = base
+        if choice.ref is not None:
+            body["base"] = choice.ref
+        if choice.by_content:
+            body["base_source"] = choice.source
         resp = self.request("POST", f"{self._path(namespace, short)}/versions", json=body)
         out = resp.json()
         out["created"] = resp.status_code == 201
+        if choice.by_content:
+            out["base_match"] = choice.describe()
         out["bytes_uploaded"] = uploaded
         out["files_uploaded"] = files_uploaded
         out["skipped"] = scanned.skipped
@@ -300,6 +427,11 @@ class RegistryClient:
     def delete(self, ref: str) -> dict[str, Any]:
         r = names.parse_reference(ref)
         return self.request("DELETE", f"{self._path(r.namespace, r.name)}/versions/{quote(r.tag, safe=':')}").json()
+
+    def delete_adapter(self, name: str) -> dict[str, Any]:
+        """Delete every version and alias of ``name`` (``ns/name``); its numbers are never given again."""
+        namespace, short = names.split_name(name)
+        return self.request("DELETE", self._path(namespace, short)).json()
 
     # --- base models --------------------------------------------------------------------------
 
@@ -364,16 +496,22 @@ class RegistryClient:
         scanned = scan_adapter_folder(Path(folder))
         config = peft.parse_adapter_config(scanned.files["adapter_config.json"].read_bytes())
         header = safetensors.read_header_from_file(scanned.files["adapter_model.safetensors"])
-        ref = base or config.base_model_name_or_path
-        if not ref:
-            raise NameInvalidError("adapter_config.json names no base model", hint="pass --base ORG/MODEL")
-        lay = self.base_layout(ref)
+        choice = self.choose_base(config, base)
+        ref = choice.ref or choice.name or ""
+        try:
+            lay = self.base_layout(ref)
+        except BaseNotFoundError as exc:  # what the push would answer
+            raise BaseUnknownError(exc.message, detail=exc.detail) from None
         # the same layout the server validates against (model_type, architectures, tying from config.json)
         layout = validate.base_layout({t[0]: (t[1], t[2]) for t in lay["tensors"]}, lay["config"])
-        report = validate.validate_adapter(config, header, layout, base_name=ref.split("@")[0] if not ref.startswith("sha256:") else None)
+        base_name = ref.split("@")[0] if choice.source == "config" and not ref.startswith("sha256:") else None
+        report = validate.validate_adapter(config, header, layout, base_name=base_name)
         out = report.to_dict()
         out["facts"]["targets"] = peft.leaf_targets(out["facts"]["modules"])
+        out["facts"]["base_source"] = choice.source
         out["base"] = {"weights_digest": lay["weights_digest"], "layout_digest": lay["layout_digest"], "ref": ref}
+        if choice.by_content:
+            out["base_match"] = choice.describe()
         out["valid"] = True
         return out
 
@@ -480,8 +618,8 @@ class RegistryClient:
 def _base_path(ref: str) -> str:
     """A base reference as a URL path: names keep their slash, everything else is quoted."""
     if ref.startswith("sha256:"):
-        if names.DIGEST.fullmatch(ref) is None:
-            raise NameInvalidError(f"invalid digest {ref[:80]!r}")
+        if names.DIGEST_PREFIX.fullmatch(ref) is None:
+            raise NameInvalidError(f"invalid digest {ref[:80]!r}", hint=names.DIGEST_PREFIX_HINT)
         return ref
     name, _, revision = ref.partition("@")
     names.check_base_name(name)
@@ -707,4 +845,4 @@ def _receive(chunks: Iterator[bytes], out: Any, hasher: Any, advanced: Callable[
     return got
 
 
-__all__ = ["RegistryClient", "AdapterFolder", "scan_adapter_folder", "BlobCache", "LoregError"]
+__all__ = ["RegistryClient", "AdapterFolder", "BaseChoice", "scan_adapter_folder", "BlobCache", "LoregError"]

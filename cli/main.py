@@ -35,7 +35,7 @@ SUMMARIES = {
     "show": "Show a version: files, config facts, metrics, aliases.",
     "alias": "Point, show or remove aliases (prod, staging).",
     "metrics": "Append evaluation metrics to a version.",
-    "rm": "Delete a version (its number is never reused).",
+    "rm": "Delete a version, or an adapter with --all (numbers are never reused).",
     "serve": "Run the registry server.",
     "db": "Database migrations (server host).",
     "token": "Create, list and revoke API tokens.",
@@ -90,17 +90,27 @@ def fail(err: LoregError, as_json: bool) -> None:
         click.secho(f"error: {err.message} [{err.code}]", fg="red", err=True)
         problems = err.detail.get("problems")
         if isinstance(problems, list):
-            for p in problems[:50]:
-                if isinstance(p, dict):
-                    where = p.get("key") or p.get("loc") or ""
-                    text = p.get("message") or ""
-                    extra = ""
-                    if "expected" in p or "actual" in p:
-                        extra = f" (expected {p.get('expected')}, got {p.get('actual')})"
-                    click.echo(f"  - {where}: {text}{extra}", err=True)
+            shown = [p for p in problems if isinstance(p, dict)][:50]
+            for p in shown:
+                click.echo(f"  - {_problem_line(p)}", err=True)
+            total = err.detail.get("problem_count")
+            more = (total if isinstance(total, int) else len(problems)) - len(shown)
+            if more > 0:
+                click.echo(f"  … and {more} more", err=True)
         if err.hint:
             click.secho(f"hint: {err.hint}", fg="cyan", err=True)
     sys.exit(1)
+
+
+def _problem_line(p: dict[str, object]) -> str:
+    """One problem on one line, each fact once (messages that already name the key or shapes keep them)."""
+    where = str(p.get("key") or p.get("loc") or "")
+    text = str(p.get("message") or "")
+    if not text:
+        text = f"expected {p.get('expected')}, found {p.get('actual')}"
+    if not where or where in text:
+        return text
+    return f"{where}: {text}"
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ TokenNotFoundError = _error("TokenNotFoundError", "TOKEN_NOT_FOUND", 404, "No su
 MethodNotAllowedError = _error("MethodNotAllowedError", "METHOD_NOT_ALLOWED", 405, "The route has no such method.")
 # 409
 ConflictError = _error("ConflictError", "CONFLICT", 409, "The request conflicts with stored state.")
+DigestAmbiguousError = _error("DigestAmbiguousError", "DIGEST_AMBIGUOUS", 409, "A short digest names several.")
 # 413 / 415
 TooLargeError = _error("TooLargeError", "TOO_LARGE", 413, "Over a size limit.")
 ConfigTooLargeError = _error("ConfigTooLargeError", "CONFIG_TOO_LARGE", 413, "adapter_config.json too large.")

@@ -73,40 +73,40 @@ def default_target_modules(family: str) -> list[str]:
     return list(_spec(family)[3])
 
 
-def tiny_config(family: str = "llama", *, headless: bool = False) -> Any:
-    """A transformers config for a 2-layer model with hidden size 32 and vocab 128."""
+def tiny_config(family: str = "llama", *, headless: bool = False, hidden: int = HIDDEN) -> Any:
+    """A transformers config for a 2-layer model with hidden size ``hidden`` (32) and vocab 128."""
     import transformers
 
     config_cls, model_cls, headless_cls, _, _ = _spec(family)
     common = {"architectures": [headless_cls if headless else model_cls]}
     if family == "llama":
         kw = dict(
-            vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+            vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=64, num_hidden_layers=LAYERS,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
         )
     elif family == "gpt2":
         kw = dict(
-            vocab_size=VOCAB_SIZE, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=64,
+            vocab_size=VOCAB_SIZE, n_embd=hidden, n_layer=LAYERS, n_head=4, n_positions=64,
             bos_token_id=VOCAB_SIZE - 1, eos_token_id=VOCAB_SIZE - 1,
         )
     elif family == "bert":
         kw = dict(
-            vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+            vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=64, num_labels=2,
         )
     else:  # vit
         kw = dict(
-            hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
+            hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
             image_size=16, patch_size=8, num_channels=3, num_labels=2,
         )
     return getattr(transformers, config_cls)(**kw, **common)
 
 
-def _build_model(family: str, *, seed: int, headless: bool = False) -> Any:
+def _build_model(family: str, *, seed: int, headless: bool = False, hidden: int = HIDDEN) -> Any:
     import torch
     import transformers
 
-    config = tiny_config(family, headless=headless)
+    config = tiny_config(family, headless=headless, hidden=hidden)
     model_cls = getattr(transformers, config.architectures[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -122,16 +122,18 @@ def make_base(
     max_shard_size: str | None = None,
     seed: int = 0,
     headless: bool = False,
+    hidden: int = HIDDEN,
 ) -> Path:
     """Save a tiny random ``family`` model (config.json + safetensors) into ``dest``.
 
     ``max_shard_size`` (e.g. ``"20KB"``) shards it and writes ``model.safetensors.index.json``.
-    ``headless`` builds the bare backbone (``LlamaModel``, ``BertModel``, ...) instead of the head class.
+    ``headless`` builds the bare backbone (``LlamaModel``, ``BertModel``, ...) instead of the head class;
+    ``hidden`` changes the hidden size (another model of the same family).
     """
     import torch
 
     dest = Path(dest)
-    model = _build_model(family, seed=seed, headless=headless)
+    model = _build_model(family, seed=seed, headless=headless, hidden=hidden)
     model = model.to(getattr(torch, dtype))
     kwargs: dict[str, Any] = {}
     if max_shard_size is not None:

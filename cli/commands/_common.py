@@ -14,6 +14,11 @@ def client(url: str | None):  # type: ignore[no-untyped-def]
     return RegistryClient(url)
 
 
+def base_line(match: dict[str, str]) -> str:
+    """How a base folder named by the adapter's config was matched to a registered base."""
+    return f"base: {match['name']} (matched by {match['by']} from {match['path']})"
+
+
 def parse_metrics(pairs: tuple[str, ...]) -> dict[str, float]:
     import math
 

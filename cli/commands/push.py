@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from loreg.cli.commands._common import client, json_option, parse_metrics, url_option
+from loreg.cli.commands._common import base_line, client, json_option, parse_metrics, url_option
 from loreg.cli.output import emit_json, human_size, transfer_progress, warn
 
 
@@ -14,7 +14,12 @@ from loreg.cli.output import emit_json, human_size, transfer_progress, warn
 @click.option("--metric", "metrics", multiple=True, metavar="KEY=VALUE", help="An evaluation metric (repeatable).")
 @click.option("--alias", "aliases", multiple=True, metavar="ALIAS", help="Point this alias at the version (repeatable).")
 @click.option("--message", "-m", default=None, help="A note stored with the version.")
-@click.option("--base", default=None, metavar="NAME|DIGEST", help="Base model to validate against (default: the config's).")
+@click.option(
+    "--base",
+    default=None,
+    metavar="NAME|DIGEST",
+    help="Base model to validate against (default: the config's base_model_name_or_path; a local folder is matched by content).",
+)
 @json_option
 @url_option
 def push(
@@ -40,6 +45,8 @@ def push(
         return
     if out["skipped"]:
         warn(f"skipped (not adapter files): {', '.join(out['skipped'])}")
+    if out.get("base_match"):
+        click.echo(base_line(out["base_match"]))
     verb = "pushed" if out["created"] else "unchanged: already stored as"
     click.echo(f"{verb} {out['name']}:{out['version']}  {out['digest']}")
     click.echo(f"uploaded {human_size(out['bytes_uploaded'])} ({len(out['files_uploaded'])} of {len(out['files'])} files)")

@@ -101,6 +101,9 @@ class VersionCreate(StrictRequest):
     metrics: dict[MetricKey, float] = Field(default_factory=dict, max_length=256)
     aliases: list[str] = Field(default_factory=list, max_length=32)
     base: str | None = Field(default=None, max_length=300)
+    # how the client chose ``base``: named by the user, or matched by content to a local base
+    # folder that base_model_name_or_path names (recorded in facts; no base-name warning then)
+    base_source: Literal["explicit", "weights", "layout"] | None = None
 
 
 class FilePublic(Response):
@@ -194,6 +197,12 @@ class MetricsAdd(StrictRequest):
 class DeletedPublic(Response):
     name: str
     version: int
+    deleted: bool = True
+
+
+class AdapterDeletedPublic(Response):
+    name: str
+    versions: list[int]  # the numbers deleted; none of them is given again
     deleted: bool = True
 
 

@@ -20,6 +20,10 @@ MAX_NAME_LENGTH = 128
 ALIAS = re.compile(r"[a-z][a-z0-9._-]{0,63}")
 RESERVED_ALIASES = frozenset({"latest"})
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# a version or base model named by digest may be shortened to a unique prefix (loreg prints 12 digits)
+MIN_DIGEST_PREFIX = 12
+DIGEST_PREFIX = re.compile(r"sha256:[0-9a-f]{%d,64}" % MIN_DIGEST_PREFIX)
+DIGEST_PREFIX_HINT = f"digests look like sha256:<hex>, at least {MIN_DIGEST_PREFIX} lowercase hex digits of the 64"
 BASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 BASE_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -95,7 +99,7 @@ def check_alias(alias: str) -> str:
 
 @dataclass(frozen=True)
 class Reference:
-    """``ns/name`` (latest), ``ns/name:3``, ``ns/name:ALIAS`` or ``ns/name@sha256:…``."""
+    """``ns/name`` (latest), ``ns/name:3``, ``ns/name:ALIAS`` or ``ns/name@sha256:…`` (12+ hex digits)."""
 
     namespace: str
     name: str
@@ -121,11 +125,15 @@ class Reference:
 
 
 def check_tag(tag: str) -> str:
-    """A version selector: ``latest``, a number, an alias or ``sha256:<hex>``."""
+    """A version selector: ``latest``, a number, an alias or ``sha256:<hex>`` (a prefix of 12+ digits)."""
     if not isinstance(tag, str):
         raise VersionInvalidError("invalid version")
-    if tag == "latest" or DIGEST.fullmatch(tag):
+    if tag == "latest" or DIGEST_PREFIX.fullmatch(tag):
         return tag
+    if tag.startswith("sha256:"):
+        raise VersionInvalidError(
+            f"invalid digest {tag[:100]!r}", detail={"version": tag[:100]}, hint=DIGEST_PREFIX_HINT
+        )
     if re.fullmatch(r"[1-9][0-9]{0,9}", tag):
         if int(tag) > MAX_VERSION_NUMBER:
             raise VersionInvalidError(f"version number {tag} is out of range", detail={"version": tag})
@@ -144,10 +152,8 @@ def parse_reference(ref: str) -> Reference:
         raise ReferenceInvalidError("invalid reference")
     if "@" in ref:
         name, _, tag = ref.partition("@")
-        if DIGEST.fullmatch(tag) is None:
-            raise ReferenceInvalidError(
-                f"invalid digest in {ref[:200]!r}", hint="digests look like sha256:<64 lowercase hex>"
-            )
+        if DIGEST_PREFIX.fullmatch(tag) is None:
+            raise ReferenceInvalidError(f"invalid digest in {ref[:200]!r}", hint=DIGEST_PREFIX_HINT)
     elif ":" in ref:
         name, _, tag = ref.partition(":")
     else:

@@ -295,17 +295,50 @@ class _Problems:
     def add(self, key: str | None, code: str, message: str, expected: Any = None, actual: Any = None) -> None:
         self.items.append({"key": key, "code": code, "expected": expected, "actual": actual, "message": message})
 
-    def raise_if_any(self, variant: str) -> None:
+    def raise_if_any(self, variant: str, hidden_size: int | None = None) -> None:
         if not self.items:
             return
         first = self.items[0]
         cls = _ERROR_CLASSES.get(first["code"], AdapterInvalidError)
         count = len(self.items)
-        more = f" (and {count - 1} more)" if count > 1 else ""
+        hint = None
+        if first["code"] == "SHAPE_MISMATCH":
+            # the problems name the keys and shapes, one line each: the message only counts them
+            shapes = [p for p in self.items if p["code"] == "SHAPE_MISMATCH"]
+            n, others = len(shapes), count - len(shapes)
+            message = f"{n} adapter tensor{'s do' if n > 1 else ' does'} not fit the base's shapes"
+            if others:
+                message += f" (and {others} other problem{'s' if others > 1 else ''})"
+            hint = _shape_hint(shapes, hidden_size)
+        else:
+            message = first["message"] + (f" (and {count - 1} more)" if count > 1 else "")
         raise cls(
-            f"{first['message']}{more}",
+            message,
             detail={"problems": self.items[:MAX_PROBLEMS], "problem_count": count, "variant": variant},
+            hint=hint,
         )
+
+
+def _shape_hint(problems: list[dict[str, Any]], hidden_size: int | None) -> str:
+    """A guess from the pattern of mismatched dimensions, e.g. another hidden size throughout."""
+    pairs: list[tuple[int, int]] = []
+    for p in problems:
+        expected, actual = p.get("expected"), p.get("actual")
+        if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
+            for e, a in zip(expected, actual):
+                if isinstance(e, int) and isinstance(a, int) and e != a and (e, a) not in pairs:
+                    pairs.append((e, a))
+    advice = "trained for another base? pass --base"
+    if len(pairs) == 1:
+        e, a = pairs[0]
+        return f"every mismatch is {'hidden size' if e == hidden_size else 'size'} {e} vs {a}: {advice}"
+    hidden = [a for e, a in pairs if e == hidden_size]
+    if len(hidden) == 1:
+        return f"the adapter's shapes fit hidden size {hidden[0]}, the base's is {hidden_size}: {advice}"
+    if pairs:
+        shown = ", ".join(f"{e} vs {a}" for e, a in pairs[:4])
+        return f"{len(pairs)} sizes differ ({shown}{', …' if len(pairs) > 4 else ''}): {advice}"
+    return advice
 
 
 def _shape(header: Header, key: str) -> list[int]:
@@ -506,7 +539,7 @@ class _Validator:
                 if tk.kind == peft.BASE_LAYER:
                     w_shape = actual
                 continue
-            problems.add(tk.key, "SHAPE_MISMATCH", f"{tk.key!r} is {actual}; base {base_tensor} is {expected}",
+            problems.add(tk.key, "SHAPE_MISMATCH", f"expected {expected}, found {actual} (a copy of {base_tensor})",
                          expected=expected, actual=actual)
 
         if peft.TRAINABLE_TOKENS in by_kind:
@@ -587,8 +620,8 @@ class _Validator:
                 expected = [w_shape[1]]
             actual = _shape(header, tk.key)
             if actual != expected:
-                problems.add(tk.key, "SHAPE_MISMATCH", f"{tk.key!r} is {actual}; DoRA magnitude of {w_name} is "
-                             f"{expected}", expected=expected, actual=actual)
+                problems.add(tk.key, "SHAPE_MISMATCH", f"expected {expected}, found {actual} (DoRA magnitude of "
+                             f"{w_name})", expected=expected, actual=actual)
         elif self.config.use_dora:
             want_key = a.key[: -len(_suffix(a_kind))] + _suffix(peft.MAGNITUDE)
             problems.add(want_key, "MISSING_TENSOR", f"use_dora is true but {module} has no lora_magnitude_vector",
@@ -603,8 +636,8 @@ class _Validator:
                 self.key_map[tk.key] = b_name
                 actual = _shape(header, tk.key)
                 if out is not None and actual != [out]:
-                    problems.add(tk.key, "SHAPE_MISMATCH", f"{tk.key!r} is {actual}; {module} has {out} outputs",
-                                 expected=[out], actual=actual)
+                    problems.add(tk.key, "SHAPE_MISMATCH", f"expected {[out]}, found {actual} ({module} has {out} "
+                                 "outputs)", expected=[out], actual=actual)
 
     def check_pair(
         self, module: str, layer: str, a_key: str, a: list[int], b_key: str, b: list[int],
@@ -616,14 +649,14 @@ class _Validator:
         r_b = b[1] if len(b) >= 2 else 0
         if layer == "conv":
             if len(w) < 3:
-                problems.add(a_key, "SHAPE_MISMATCH", f"{a_key!r} is a convolution LoRA but {w_name} is {w}",
+                problems.add(a_key, "SHAPE_MISMATCH", f"a convolution LoRA, but base {w_name} is {w}",
                              expected=[r_a, *w[1:]], actual=a)
                 return None
             exp_a = [r_a, *w[1:]]
             exp_b = [w[0], r_b] + [1] * (len(w) - 2)
             out = w[0]
         elif len(w) != 2:
-            problems.add(a_key, "SHAPE_MISMATCH", f"{a_key!r} is a {layer} LoRA but {w_name} is {w}",
+            problems.add(a_key, "SHAPE_MISMATCH", f"a {layer} LoRA, but base {w_name} is {w}",
                          expected=[r_a, "?"], actual=a)
             return None
         elif layer == "embedding":
@@ -637,8 +670,7 @@ class _Validator:
                 hint = ""
                 if layer == "conv" and key == a_key and len(a) > 1 and w[1] and a[1] != w[1] and a[1] % w[1] == 0:
                     hint = " (grouped convolution: LoRA on conv groups > 1 cannot be merged)"
-                problems.add(key, "SHAPE_MISMATCH",
-                             f"{key!r} is {actual}, expected {expected} for {layer} base {w_name} {w}{hint}",
+                problems.add(key, "SHAPE_MISMATCH", f"expected {expected}, found {actual}{hint}",
                              expected=expected, actual=actual)
         return out
 
@@ -659,8 +691,8 @@ class _Validator:
         actual = _shape(self.header, tk.key)
         expected = [len(indices), w[1]]
         if actual != expected:
-            problems.add(tk.key, "SHAPE_MISMATCH", f"{tk.key!r} is {actual}; {len(indices)} token rows of "
-                         f"{w_name} {w} need {expected}", expected=expected, actual=actual)
+            problems.add(tk.key, "SHAPE_MISMATCH", f"expected {expected}, found {actual} ({len(indices)} token "
+                         f"rows of {w_name} {w})", expected=expected, actual=actual)
         out_of_range = sorted({i for i in indices if not 0 <= i < w[0]})
         if out_of_range:
             problems.add(tk.key, "INDEX_OUT_OF_RANGE", f"trainable_token_indices {out_of_range[:10]} are outside "
@@ -730,7 +762,8 @@ def validate_adapter(
     """
     validator = _Validator(config, header, base)
     validator.run(base_name, base_revision)
-    validator.problems.raise_if_any(validator.variant)
+    embedding = base.shape(validator.input_embedding) if validator.input_embedding else None
+    validator.problems.raise_if_any(validator.variant, embedding[-1] if embedding else None)
     facts = describe_adapter(config, header)
     serving = serving_verdicts(config, facts)
     warnings = list(validator.warnings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from loreg.registry.errors import (
     BlobNotFoundError,
     ConfigTooLargeError,
     ConflictError,
+    DigestAmbiguousError,
     ManifestInvalidError,
     NonFiniteValuesError,
     RequestInvalidError,
@@ -208,7 +210,7 @@ class AdapterService:
         base_row_id: int | None = None
         base_mapping: dict[str, Any] | None = None
         if self.validator is not None:
-            base_row_id, report = self.validator(config, header, facts, body.base)
+            base_row_id, report = self.validator(config, header, facts, body.base, body.base_source)
             facts = report.get("facts", facts)
             warnings.extend(report.get("warnings", []))
             base_mapping = report.get("mapping")
@@ -418,7 +420,11 @@ class AdapterService:
                 raise VersionNotFoundError(f"{ref} has no versions", detail={"name": ref})
             return version
         if tag.startswith("sha256:"):
-            version = session.scalar(query.where(Version.manifest_digest == tag))
+            version = one_by_digest(
+                session.scalars(query.where(digest_matches(Version.manifest_digest, tag)).order_by(Version.number)),
+                tag,
+                lambda v: {"version": f"{ref}:{v.number}", "digest": v.manifest_digest},
+            )
         elif tag.isdigit():
             version = session.scalar(query.where(Version.number == int(tag)))
         else:
@@ -750,6 +756,50 @@ class AdapterService:
             session.execute(delete(Alias).where(Alias.version_id == version.id))
             session.delete(version)
             return full, number
+
+    def delete_adapter(self, namespace: str, name: str) -> tuple[str, list[int]]:
+        """Delete every version of an adapter and its aliases. The adapter's counter stays, so a
+        later push under the same name continues the numbering instead of reusing a number.
+
+        Returns the name and the numbers deleted (oldest first).
+        """
+        with self.registry.sessions.begin() as session:
+            adapter = self._adapter(session, namespace, name)
+            # the push's lock: a concurrent push waits and then numbers after the deleted ones
+            session.scalar(select(Adapter).where(Adapter.id == adapter.id).with_for_update())
+            numbers = list(
+                session.scalars(select(Version.number).where(Version.adapter_id == adapter.id).order_by(Version.number))
+            )
+            session.execute(delete(Alias).where(Alias.adapter_id == adapter.id))
+            session.execute(delete(Version).where(Version.adapter_id == adapter.id))
+            return adapter.full_name, numbers
+
+
+MAX_CANDIDATES = 10
+
+
+def digest_matches(column: Any, digest: str) -> Any:
+    """A SQL condition: ``column`` is ``digest``, or starts with it when it is a short prefix."""
+    if names.DIGEST.fullmatch(digest):
+        return column == digest
+    # a range rather than LIKE: Postgres uses the btree index for it under any collation; the
+    # stored digests are lowercase hex, all below the prefix followed by "g"
+    return and_(column >= digest, column < digest + "g")
+
+
+def one_by_digest(rows: Any, digest: str, describe: Callable[[Any], dict[str, Any]]) -> Any:
+    """The one row a (short) digest names, None when none; refuse a prefix that names several."""
+    found = list(itertools.islice(rows, MAX_CANDIDATES + 1))
+    if len(found) <= 1:
+        return found[0] if found else None
+    candidates = [describe(r) for r in found[:MAX_CANDIDATES]]
+    more = " and more" if len(found) > MAX_CANDIDATES else ""
+    raise DigestAmbiguousError(
+        f"{digest} is the start of several digests: "
+        + ", ".join(c.get("version") or c["digest"] for c in candidates) + more,
+        detail={"digest": digest, "candidates": candidates},
+        hint="give more hex digits of the digest",
+    )
 
 
 SCAN_CHUNK = 4 << 20

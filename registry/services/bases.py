@@ -18,8 +18,10 @@ from loreg.registry.errors import (
     BlobMissingError,
     DigestInvalidError,
     ManifestInvalidError,
+    RequestInvalidError,
 )
 from loreg.registry.formats import fingerprint, names, peft, safetensors, validate
+from loreg.registry.services.adapters import digest_matches, one_by_digest
 from loreg.registry.services.context import Registry
 
 MAX_TENSORS = 200_000
@@ -155,8 +157,17 @@ class BaseService:
 
     def _by_ref(self, session: Session, ref: str) -> BaseRow:
         if ref.startswith("sha256:"):
-            names.DIGEST.fullmatch(ref) or _invalid_digest(ref)
-            row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == ref))
+            names.DIGEST_PREFIX.fullmatch(ref) or _invalid_digest(ref)
+            row = one_by_digest(
+                session.scalars(
+                    select(BaseRow)
+                    .where(digest_matches(BaseRow.weights_digest, ref))
+                    .options(selectinload(BaseRow.names))
+                    .order_by(BaseRow.weights_digest)
+                ),
+                ref,
+                lambda r: {"digest": r.weights_digest, "names": [_label(n) for n in r.names]},
+            )
             if row is None:
                 raise BaseNotFoundError(f"no base model with weights digest {ref}", detail={"base": ref})
             return row
@@ -189,10 +200,17 @@ class BaseService:
                 tensors=[[t[0], t[1], t[2]] for t in row.tensors],
             )
 
-    def list(self) -> list[BasePublic]:
+    def list(self, layout_digest: str | None = None) -> list[BasePublic]:
+        """Every base model, newest first; with ``layout_digest``, those of that tensor layout."""
+        query = select(BaseRow).options(selectinload(BaseRow.names)).order_by(BaseRow.id.desc())
+        if layout_digest is not None:
+            if names.DIGEST.fullmatch(layout_digest) is None:
+                raise DigestInvalidError(
+                    f"invalid layout digest {layout_digest[:80]!r}", hint="a layout digest is sha256:<64 lowercase hex>"
+                )
+            query = query.where(BaseRow.layout_digest == layout_digest)
         with self.registry.sessions.begin() as session:
-            rows = session.scalars(select(BaseRow).options(selectinload(BaseRow.names)).order_by(BaseRow.id.desc()))
-            return [self._public(session, r) for r in rows]
+            return [self._public(session, r) for r in session.scalars(query)]
 
     def lookup_ids(self, ref: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(ids of the bases ``ref`` names, ids of other bases with the same layout)."""
@@ -235,10 +253,24 @@ class BaseService:
     # --- validation hook used by AdapterService.push ------------------------------------------
 
     def validate_push(
-        self, config: peft.AdapterConfig, header: safetensors.Header, facts: dict[str, Any], requested: str | None
+        self,
+        config: peft.AdapterConfig,
+        header: safetensors.Header,
+        facts: dict[str, Any],
+        requested: str | None,
+        source: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """Resolve the adapter's base and validate its tensors against the base layout (headers only)."""
+        """Resolve the adapter's base and validate its tensors against the base layout (headers only).
+
+        ``source`` says how the client chose ``requested`` ("explicit", or "weights"/"layout" when
+        matched by content); it is recorded in the facts as ``base_source`` ("config" when the
+        config's name was used). Only a base taken from the config's name can warn that the name
+        differs.
+        """
         ref = requested
+        if requested is None and source is not None:
+            raise RequestInvalidError("base_source needs base")
+        source = source or ("config" if requested is None else "explicit")
         if ref is None:
             name = config.base_model_name_or_path
             if not name:
@@ -264,16 +296,23 @@ class BaseService:
                 raise BaseUnknownError(f"base model {ref} is not registered")
             layout = layout_of(row)
             base_id, base_labels = row.id, [n.name for n in row.names]
-        expected_name = ref if not ref.startswith("sha256:") else (base_labels[0] if base_labels else None)
+        expected_name = None
+        if source == "config":
+            expected_name = ref if not ref.startswith("sha256:") else (base_labels[0] if base_labels else None)
         report = validate.validate_adapter(config, header, layout, base_name=expected_name.split("@")[0] if expected_name else None)
         out = report.to_dict()
         from loreg.registry.services.adapters import with_targets
 
         out["facts"] = with_targets(out["facts"])
+        out["facts"]["base_source"] = source
         out["facts"]["serving"] = report.serving
         out["mapping"] = {"variant": report.variant, "modules": report.mapping, "layer_types": report.layer_types}
         return base_id, out
 
 
 def _invalid_digest(ref: str) -> None:
-    raise DigestInvalidError(f"invalid digest {ref[:80]!r}", hint="digests look like sha256:<64 lowercase hex>")
+    raise DigestInvalidError(f"invalid digest {ref[:80]!r}", hint=names.DIGEST_PREFIX_HINT)
+
+
+def _label(n: BaseName) -> str:
+    return f"{n.name}@{n.revision}" if n.revision else n.name

@@ -227,6 +227,48 @@ def test_rm_deletes_version_and_its_number_is_never_reused(loreg: Loreg, adapter
     assert (again["version"], again["created"]) == (2, True)
 
 
+def test_rm_without_a_version_is_a_usage_error_and_deletes_nothing(loreg: Loreg, adapter_dir: Path) -> None:
+    ok(loreg("push", adapter_dir, "org/bot"))
+    for args in (("rm", "org/bot", "--yes"), ("rm", "org/bot", "--yes", "--json"), ("rm", "org/bot:1", "--all", "--yes")):
+        result = loreg(*args)
+        assert result.code == 2, (args, result)
+        assert "Error:" in result.stderr and "--all" in result.stderr
+        assert result.stdout == ""
+    assert ok(loreg("show", "org/bot:1", "--json")).json()["version"] == 1
+
+
+def test_rm_declined_exits_1_and_keeps_the_version(loreg: Loreg, adapter_dir: Path) -> None:
+    ok(loreg("push", adapter_dir, "org/bot"))
+    declined = loreg("rm", "org/bot:1", input="n\n")
+    assert declined.code == 1
+    assert "nothing deleted" in declined.stderr
+    assert ok(loreg("show", "org/bot:1", "--json")).json()["version"] == 1
+
+
+def test_rm_all_asks_then_deletes_every_version_and_numbers_continue(
+    loreg: Loreg, adapter_dir: Path, tmp_path: Path
+) -> None:
+    ok(loreg("push", adapter_dir, "org/bot", "--alias", "prod"))
+    ok(loreg("push", variant(adapter_dir, tmp_path / "v2", seed=2), "org/bot"))
+
+    declined = loreg("rm", "org/bot", "--all", input="n\n")
+    assert declined.code == 1
+    assert "all 2 versions of org/bot (1, 2)" in declined.stderr and "prod" in declined.stderr
+    assert ok(loreg("show", "org/bot:prod", "--json")).json()["version"] == 1
+
+    done = ok(loreg("rm", "org/bot", "--all", input="y\n"))
+    assert "deleted org/bot: versions 1, 2" in done.stdout
+    for ref in ("org/bot", "org/bot:1", "org/bot:2", "org/bot:prod"):
+        assert loreg("show", ref).code == 1, ref
+    assert ok(loreg("ls", "--json")).json()["items"] == []
+
+    again = ok(loreg("push", adapter_dir, "org/bot", "--json")).json()
+    assert (again["version"], again["created"]) == (3, True)
+    assert ok(loreg("rm", "org/bot", "--all", "--yes", "--json")).json() == {
+        "name": "org/bot", "versions": [3], "deleted": True,
+    }
+
+
 # --- base models, check, inspect ---------------------------------------------------------------
 
 
@@ -265,6 +307,40 @@ def test_check_validates_locally_and_uploads_nothing(loreg: Loreg, adapter_dir: 
     assert bad.code == 1
     assert bad.stderr.startswith("error: ")
     assert "lora_A.weight" in bad.stderr  # names the offending keys
+    assert rest.get("/v1/adapters").json()["items"] == []
+
+
+def test_push_and_check_say_the_same_about_a_base_folder(
+    loreg: Loreg, adapter_dir: Path, tiny_llama: dict[str, Path], tmp_path: Path, rest: httpx.Client
+) -> None:
+    gone = factories.edit_adapter(adapter_dir, tmp_path / "gone", config={"base_model_name_or_path": "/data/models/llama"})
+    checked, pushed = loreg("check", gone), loreg("push", gone, "org/bot")
+    assert checked.code == pushed.code == 1
+    assert checked.stderr == pushed.stderr
+    assert "[BASE_UNKNOWN]" in checked.stderr and "--base" in checked.stderr
+    assert rest.get("/v1/adapters").json()["items"] == []
+
+    local = factories.edit_adapter(adapter_dir, tmp_path / "local", config={"base_model_name_or_path": str(tiny_llama["base"])})
+    line = f"base: {BASE} (matched by weights from {tiny_llama['base']})"
+    assert line in ok(loreg("check", local)).stdout.splitlines()
+    assert line in ok(loreg("push", local, "org/bot")).stdout.splitlines()
+
+
+def test_shape_mismatch_prints_each_key_once_with_a_hint(loreg: Loreg, tmp_path: Path, rest: httpx.Client) -> None:
+    wide = factories.make_base(tmp_path / "wide", "llama", hidden=64)
+    adapter = factories.make_adapter(tmp_path / "adapter", "llama", base_dir=wide, target_modules=["q_proj", "o_proj"])
+    from loreg.registry.formats.safetensors import read_header_from_file
+
+    keys = sorted(read_header_from_file(adapter / "adapter_model.safetensors").tensors)
+    result = loreg("push", adapter, "org/bot")
+    assert result.code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"error: {len(keys)} adapter tensors do not fit the base's shapes [SHAPE_MISMATCH]"
+    assert sorted(lines[1:-1]) == sorted(
+        f"  - {k}: expected {[8, 32] if 'lora_A' in k else [32, 8]}, found {[8, 64] if 'lora_A' in k else [64, 8]}"
+        for k in keys
+    )
+    assert lines[-1] == "hint: every mismatch is hidden size 32 vs 64: trained for another base? pass --base"
     assert rest.get("/v1/adapters").json()["items"] == []
 
 

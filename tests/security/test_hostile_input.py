@@ -403,12 +403,12 @@ def test_oversized_adapter_config_is_refused_with_413(pusher: Pusher, registry: 
 
 
 @SQLITE_ONLY
-def test_other_base_name_with_explicit_base_is_stored_with_a_warning(pusher: Pusher) -> None:
+def test_other_base_name_with_explicit_base_is_stored_recording_the_choice_without_a_warning(pusher: Pusher) -> None:
     resp = pusher.push("org/x", config={**pusher.config, "base_model_name_or_path": "someone/else"},
                        base="loreg-test/tiny-llama")
     assert resp.status_code == 201, resp.text
-    warning = next(w for w in resp.json()["warnings"] if w["code"] == "BASE_NAME_MISMATCH")
-    assert warning["actual"] == "someone/else"
+    assert resp.json()["facts"]["base_source"] == "explicit"
+    assert "BASE_NAME_MISMATCH" not in {w["code"] for w in resp.json()["warnings"]}
 
 
 # --- B14 -----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import AdaptersDep, ReadDep, RegistryDep, WriteDep
 from loreg.registry.api.schemas import (
+    AdapterDeletedPublic,
     AdapterPublic,
     AliasPublic,
     AliasSet,
@@ -105,6 +106,13 @@ def list_versions(
 ) -> Page[VersionSummary]:
     """An adapter's versions, newest first, paginated (``next_cursor``)."""
     return adapters.versions(namespace, name, cursor=cursor, limit=limit)
+
+
+@router.delete("/v1/adapters/{namespace}/{name}", response_model=AdapterDeletedPublic)
+def delete_adapter(namespace: str, name: str, adapters: AdaptersDep, _p: WriteDep) -> AdapterDeletedPublic:
+    """Delete every version and alias of an adapter; its version numbers are never given again."""
+    full, numbers = adapters.delete_adapter(namespace, name)
+    return AdapterDeletedPublic(name=full, versions=numbers)
 
 
 @router.post(

@@ -28,8 +28,13 @@ def register_base(body: BaseCreate, request: Request, _p: AdminDep) -> JSONRespo
 
 
 @router.get("/v1/base-models", response_model=BaseList)
-def list_bases(request: Request, _p: ReadDep) -> BaseList:
-    return BaseList(items=_svc(request).list())
+def list_bases(
+    request: Request,
+    _p: ReadDep,
+    layout_digest: Annotated[str | None, Query(max_length=71, description="only bases of this tensor layout")] = None,
+) -> BaseList:
+    """Every base model; with ``layout_digest`` those that share that layout (a base and its fine-tunes)."""
+    return BaseList(items=_svc(request).list(layout_digest))
 
 
 # the /adapters and /layout routes come first: {ref:path} would swallow their suffix
