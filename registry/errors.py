@@ -68,6 +68,7 @@ BaseNotFoundError = _error("BaseNotFoundError", "BASE_NOT_FOUND", 404, "No such 
 ExportNotFoundError = _error("ExportNotFoundError", "EXPORT_NOT_FOUND", 404, "No such export.")
 TokenNotFoundError = _error("TokenNotFoundError", "TOKEN_NOT_FOUND", 404, "No such token.")
 MethodNotAllowedError = _error("MethodNotAllowedError", "METHOD_NOT_ALLOWED", 405, "The route has no such method.")
+RequestTimeoutError = _error("RequestTimeoutError", "REQUEST_TIMEOUT", 408, "The request body stopped arriving.")
 # 409
 ConflictError = _error("ConflictError", "CONFLICT", 409, "The request conflicts with stored state.")
 # 413 / 415
@@ -92,6 +93,7 @@ InternalError = _error("InternalError", "INTERNAL", 500, "An unexpected error.")
 MergeUnavailableError = _error("MergeUnavailableError", "MERGE_UNAVAILABLE", 501, "This server cannot merge.")
 DbUnavailableError = _error("DbUnavailableError", "DB_UNAVAILABLE", 503, "The database is unreachable.")
 StorageUnavailableError = _error("StorageUnavailableError", "STORAGE_UNAVAILABLE", 503, "Storage is unreachable.")
+UploadsBusyError = _error("UploadsBusyError", "UPLOADS_BUSY", 503, "Every upload slot is in use.")
 StorageTimeoutError = _error("StorageTimeoutError", "STORAGE_TIMEOUT", 504, "Storage did not answer in time.")
 InsufficientStorageError = _error("InsufficientStorageError", "INSUFFICIENT_STORAGE", 507, "Storage is full.")
 # client side only (never sent by the server)
