@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.tokens = TokenService(reg)
     app.state.auth_limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_s)
     app.state.trusted_proxies = TrustedProxies(settings.trusted_proxies)
-    app.state.upload_slots = UploadSlots(settings.upload_concurrency)
+    app.state.upload_slots = UploadSlots(settings.upload_concurrency, wait_s=settings.body_idle_timeout_s)
     app.state.bases = BaseService(reg)
     app.state.adapters = AdapterService(reg, validator=app.state.bases.validate_push)
     app.state.inspect = InspectService(reg, app.state.adapters)

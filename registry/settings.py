@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     header_timeout_s: float = 10.0  # a request's line and headers must arrive within this (slowloris)
     # a request body that sends nothing for this long is cut (408): a stalled upload holds a slot
     body_idle_timeout_s: float = Field(default=30.0, gt=0)
-    # uploads stream through their own worker threads, this many at once; more get 503 + Retry-After
+    # uploads stream through their own worker threads, this many at once; more wait (bounded, at most
+    # body_idle_timeout_s) for a slot, then get 503 + Retry-After
     upload_concurrency: int = Field(default=16, ge=1)
     anonymous_read: bool = False
     auth_max_failures: int = 10

@@ -66,6 +66,7 @@ class ErrorEnvelope(Response):
 class UploadUsage(Response):
     in_use: int
     limit: int
+    waiting: int
     exhausted: bool
 
 

@@ -62,47 +62,64 @@ class QueueReader(io.RawIOBase):
 class UploadSlots:
     """At most ``limit`` uploads at once, each on a thread of the uploads' own pool.
 
-    Over the limit an upload is refused at once (503 UPLOADS_BUSY with Retry-After) rather than
-    queued: a queued request would hold its connection and its unread body with no deadline of its
-    own, while a refused client retries after Retry-After. Used from the event loop only.
+    Over the limit an upload waits for a slot, without a thread and without reading its body, for
+    at most ``wait_s``, and at most ``QUEUE_FACTOR * limit`` uploads wait; beyond either bound it is
+    refused (503 UPLOADS_BUSY with Retry-After). A short bounded queue absorbs bursts (a CI fleet
+    pushing at once); an unbounded one would let stalled clients hold connections without end.
+    Used from the event loop only.
     """
 
+    QUEUE_FACTOR = 4
     RETRY_AFTER_S = 5
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, wait_s: float):
         self.limit = limit
+        self.wait_s = wait_s
         self.in_use = 0
-        self._limiter: anyio.CapacityLimiter | None = None
-
-    @property
-    def limiter(self) -> anyio.CapacityLimiter:
-        if self._limiter is None:  # created inside the event loop that uses it
-            self._limiter = anyio.CapacityLimiter(self.limit)
-        return self._limiter
+        self.waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._free = asyncio.Semaphore(limit)
+        self.limiter = anyio.CapacityLimiter(limit)
 
     def usage(self) -> dict[str, Any]:
-        return {"in_use": self.in_use, "limit": self.limit, "exhausted": self.in_use >= self.limit}
+        return {"in_use": self.in_use, "limit": self.limit, "waiting": self.waiting,
+                "exhausted": self.in_use >= self.limit}
 
-    def acquire(self) -> None:
-        if self.in_use >= self.limit:
-            raise UploadsBusyError(
-                f"all {self.limit} upload slots are in use; retry shortly",
-                detail={"limit": self.limit, "retry_after": self.RETRY_AFTER_S},
-            )
+    def _busy(self) -> UploadsBusyError:
+        return UploadsBusyError(
+            f"all {self.limit} upload slots are in use; retry shortly",
+            detail={"limit": self.limit, "retry_after": self.RETRY_AFTER_S},
+        )
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop and self.in_use == 0 and self.waiting == 0:
+            # a server runs one loop; tests drive one app from several in turn
+            self._loop, self._free, self.limiter = loop, asyncio.Semaphore(self.limit), anyio.CapacityLimiter(self.limit)
+        if self.in_use >= self.limit and self.waiting >= self.QUEUE_FACTOR * self.limit:
+            raise self._busy()
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._free.acquire(), self.wait_s)
+        except TimeoutError:
+            raise self._busy() from None
+        finally:
+            self.waiting -= 1
         self.in_use += 1
 
     def release(self) -> None:
         self.in_use -= 1
+        self._free.release()
 
 
 async def consume_body(request: Request, consumer: Callable[[io.BufferedReader], T]) -> T:
     """Run ``consumer(stream)`` on an upload thread while the loop streams the request body into it.
 
     Raises:
-        UploadsBusyError: every upload slot is taken (nothing was read).
+        UploadsBusyError: no upload slot came free in time (nothing was read).
     """
     slots: UploadSlots = request.app.state.upload_slots
-    slots.acquire()
+    await slots.acquire()
     try:
         return await _consume(request, consumer, slots.limiter)
     finally:
