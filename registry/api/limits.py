@@ -5,7 +5,7 @@ would otherwise end as a database error and a 500).
 JSON bodies are held in memory whole by the framework, so they get ``max_json_body``; a base
 model's tensor list is the one large JSON body (DeepSeek-V3 lists ~90k tensors, ~25 MB), so base
 registration gets ``BASE_BODY_FACTOR`` times that. Blob uploads are streamed and capped by
-``max_file_size`` in their route (GuardedStream), so they pass through here untouched.
+``max_file_size`` in their route (GuardedStream), so here they only get the idle timeout.
 
 A declared Content-Length over the limit is answered at once, without reading a byte; a chunked
 body is counted as it arrives and refused when it crosses the limit.
@@ -80,7 +80,8 @@ class RequestLimitsMiddleware:
             if body_done:  # later calls wait for a disconnect, which may take as long as the response
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.idle_timeout_s)
+                async with asyncio.timeout(self.idle_timeout_s):  # a timer, not a task per chunk
+                    message = await receive()
             except TimeoutError:
                 timed_out = True
                 raise BodyCut(_timed_out(self.idle_timeout_s)) from None
