@@ -13,7 +13,6 @@ from starlette.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
 ASSETS = "/docs/assets"
-PUBLIC_DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", ASSETS})
 
 
 def install_docs(app: FastAPI) -> None:
