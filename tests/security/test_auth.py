@@ -521,6 +521,20 @@ def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(registry: An
         error_of(spoofed, 429, "TOOMANYREQUESTS")
 
 
+def test_trusted_proxies_setting_takes_a_comma_separated_list_of_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from loreg.registry.settings import Settings
+
+    monkeypatch.setenv("LOREG_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.7,2001:db8::/32")
+    assert Settings().trusted_proxies == ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]
+    monkeypatch.setenv("LOREG_TRUSTED_PROXIES", "10.0.0.0/8,not-a-network")
+    with pytest.raises(ValidationError, match="not-a-network"):
+        Settings()
+    monkeypatch.delenv("LOREG_TRUSTED_PROXIES")
+    assert Settings().trusted_proxies == []
+
+
 @SQLITE_ONLY
 def test_two_authorization_headers_are_refused(app: Any, make_token: Any, registry: Any) -> None:
     admin, read = make_token("admin"), make_token("read")
