@@ -31,6 +31,7 @@ def install_docs(app: FastAPI) -> None:
             swagger_css_url=f"{root}{ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{root}{ASSETS}/favicon.png",
             oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
+            swagger_ui_parameters={"validatorUrl": None},  # else the spec could be sent to swagger.io
         )
 
     async def oauth2_redirect(_request: Request) -> HTMLResponse:
