@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from loreg.registry.api.docs import install_docs
 from loreg.registry.api.errors import install_error_handlers
 from loreg.registry.api.limits import RequestLimitsMiddleware, body_limit_for
-from loreg.registry.api.ratelimit import FailureLimiter
+from loreg.registry.api.ratelimit import FailureLimiter, TrustedProxies
 from loreg.registry.api.routes import adapters, bases, blobs, exports, health, tokens
+from loreg.registry.api.streaming import UploadSlots
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.blobs import BlobService
@@ -55,18 +57,27 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         version=_version(),
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,
+        docs_url=None,
+        redoc_url=None,
+        # a slash redirect would be built from the Host header; /v1/adapters/ is a 404 instead
+        redirect_slashes=False,
     )
     app.state.registry = reg
     app.state.settings = settings
     app.state.blobs = BlobService(reg)
     app.state.tokens = TokenService(reg)
     app.state.auth_limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_s)
+    app.state.trusted_proxies = TrustedProxies(settings.trusted_proxies)
+    app.state.upload_slots = UploadSlots(settings.upload_concurrency, wait_s=settings.body_idle_timeout_s)
     app.state.bases = BaseService(reg)
     app.state.adapters = AdapterService(reg, validator=app.state.bases.validate_push)
     app.state.inspect = InspectService(reg, app.state.adapters)
     app.state.exports = ExportService(reg, app.state.adapters, app.state.bases)
     install_error_handlers(app)
-    app.add_middleware(RequestLimitsMiddleware, limit_for=body_limit_for(settings.max_json_body))
+    app.add_middleware(
+        RequestLimitsMiddleware, limit_for=body_limit_for(settings.max_json_body), idle_timeout_s=settings.body_idle_timeout_s
+    )
+    install_docs(app)
     for module in (health, blobs, adapters, bases, exports, tokens):
         app.include_router(module.router)
     return app

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -41,9 +43,16 @@ class Settings(BaseSettings):
     max_metrics_per_request: int = 256
 
     header_timeout_s: float = 10.0  # a request's line and headers must arrive within this (slowloris)
+    # a request body that sends nothing for this long is cut (408): a stalled upload holds a slot
+    body_idle_timeout_s: float = Field(default=30.0, gt=0)
+    # uploads stream through their own worker threads, this many at once; more wait (bounded, at most
+    # body_idle_timeout_s) for a slot, then get 503 + Retry-After
+    upload_concurrency: int = Field(default=16, ge=1)
     anonymous_read: bool = False
     auth_max_failures: int = 10
     auth_failure_window_s: float = 300.0
+    # peers (CIDRs) whose X-Forwarded-For names the client; empty: the peer is the client
+    trusted_proxies: Annotated[list[str], NoDecode] = []
     gc_grace_seconds: int = 24 * 3600
     export_concurrency: int = 1
     # "inprocess": `loreg serve` runs export workers as threads (the embedded default);
@@ -56,6 +65,16 @@ class Settings(BaseSettings):
     # queued + running exports one read-scoped token may have (a serving host that only consumes)
     max_queued_exports_per_token: int = 4
     work_dir: Path | None = None  # scratch space for merges (default: a temp folder)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _cidrs(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            for v in value:
+                ipaddress.ip_network(str(v), strict=False)  # ValueError names the bad entry
+        return value
 
     @property
     def embedded(self) -> bool:

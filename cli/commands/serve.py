@@ -32,5 +32,7 @@ def serve(host: str, port: int, log_level: str) -> None:
         # connections whose headers do not arrive within LOREG_HEADER_TIMEOUT_S
         http=protocol_with_header_deadline(settings.header_timeout_s),
         limit_concurrency=512,
+        # uvicorn would take X-Forwarded-For from any loopback peer; LOREG_TRUSTED_PROXIES decides
+        proxy_headers=False,
         h11_max_incomplete_event_size=64 * 1024,
     )

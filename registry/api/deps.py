@@ -12,7 +12,7 @@ from loreg.registry.errors import RequestInvalidError, UnauthorizedError
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.blobs import BlobService
 from loreg.registry.services.context import Registry
-from loreg.registry.services.tokens import ANONYMOUS, Principal, TokenService
+from loreg.registry.services.tokens import ANONYMOUS, Principal, TokenService, parse_token
 
 
 def get_registry(request: Request) -> Registry:
@@ -54,7 +54,10 @@ class Permission:
         if "token" in request.query_params or "access_token" in request.query_params:
             raise RequestInvalidError("tokens in the URL are refused; send Authorization: Bearer <token>")
         registry: Registry = request.app.state.registry
-        header = request.headers.get("authorization")
+        headers = request.headers.getlist("authorization")
+        if len(headers) > 1:
+            raise RequestInvalidError("send one Authorization header", detail={"count": len(headers)})
+        header = headers[0] if headers else None
         if header is None:
             if registry.settings.anonymous_read and self.scope == "read":
                 principal = ANONYMOUS
@@ -65,19 +68,28 @@ class Permission:
             if scheme.lower() != "bearer" or not token:
                 raise UnauthorizedError("use Authorization: Bearer <token>")
             limiter = request.app.state.auth_limiter
-            client = request.client.host if request.client else "unknown"
-            limiter.check(client)
+            client = client_address(request)
+            token = token.strip()
+            parsed = parse_token(token)
+            token_id = parsed[0] if parsed else None
+            limiter.check(client, token_id)
             tokens: TokenService = request.app.state.tokens
             try:
-                principal = await run_in_threadpool(tokens.authenticate, token.strip())
+                principal = await run_in_threadpool(tokens.authenticate, token)
             except UnauthorizedError:
-                limiter.failed(client)
+                limiter.failed(client, token_id)
                 raise
         namespace = request.path_params.get("namespace")
         name = request.path_params.get("name")
         principal.require(self.scope, namespace, name)
         request.state.principal = principal
         return principal
+
+
+def client_address(request: Request) -> str:
+    """The address failed authentications are counted against (X-Forwarded-For only from a trusted proxy)."""
+    peer = request.client.host if request.client else "unknown"
+    return request.app.state.trusted_proxies.client(peer, request.headers.getlist("x-forwarded-for"))
 
 
 READ = Permission("read")

@@ -63,10 +63,18 @@ class ErrorEnvelope(Response):
 # --- health -----------------------------------------------------------------------------------
 
 
+class UploadUsage(Response):
+    in_use: int
+    limit: int
+    waiting: int
+    exhausted: bool
+
+
 class Health(Response):
     status: Literal["ok", "unavailable"]
     version: str
     checks: dict[str, str] = {}
+    uploads: UploadUsage | None = None  # /v1/ready: upload slots (exhaustion is reported, not a 503)
 
 
 # --- blobs ------------------------------------------------------------------------------------

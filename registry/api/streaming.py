@@ -2,6 +2,11 @@
 
 The event loop reads the body and feeds a small queue; the worker reads it as a file. Memory stays
 at a few chunks whatever the body size, and hashing and storage writes never block the loop.
+
+Uploads take a slot (``UploadSlots``) and run in a thread pool of their own, so however many
+clients upload, or stall mid-body, the framework's shared pool (authentication, every sync route)
+stays free for reads. A stalled body is cut by the limits middleware's idle timeout, which ends the
+worker's stream; the slot is given back only when the worker has cleaned up.
 """
 
 from __future__ import annotations
@@ -10,13 +15,15 @@ import asyncio
 import hashlib
 import io
 import queue
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from starlette.concurrency import run_in_threadpool
+import anyio
+import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
 
-from loreg.registry.errors import DigestMismatchError, RequestInvalidError
+from loreg.registry.errors import DigestMismatchError, RequestInvalidError, UploadsBusyError
 
 T = TypeVar("T")
 QUEUE_CHUNKS = 32
@@ -52,8 +59,74 @@ class QueueReader(io.RawIOBase):
         return n
 
 
+class UploadSlots:
+    """At most ``limit`` uploads at once, each on a thread of the uploads' own pool.
+
+    Over the limit an upload waits for a slot, without a thread and without reading its body, for
+    at most ``wait_s``, and at most ``QUEUE_FACTOR * limit`` uploads wait; beyond either bound it is
+    refused (503 UPLOADS_BUSY with Retry-After). A short bounded queue absorbs bursts (a CI fleet
+    pushing at once); an unbounded one would let stalled clients hold connections without end.
+    Used from the event loop only.
+    """
+
+    QUEUE_FACTOR = 4
+    RETRY_AFTER_S = 5
+
+    def __init__(self, limit: int, wait_s: float):
+        self.limit = limit
+        self.wait_s = wait_s
+        self.in_use = 0
+        self.waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._free = asyncio.Semaphore(limit)
+        self.limiter = anyio.CapacityLimiter(limit)
+
+    def usage(self) -> dict[str, Any]:
+        return {"in_use": self.in_use, "limit": self.limit, "waiting": self.waiting,
+                "exhausted": self.in_use >= self.limit}
+
+    def _busy(self) -> UploadsBusyError:
+        return UploadsBusyError(
+            f"all {self.limit} upload slots are in use; retry shortly",
+            detail={"limit": self.limit, "retry_after": self.RETRY_AFTER_S},
+        )
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop and self.in_use == 0 and self.waiting == 0:
+            # a server runs one loop; tests drive one app from several in turn
+            self._loop, self._free, self.limiter = loop, asyncio.Semaphore(self.limit), anyio.CapacityLimiter(self.limit)
+        if self.in_use >= self.limit and self.waiting >= self.QUEUE_FACTOR * self.limit:
+            raise self._busy()
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._free.acquire(), self.wait_s)
+        except TimeoutError:
+            raise self._busy() from None
+        finally:
+            self.waiting -= 1
+        self.in_use += 1
+
+    def release(self) -> None:
+        self.in_use -= 1
+        self._free.release()
+
+
 async def consume_body(request: Request, consumer: Callable[[io.BufferedReader], T]) -> T:
-    """Run ``consumer(stream)`` in a worker thread while the loop streams the request body into it."""
+    """Run ``consumer(stream)`` on an upload thread while the loop streams the request body into it.
+
+    Raises:
+        UploadsBusyError: no upload slot came free in time (nothing was read).
+    """
+    slots: UploadSlots = request.app.state.upload_slots
+    await slots.acquire()
+    try:
+        return await _consume(request, consumer, slots.limiter)
+    finally:
+        slots.release()
+
+
+async def _consume(request: Request, consumer: Callable[[io.BufferedReader], T], limiter: anyio.CapacityLimiter) -> T:
     loop = asyncio.get_running_loop()
     q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_CHUNKS)
     space = asyncio.Event()
@@ -62,7 +135,7 @@ async def consume_body(request: Request, consumer: Callable[[io.BufferedReader],
         loop.call_soon_threadsafe(space.set)
 
     reader = io.BufferedReader(QueueReader(q, took), buffer_size=1 << 20)
-    task = asyncio.ensure_future(run_in_threadpool(consumer, reader))
+    task = asyncio.ensure_future(anyio.to_thread.run_sync(consumer, reader, limiter=limiter))
     task.add_done_callback(lambda _t: space.set())
 
     async def put(item: Any) -> bool:
@@ -84,19 +157,58 @@ async def consume_body(request: Request, consumer: Callable[[io.BufferedReader],
         else:
             await put(None)
     except ClientDisconnect:
-        await put(_Aborted("client disconnected"))
-        try:
-            await task
-        except Exception:
-            pass
+        await _abort(put, task, "client disconnected")
         raise RequestInvalidError("the client disconnected during the upload") from None
+    except Exception as exc:  # a cut body (idle timeout, size): the worker cleans up before the answer
+        await _abort(put, task, str(exc))
+        raise
     except BaseException as exc:
         await put(_Aborted(str(exc)))
         raise
     return await task
 
 
+async def _abort(put: Callable[[Any], Any], task: asyncio.Future[Any], why: str) -> None:
+    await put(_Aborted(why))
+    try:
+        await task
+    except Exception:  # noqa: BLE001 - the worker's error is a consequence of the abort
+        pass
+
+
 DOWNLOAD_CHUNK = 1 << 20
+UNSATISFIABLE = (-1, -1)
+_INT_RANGE = re.compile(r"(\d{1,18})-(\d{0,18})")
+_SUFFIX_RANGE = re.compile(r"-(\d{1,18})")
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The ``[start, end)`` a Range header asks of ``size`` bytes, as RFC 9110 section 14 reads it.
+
+    None: serve the whole representation (200), as the RFC allows or requires for no header, an
+    unknown unit, a malformed set, or several ranges (a multipart answer is not worth its cost here).
+    ``UNSATISFIABLE``: answer 416. Suffix ranges (``bytes=-500``: the last 500 bytes) are served.
+    """
+    if not header:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    spec = spec.strip()
+    if m := _SUFFIX_RANGE.fullmatch(spec):
+        length = int(m.group(1))
+        if length == 0 or size == 0:
+            return UNSATISFIABLE
+        return max(0, size - length), size
+    if m := _INT_RANGE.fullmatch(spec):
+        start = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) else None
+        if last is not None and last < start:
+            return None  # invalid, so ignored (section 14.1.1)
+        if start >= size:
+            return UNSATISFIABLE
+        return start, size if last is None else min(last + 1, size)
+    return None
 
 
 def verified_download(stream: Any, digest: str) -> Iterator[bytes]:

@@ -58,6 +58,21 @@ def parse_token(token: str) -> tuple[str, str] | None:
     return m.group(1), m.group(2)
 
 
+def _utc(when: datetime | None) -> datetime | None:
+    """``when`` in UTC (naive: taken as UTC); an instant past datetime's range is refused, not a 500."""
+    if when is None:
+        return None
+    if when.tzinfo is None or when.utcoffset() is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise RequestInvalidError(
+            f"expires_at {when.isoformat()} is outside the dates UTC can express (years 1 to 9999)",
+            detail={"field": "expires_at"}, hint="give a date within years 1 to 9999 in UTC, e.g. 2030-01-01T00:00:00Z",
+        ) from None
+
+
 @dataclass(frozen=True)
 class Principal:
     token_id: str
@@ -101,7 +116,13 @@ class TokenService:
         expires_at: datetime | None = None,
         description: str | None = None,
     ) -> tuple[Token, str]:
-        """Create a token. Returns (row, plaintext); the plaintext is never stored or shown again."""
+        """Create a token. Returns (row, plaintext); the plaintext is never stored or shown again.
+
+        Raises:
+            RequestInvalidError: unknown scope, bad namespace pattern, or an expiry with no UTC
+                equivalent (year 1 at +14:00 is still year 0 in UTC).
+        """
+        expires_at = _utc(expires_at)
         if scope not in SCOPES:
             raise RequestInvalidError(f"scope must be one of {', '.join(SCOPES)}", detail={"scope": scope})
         globs = list(namespaces or [])

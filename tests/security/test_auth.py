@@ -3,10 +3,11 @@
 Decisions these tests pin down:
 - A3: a token is refused a namespace it does not cover with 403 DENIED whether or not the adapter
   exists (the same answer for team-b/x and team-b/ghost, so 403 leaks nothing).
-- A7: failed authentications are counted per client address, as PyPI does. Once an address is
-  over the limit, every bearer request from it gets 429 until the window passes, a valid token
-  included (otherwise the limit would not slow a guesser that holds one valid token); requests from
-  other addresses are unaffected. Behind a proxy every client shares the proxy's address.
+- A7: failed authentications are counted per client address and per (address, token id), as
+  PyPI counts per address. Once an address is over the limit, it gets 429 for malformed and unknown
+  tokens and wrong secrets, while a token that verifies is answered (clients behind one NAT or proxy
+  share an address); an id over its own limit gets 429 without its secret being checked. The
+  address is the peer's, or from X-Forwarded-For when the peer is in LOREG_TRUSTED_PROXIES.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import os
 import stat
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ import pytest
 from fastapi import routing
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from sqlalchemy import inspect, text
 
 from loreg.cli import config as cli_config
@@ -47,7 +51,8 @@ from tests.security.conftest import (
 )
 
 PUBLIC = {("GET", "/v1/health"), ("GET", "/v1/ready")}
-DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}  # the API description, public
+# the API description and its page assets, public (DESIGN.md section 6)
+DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/docs/assets"}
 REPO = Path(__file__).resolve().parents[2]
 
 # values for path parameters when a route is called without knowing what it is
@@ -105,6 +110,13 @@ def forged_token(token: str) -> str:
     """Same shape as ``token`` with a wrong checksum."""
     last = token[-1]
     return token[:-1] + ("A" if last != "A" else "B")
+
+
+def wrong_secret(token: str) -> str:
+    """Same id, another secret, a valid checksum: it parses, and fails only on the server."""
+    token_id = token_service.parse_token(token)[0]  # type: ignore[index]
+    body = f"{token_service.PREFIX}{token_id}_{'W' * 32}"
+    return body + token_service._checksum(body)
 
 
 def unknown_token() -> str:
@@ -327,6 +339,44 @@ def test_revoked_and_expired_tokens_are_refused(app: Any, api: TestClient, make_
         assert _last_used(registry, fresh) is not None
 
 
+OFFSETS = st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda m: timezone(timedelta(minutes=m)))
+
+
+def test_token_expiry_at_any_date_and_offset_is_stored_or_refused_with_a_4xx(
+    api: TestClient, registry: Any
+) -> None:
+    """B20: the instant is stored in UTC, or refused with 400 naming the field when UTC cannot hold
+    it (year 1 at +14:00, year 9999 at -14:00); never a 500."""
+
+    @hypothesis_settings(max_examples=40, deadline=None, database=None,
+                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999),
+                        timezones=st.one_of(st.none(), OFFSETS)))
+    @example(datetime.fromisoformat("0001-01-01T00:00:00+14:00"))
+    @example(datetime.fromisoformat("9999-12-31T23:59:59-14:00"))
+    @example(datetime.fromisoformat("0001-01-01T00:00:00-14:00"))
+    @example(datetime.fromisoformat("9999-12-31T23:59:59+14:00"))
+    def check(when: datetime) -> None:
+        count = _token_count(registry)
+        resp = api.post("/v1/tokens", json={"scope": "read", "expires_at": when.isoformat()})
+        aware = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        try:
+            expected = aware.astimezone(UTC)
+        except OverflowError:
+            err = error_of(resp, 400, "REQUEST_INVALID")
+            assert "expires_at" in err["message"] and err["detail"]["field"] == "expires_at"
+            assert _token_count(registry) == count
+            return
+        assert resp.status_code == 201, (when.isoformat(), resp.status_code, resp.text[:300])
+        assert datetime.fromisoformat(resp.json()["expires_at"]) == expected
+        with registry.engine.connect() as conn:
+            stored = conn.execute(text("SELECT expires_at FROM tokens WHERE id = :i"), {"i": resp.json()["id"]}).scalar()
+        stored = stored if isinstance(stored, datetime) else datetime.fromisoformat(stored)
+        assert (stored if stored.tzinfo else stored.replace(tzinfo=UTC)) == expected
+
+    check()
+
+
 # --- A5 ------------------------------------------------------------------------------------------
 
 
@@ -414,15 +464,90 @@ def test_failed_authentication_is_rate_limited_per_address(app: Any, make_token:
     with TestClient(app, raise_server_exceptions=False, client=("203.0.113.7", 40000)) as guesser:
         for _ in range(limit):
             error_of(guesser.get("/v1/adapters", headers=bearer(forged_token(valid))), 401, "UNAUTHORIZED")
-        for token in (unknown_token(), "loreg_nope", forged_token(valid)):
+        for token in (unknown_token(), "loreg_nope", forged_token(valid), wrong_secret(valid)):
             resp = guesser.get("/v1/adapters", headers=bearer(token))
             error_of(resp, 429, "TOOMANYREQUESTS")
             assert 1 <= int(resp.headers["Retry-After"]) <= 301
-        # the blocked address is blocked for every token (see the module docstring)
-        error_of(guesser.get("/v1/adapters", headers=bearer(valid)), 429, "TOOMANYREQUESTS")
+        # a client sharing the address (NAT, a proxy) whose token verifies is answered
+        assert guesser.get("/v1/adapters", headers=bearer(valid)).status_code == 200
+        assert guesser.get("/v1/adapters", headers=bearer(make_token("write"))).status_code == 200
+        error_of(guesser.get("/v1/adapters", headers=bearer(unknown_token())), 429, "TOOMANYREQUESTS")
     with TestClient(app, raise_server_exceptions=False, client=("198.51.100.9", 40000)) as other:
+        error_of(other.get("/v1/adapters", headers=bearer(unknown_token())), 401, "UNAUTHORIZED")
         assert other.get("/v1/adapters", headers=bearer(valid)).status_code == 200
-        assert other.get("/v1/adapters", headers=bearer(make_token("write"))).status_code == 200
+
+
+@SQLITE_ONLY
+def test_a_token_id_over_its_limit_is_refused_before_its_secret_is_checked(app: Any, make_token: Any) -> None:
+    target, bystander = make_token("read"), make_token("read")
+    with TestClient(app, raise_server_exceptions=False, client=("203.0.113.8", 40000)) as guesser:
+        for _ in range(10):
+            error_of(guesser.get("/v1/adapters", headers=bearer(wrong_secret(target))), 401, "UNAUTHORIZED")
+        # the right secret of that id gets no answer that would tell a guesser it guessed right
+        error_of(guesser.get("/v1/adapters", headers=bearer(target)), 429, "TOOMANYREQUESTS")
+        assert guesser.get("/v1/adapters", headers=bearer(bystander)).status_code == 200
+    with TestClient(app, raise_server_exceptions=False, client=("198.51.100.10", 40000)) as elsewhere:
+        assert elsewhere.get("/v1/adapters", headers=bearer(target)).status_code == 200
+
+
+@SQLITE_ONLY
+def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(registry: Any, make_token: Any) -> None:
+    from loreg.registry.app import create_app
+
+    registry.settings.trusted_proxies = ["10.0.0.0/8"]
+    app = create_app(registry=registry)
+    valid = make_token("read")
+
+    def fail_ten(http: TestClient, forwarded: str) -> None:
+        for _ in range(10):
+            resp = http.get("/v1/adapters", headers={**bearer(unknown_token()), "X-Forwarded-For": forwarded})
+            error_of(resp, 401, "UNAUTHORIZED")
+
+    with TestClient(app, raise_server_exceptions=False, client=("10.1.2.3", 40000)) as proxy:
+        # the client the proxy appended (right-most untrusted hop) is counted, not what it claimed
+        fail_ten(proxy, "1.1.1.1, 203.0.113.20, 10.9.9.9")
+        blocked = proxy.get("/v1/adapters", headers={**bearer(unknown_token()), "X-Forwarded-For": "203.0.113.20"})
+        error_of(blocked, 429, "TOOMANYREQUESTS")
+        other = proxy.get("/v1/adapters", headers={**bearer(unknown_token()), "X-Forwarded-For": "203.0.113.21"})
+        error_of(other, 401, "UNAUTHORIZED")
+        fine = proxy.get("/v1/adapters", headers={**bearer(valid), "X-Forwarded-For": "203.0.113.20"})
+        assert fine.status_code == 200
+    with TestClient(app, raise_server_exceptions=False, client=("192.0.2.50", 40000)) as direct:
+        # an untrusted peer cannot move its failures onto other addresses by writing the header
+        for i in range(10):
+            resp = direct.get("/v1/adapters", headers={**bearer(unknown_token()), "X-Forwarded-For": f"198.18.0.{i}"})
+            error_of(resp, 401, "UNAUTHORIZED")
+        spoofed = direct.get("/v1/adapters", headers={**bearer(unknown_token()), "X-Forwarded-For": "198.18.0.99"})
+        error_of(spoofed, 429, "TOOMANYREQUESTS")
+
+
+def test_trusted_proxies_setting_takes_a_comma_separated_list_of_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from loreg.registry.settings import Settings
+
+    monkeypatch.setenv("LOREG_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.7,2001:db8::/32")
+    assert Settings().trusted_proxies == ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]
+    monkeypatch.setenv("LOREG_TRUSTED_PROXIES", "10.0.0.0/8,not-a-network")
+    with pytest.raises(ValidationError, match="not-a-network"):
+        Settings()
+    monkeypatch.delenv("LOREG_TRUSTED_PROXIES")
+    assert Settings().trusted_proxies == []
+
+
+@SQLITE_ONLY
+def test_two_authorization_headers_are_refused(app: Any, make_token: Any, registry: Any) -> None:
+    admin, read = make_token("admin"), make_token("read")
+    before = snapshot(registry)
+    count = _token_count(registry)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        for first, second in ((read, admin), (admin, read)):
+            headers = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
+            err = error_of(http.post("/v1/tokens", json={"scope": "admin"}, headers=headers), 400, "REQUEST_INVALID")
+            assert "Authorization" in err["message"]
+            error_of(http.get("/v1/adapters", headers=headers), 400, "REQUEST_INVALID")
+    assert _token_count(registry) == count
+    assert_nothing_stored(registry, before)
 
 
 def test_rate_limit_window_passes() -> None:

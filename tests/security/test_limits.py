@@ -250,3 +250,5 @@ def test_serve_bounds_request_header_size(monkeypatch: pytest.MonkeyPatch) -> No
     assert captured.get("h11_max_incomplete_event_size")
     # h11 is the only implementation that enforces that limit (here with a header deadline on top)
     assert isinstance(captured.get("http"), type) and issubclass(captured["http"], H11Protocol)
+    # uvicorn would believe X-Forwarded-For from any loopback peer; LOREG_TRUSTED_PROXIES decides
+    assert captured.get("proxy_headers") is False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
@@ -23,12 +22,11 @@ from loreg.registry.api.schemas import (
     VersionPublic,
     VersionSummary,
 )
-from loreg.registry.api.streaming import verified_download
+from loreg.registry.api.streaming import UNSATISFIABLE, byte_range, verified_download
 from loreg.registry.errors import RequestInvalidError
 from loreg.registry.services.adapters import LookupFilters
 
 router = APIRouter(tags=["adapters"])
-RANGE_RE = re.compile(r"bytes=(\d{1,18})-(\d{0,18})")
 STREAM_CHUNK = 1 << 20
 
 
@@ -153,16 +151,11 @@ def download_file(
     entry = adapters.file_entry(namespace, name, tag, path)
     store = registry.store
     headers = {"ETag": f'"{entry.digest}"', "Accept-Ranges": "bytes", "X-Loreg-Digest": entry.digest}
-    range_header = request.headers.get("range")
-    if range_header:
-        m = RANGE_RE.fullmatch(range_header.strip())
-        if m is None:
-            raise RequestInvalidError("unsupported Range header; use bytes=START- or bytes=START-END")
-        start = int(m.group(1))
-        end = int(m.group(2)) + 1 if m.group(2) else entry.size
-        end = min(end, entry.size)
-        if start >= max(end, 1) and not (start == 0 and entry.size == 0):
+    span = byte_range(request.headers.get("range"), entry.size)
+    if span is not None:
+        if span == UNSATISFIABLE:
             return StreamingResponse(iter(()), status_code=416, headers={"Content-Range": f"bytes */{entry.size}"})
+        start, end = span
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
         headers["Content-Length"] = str(end - start)
 

@@ -1,16 +1,16 @@
-"""Liveness and readiness: the only public routes."""
+"""Liveness and readiness: the public routes of the API (besides its description, api/docs.py)."""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import RegistryDep
-from loreg.registry.api.schemas import Health
+from loreg.registry.api.schemas import Health, UploadUsage
 
 router = APIRouter(tags=["health"])
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready"})
@@ -29,7 +29,9 @@ async def health() -> Health:
 
 
 @router.get("/v1/ready", response_model=Health, responses={503: {"model": Health}})
-async def ready(registry: RegistryDep) -> JSONResponse:
+async def ready(registry: RegistryDep, request: Request) -> JSONResponse:
+    """503 when the database or storage is unreachable. Busy upload slots are reported in the body
+    with a 200: behind a load balancer, one slow client must not take a whole server out."""
     def probe() -> dict[str, str]:
         checks: dict[str, str] = {}
         try:
@@ -47,5 +49,6 @@ async def ready(registry: RegistryDep) -> JSONResponse:
 
     checks = await run_in_threadpool(probe)
     ok = all(v == "ok" for v in checks.values())
-    body = Health(status="ok" if ok else "unavailable", version=loreg_version(), checks=checks)
+    uploads = UploadUsage(**request.app.state.upload_slots.usage())
+    body = Health(status="ok" if ok else "unavailable", version=loreg_version(), checks=checks, uploads=uploads)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -48,12 +48,9 @@ def _svc(request: Request) -> TokenService:
 @router.post("/v1/tokens", response_model=TokenCreated, status_code=201)
 def create_token(body: TokenCreate, request: Request, _p: AdminDep) -> TokenCreated:
     """Create a token; the response is the only place its secret appears."""
-    expires = body.expires_at
-    if expires is not None and expires.tzinfo is None:
-        from datetime import UTC
-
-        expires = expires.replace(tzinfo=UTC)
-    row, plaintext = _svc(request).create(body.scope, body.namespaces, expires_at=expires, description=body.description)
+    row, plaintext = _svc(request).create(
+        body.scope, body.namespaces, expires_at=body.expires_at, description=body.description
+    )
     return TokenCreated(**TokenPublic.model_validate(row).model_dump(), token=plaintext)
 
 
