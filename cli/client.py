@@ -221,10 +221,12 @@ class RegistryClient:
         """Ask the server to validate an adapter folder for ``name`` from its config and safetensors
         header alone (a few KiB sent, nothing stored): the refusal a commit would give, or the base
         and warnings."""
+        return self._preflight(scan_adapter_folder(Path(folder)), name, base)
+
+    def _preflight(self, scanned: AdapterFolder, name: str, base: str | None) -> dict[str, Any]:
         from loreg.registry.formats import preflight, safetensors
 
         namespace, short = names.split_name(name)
-        scanned = scan_adapter_folder(Path(folder))
         weights = scanned.files["adapter_model.safetensors"]
         with open(weights, "rb") as f:
             first = f.read(8)
@@ -268,7 +270,7 @@ class RegistryClient:
             names.check_alias(a)
         scanned = scan_adapter_folder(Path(folder))
         # refused before a byte of the files is sent: an unknown base or wrong shapes upload nothing
-        self.validate(folder, name, base=base)
+        self._preflight(scanned, name, base)
         entries = []
         for rel, path in scanned.files.items():
             entries.append({"path": rel, "size": path.stat().st_size, "digest": sha256_file(path)})

@@ -142,6 +142,9 @@ def test_an_upload_of_stored_bytes_for_a_new_adapter_is_read_and_kept_once(
     assert again.status_code == 200 and again.json()["created"] is False
     assert object_count(registry) == objects  # storage keeps one copy
     assert sha256(data) in links(registry, "org/y")
+    # an upload makes no adapter: nothing empty shows up before the first version
+    error_of(pusher.http.get("/v1/adapters/org/y"), 404, "ADAPTER_NOT_FOUND")
+    assert [i["name"] for i in pusher.http.get("/v1/adapters").json()["items"]] == ["org/x"]
 
 
 @SQLITE_ONLY
