@@ -226,13 +226,26 @@ class RegistryClient:
         return f"/v1/adapters/{namespace}/{name}"
 
     # --- blobs --------------------------------------------------------------------------------
+    # Blobs belong to an adapter (``name``, ``ns/name``): checks, uploads and mounts name it. With no
+    # ``name`` they are a base model's weights (an admin token for every namespace).
 
-    def missing_blobs(self, digests: list[str]) -> list[str]:
+    def _blobs_path(self, name: str | None) -> str:
+        if name is None:
+            return "/v1/base-models/blobs"
+        return f"{self._path(*names.split_name(name))}/blobs"
+
+    def missing_blobs(self, digests: list[str], name: str | None = None) -> list[str]:
+        """Which digests ``name`` does not hold yet (or, without a name, storage lacks)."""
         if not digests:
             return []
-        return list(self.request("POST", "/v1/blobs:check", json={"digests": digests}).json()["missing"])
+        path = self._blobs_path(name) + ":check"
+        return list(self.request("POST", path, json={"digests": digests}).json()["missing"])
 
-    def upload_blob(self, path: Path, digest: str, size: int, progress: Progress | None = None) -> dict[str, Any]:
+    def upload_blob(
+        self, path: Path, digest: str, size: int, progress: Progress | None = None, name: str | None = None
+    ) -> dict[str, Any]:
+        """Upload a file for adapter ``name`` (or as base weights); the server reads and verifies it."""
+
         def body() -> Iterator[bytes]:
             with open(path, "rb") as f:
                 while chunk := f.read(CHUNK):
@@ -242,7 +255,7 @@ class RegistryClient:
 
         return self.request(
             "PUT",
-            f"/v1/blobs/{digest}",
+            f"{self._blobs_path(name)}/{digest}",
             content=body(),
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
         ).json()
@@ -328,6 +341,37 @@ class RegistryClient:
         label = chosen["names"][0] if chosen["names"] else chosen["weights_digest"][:19]
         return BaseChoice(chosen["weights_digest"], by, name=label, path=str(folder))
 
+    def mount_blob(self, name: str, digest: str, source: str) -> dict[str, Any]:
+        """Link a blob that adapter ``source`` holds to ``name`` without sending it (needs read on ``source``)."""
+        names.split_name(source)
+        return self.request("POST", self._blobs_path(name) + ":mount", json={"digest": digest, "from": source}).json()
+
+    def validate(self, folder: str | Path, name: str, *, base: str | None = None) -> dict[str, Any]:
+        """Ask the server to validate an adapter folder for ``name`` from its config and safetensors
+        header alone (a few KiB sent, nothing stored): the refusal a commit would give, or the base
+        and warnings."""
+        return self._preflight(scan_adapter_folder(Path(folder)), name, base)
+
+    def _preflight(self, scanned: AdapterFolder, name: str, base: str | None) -> dict[str, Any]:
+        from loreg.registry.formats import preflight, safetensors
+
+        namespace, short = names.split_name(name)
+        weights = scanned.files["adapter_model.safetensors"]
+        with open(weights, "rb") as f:
+            first = f.read(8)
+            prefix = first + f.read(safetensors.header_length(first))
+        config = scanned.files["adapter_config.json"].read_bytes()
+        params: dict[str, Any] = {"size": weights.stat().st_size}
+        if base is not None:
+            params["base"] = base
+        return self.request(
+            "POST",
+            f"{self._path(namespace, short)}/versions:validate",
+            params=params,
+            content=preflight.pack(config, prefix),
+            headers={"Content-Type": "application/octet-stream"},
+        ).json()
+
     # --- adapters -----------------------------------------------------------------------------
 
     def push(
@@ -343,7 +387,8 @@ class RegistryClient:
     ) -> dict[str, Any]:
         """Push a PEFT adapter folder as the next version of ``name`` (``ns/name``).
 
-        Uploads only the files the server lacks. Returns the version (the server's JSON) plus
+        The server validates the config and header first; then only the files this adapter does
+        not hold yet are uploaded (the server reads and verifies each). Returns the version (the server's JSON) plus
         ``bytes_uploaded``, ``files_uploaded`` and ``skipped``.
 
         Raises:
@@ -356,16 +401,18 @@ class RegistryClient:
         from loreg.registry.formats import peft
 
         choice = self.choose_base(peft.parse_adapter_config(scanned.files["adapter_config.json"].read_bytes()), base)
+        # refused before a byte of the files is sent: an unknown base or wrong shapes upload nothing
+        self._preflight(scanned, name, choice.ref)
         entries = []
         for rel, path in scanned.files.items():
             entries.append({"path": rel, "size": path.stat().st_size, "digest": sha256_file(path)})
-        missing = set(self.missing_blobs(sorted({e["digest"] for e in entries})))
+        missing = set(self.missing_blobs(sorted({e["digest"] for e in entries}), name))
         uploaded = 0
         files_uploaded = []
         done: set[str] = set()
         for e in entries:
             if e["digest"] in missing and e["digest"] not in done:
-                self.upload_blob(scanned.files[e["path"]], e["digest"], e["size"], progress)
+                self.upload_blob(scanned.files[e["path"]], e["digest"], e["size"], progress, name=name)
                 uploaded += e["size"]
                 files_uploaded.append(e["path"])
                 done.add(e["digest"])

@@ -5,7 +5,8 @@ would otherwise end as a database error and a 500).
 JSON bodies are held in memory whole by the framework, so they get ``max_json_body``; a base
 model's tensor list is the one large JSON body (DeepSeek-V3 lists ~90k tensors, ~25 MB), so base
 registration gets ``BASE_BODY_FACTOR`` times that. Blob uploads are streamed and capped by
-``max_file_size`` in their route (GuardedStream), so here they only get the idle timeout.
+``max_file_size`` in their route (GuardedStream), and a preflight validation body by the config
+and header size limits in its route, so here they only get the idle timeout.
 
 A declared Content-Length over the limit is answered at once, without reading a byte; a chunked
 body is counted as it arrives and refused when it crosses the limit.
@@ -43,8 +44,10 @@ BASE_BODY_FACTOR = 64
 def body_limit_for(max_json_body: int) -> Callable[[Scope], int | None]:
     def limit(scope: Scope) -> int | None:
         method, path = scope["method"], scope["path"]
-        if method == "PUT" and path.startswith("/v1/blobs/"):
+        if method == "PUT" and "/blobs/" in path:
             return None
+        if method == "POST" and path.endswith("/versions:validate"):
+            return None  # bounded in its route by the config and header size limits
         if method == "POST" and path == "/v1/base-models":
             return max_json_body * BASE_BODY_FACTOR
         return max_json_body

@@ -94,6 +94,13 @@ class BlobPublic(Response):
     created: bool
 
 
+class BlobMount(StrictRequest):
+    """Link a blob another adapter holds (OCI's cross-repository mount); the token must read it."""
+
+    digest: Digest
+    from_: str = Field(alias="from", min_length=3, max_length=257)
+
+
 # --- adapters and versions --------------------------------------------------------------------
 
 
@@ -130,6 +137,14 @@ class BaseRef(Response):
     weights_digest: str
     layout_digest: str
     names: list[str] = []
+
+
+class VersionValidation(Response):
+    """A preflight's verdict: what the commit would find from these headers (no value checks)."""
+
+    base: BaseRef | None = None
+    facts: dict[str, Any]
+    warnings: list[Any]
 
 
 class VersionPublic(Response):

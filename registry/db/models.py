@@ -98,6 +98,22 @@ class Adapter(Base):
         return f"{self.namespace}/{self.name}"
 
 
+class AdapterBlob(Base):
+    """A blob linked to an adapter name (an OCI repository): only linked blobs may appear in its
+    versions. A link comes from an upload for that adapter whose bytes the server read and verified,
+    or from a mount out of another adapter the same token can read; storing once is a saving, never
+    a permission. Keyed by name, not adapter id: an upload precedes the adapter's first version, and
+    no adapter row (which listings would show) is made for it."""
+
+    __tablename__ = "adapter_blobs"
+
+    namespace: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # RESTRICT: GC drops a link only together with its unreferenced blob, in one transaction
+    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest", ondelete="RESTRICT"), primary_key=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class BaseModel(Base):
     __tablename__ = "base_models"
     __table_args__ = (digest_check("weights_digest"), digest_check("layout_digest"))

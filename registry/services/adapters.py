@@ -27,9 +27,11 @@ from loreg.registry.api.schemas import (
     VersionCreate,
     VersionPublic,
     VersionSummary,
+    VersionValidation,
 )
 from loreg.registry.db.models import (
     Adapter,
+    AdapterBlob,
     Alias,
     AliasEvent,
     Blob,
@@ -176,13 +178,12 @@ class AdapterService:
         if existing is not None:
             return existing
 
+        self._check_linked(namespace, name, files.values())
         for f in files.values():
             try:
                 stat = store.stat(f.digest)
             except BlobNotFoundError as exc:
-                raise BlobMissingError(
-                    f"{f.path}: blob {f.digest} was not uploaded", detail={"path": f.path, "digest": f.digest}
-                ) from exc
+                raise _not_linked(namespace, name, f.path, f.digest) from exc
             if stat.size != f.size:
                 raise ManifestInvalidError(
                     f"{f.path}: declared size {f.size} but the blob has {stat.size} bytes",
@@ -228,7 +229,7 @@ class AdapterService:
                         created = False
                         version_id = existing.id
                     else:
-                        self._touch_blobs(session, [f.digest for f in files.values()])
+                        self._touch_blobs(session, [f.digest for f in files.values()], link=(namespace, name))
                         adapter.last_number += 1
                         version = Version(
                             adapter_id=adapter.id,
@@ -273,6 +274,35 @@ class AdapterService:
             out = self._public(session, session.get_one(Version, version_id))
         out.created = created
         return out
+
+    def validate(
+        self, namespace: str, name: str, config_bytes: bytes, header_prefix: bytes, file_size: int, base: str | None
+    ) -> VersionValidation:
+        """Validate an adapter from its config and safetensors header alone, before any upload:
+        the same refusals (and warnings) the commit would give from these bytes; nothing is stored.
+        The commit still re-checks the stored files (and their values, which a header cannot show).
+
+        Raises:
+            NameInvalidError, CONFIG_* / header / shape errors, BaseUnknownError.
+        """
+        names.check_name(namespace, name)
+        settings = self.registry.settings
+        config = peft.parse_adapter_config(config_bytes, max_size=settings.max_config_size)
+        # with the file's size the parser checks the data section fills it exactly, as at commit
+        header = safetensors.read_header(
+            lambda s, e: header_prefix[s:e], file_size, max_header_size=settings.max_header_size
+        )
+        facts = peft_facts(config, header)
+        warnings: list[Any] = []
+        base_out: BaseRef | None = None
+        if self.validator is not None:
+            base_row_id, report = self.validator(config, header, facts, base)
+            facts = report.get("facts", facts)
+            warnings.extend(report.get("warnings", []))
+            with self.registry.sessions.begin() as session:
+                row = session.get(BaseModelRow, base_row_id, options=[selectinload(BaseModelRow.names)])
+                base_out = base_ref(row)
+        return VersionValidation(base=base_out, facts=facts, warnings=warnings)
 
     def _existing(
         self, namespace: str, name: str, digest: str, aliases: list[str], actor: str | None
@@ -386,9 +416,36 @@ class AdapterService:
             session.flush()
         return adapter
 
-    def _touch_blobs(self, session: Session, digests: list[str]) -> None:
+    def _check_linked(self, namespace: str, name: str, files: Any) -> None:
+        """Refuse a manifest naming a blob not linked to this adapter. Stored elsewhere or not at
+        all gets the same answer, so a commit cannot probe what other adapters hold."""
+        wanted = {f.digest: f.path for f in files}
+        with self.registry.sessions.begin() as session:
+            linked = set(
+                session.scalars(
+                    select(AdapterBlob.digest).where(
+                        AdapterBlob.namespace == namespace, AdapterBlob.name == name, AdapterBlob.digest.in_(wanted)
+                    )
+                )
+            )
+        for digest, path in wanted.items():
+            if digest not in linked:
+                raise _not_linked(namespace, name, path, digest)
+
+    def _touch_blobs(self, session: Session, digests: list[str], *, link: tuple[str, str] | None = None) -> None:
         # Inside the commit's transaction: a blob row GC removed meanwhile fails here (and the FK),
         # and the touch keeps GC (which only takes blobs unseen for the grace period) away.
+        if link is not None:
+            linked = set(
+                session.scalars(
+                    select(AdapterBlob.digest).where(
+                        AdapterBlob.namespace == link[0], AdapterBlob.name == link[1], AdapterBlob.digest.in_(digests)
+                    )
+                )
+            )
+            unlinked = sorted(set(digests) - linked)
+            if unlinked:
+                raise _not_linked(link[0], link[1], None, unlinked[0])
         found = session.execute(
             update(Blob).where(Blob.digest.in_(digests)).values(last_seen_at=datetime.now(UTC))
         ).rowcount
@@ -817,6 +874,16 @@ def _read_chunks(stream: Any, n: int) -> Any:
 def _skip(stream: Any, n: int) -> None:
     for _ in _read_chunks(stream, n):
         pass
+
+
+def _not_linked(namespace: str, name: str, path: str | None, digest: str) -> BlobMissingError:
+    label = f"{path}: blob" if path else "blob"
+    return BlobMissingError(
+        f"{label} {digest} was not uploaded for {namespace}/{name}",
+        detail={"path": path, "digest": digest, "name": f"{namespace}/{name}"},
+        hint=f"upload it for this adapter (PUT /v1/adapters/{namespace}/{name}/blobs/{digest}) "
+        "or mount it from an adapter you can read (POST …/blobs:mount); loreg push does this",
+    )
 
 
 def peft_facts(config: peft.AdapterConfig, header: safetensors.Header) -> dict[str, Any]:

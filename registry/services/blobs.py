@@ -10,12 +10,12 @@ from typing import BinaryIO
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from loreg.registry.db.models import Blob, BlobScan
-from loreg.registry.errors import ConflictError, TooLargeError, UnsupportedFormatError
+from loreg.registry.db.models import AdapterBlob, Blob, BlobScan
+from loreg.registry.errors import BlobNotFoundError, ConflictError, TooLargeError, UnsupportedFormatError
 from loreg.registry.faults import crash_point
 from loreg.registry.formats import safetensors
 from loreg.registry.services.context import Registry
-from loreg.registry.storage.base import check_digest
+from loreg.registry.storage.base import HashingReader, check_digest
 
 # What needs no context to refuse: pickle (protocol 2-5 opcode PROTO) and zip (torch.save) magic.
 MAGIC_PREFIX_LEN = 4
@@ -90,33 +90,54 @@ class ScanningStream(io.RawIOBase):
 
 
 class BlobService:
-    """Content-addressed uploads shared by every adapter version, base model and export."""
+    """Content-addressed uploads. Storage keeps one copy of any bytes; an adapter may use a blob only
+    once it is linked to it (``adapter_blobs``): by an upload for it whose bytes were read and
+    verified here, or by a mount from another adapter the caller can read. Base weights have no
+    adapter: their uploads are verified the same way and the base record's file list is their link.
+    """
 
     def __init__(self, registry: Registry):
         self.registry = registry
 
-    def missing(self, digests: Iterable[str]) -> list[str]:
-        """Digests the store lacks, in the order given. Present ones are touched (GC grace restarts).
+    def missing(self, digests: Iterable[str], *, link: tuple[str, str] | None = None) -> list[str]:
+        """Digests not available to ``link`` (an adapter ``(namespace, name)``: not linked to it),
+        or, without ``link``, not stored at all; in the order given. Available ones are touched
+        (GC grace restarts). An adapter's answer says nothing about other adapters' blobs.
 
         Raises:
             DigestInvalidError
         """
         wanted = list(dict.fromkeys(check_digest(d) for d in digests))
         with self.registry.sessions.begin() as session:
-            known = set(session.scalars(select(Blob.digest).where(Blob.digest.in_(wanted))))
+            if link is None:
+                query = select(Blob.digest).where(Blob.digest.in_(wanted))
+            else:
+                query = select(AdapterBlob.digest).where(
+                    AdapterBlob.namespace == link[0], AdapterBlob.name == link[1], AdapterBlob.digest.in_(wanted)
+                )
+            known = set(session.scalars(query))
             present = [d for d in wanted if d in known and self.registry.store.exists(d)]
             if present:
                 session.execute(update(Blob).where(Blob.digest.in_(present)).values(last_seen_at=datetime.now(UTC)))
         present_set = set(present)
         return [d for d in wanted if d not in present_set]
 
-    def exists(self, digest: str) -> bool:
+    def linked(self, namespace: str, name: str, digest: str) -> bool:
+        """Whether ``digest`` is linked to the adapter and its object is stored."""
+        with self.registry.sessions.begin() as session:
+            row = session.get(AdapterBlob, (namespace, name, check_digest(digest)))
+        return row is not None and self.registry.store.exists(digest)
+
+    def _stored(self, digest: str) -> bool:
         with self.registry.sessions.begin() as session:
             row = session.get(Blob, check_digest(digest))
         return row is not None and self.registry.store.exists(digest)
 
-    def upload(self, digest: str, stream: BinaryIO, size: int | None) -> tuple[int, bool]:
-        """Store the stream as blob ``digest``. Returns (size, created).
+    def upload(
+        self, digest: str, stream: BinaryIO, size: int | None, *, link: tuple[str, str] | None = None
+    ) -> tuple[int, bool]:
+        """Read the whole stream, verify it hashes to ``digest``, store it unless the store holds
+        those bytes already, and link it to ``link`` (an adapter). Returns (size, created).
 
         Raises:
             DigestInvalidError, DigestMismatchError, SizeMismatchError, TooLargeError,
@@ -126,18 +147,42 @@ class BlobService:
         limit = self.registry.settings.max_file_size
         if size is not None and size > limit:
             raise TooLargeError(f"upload of {size} bytes is over the limit of {limit}", detail={"limit": limit})
-        if self.exists(digest):
-            stat = self.registry.store.stat(digest)
-            self._record(digest, stat.size)
-            return stat.size, False
         scanner = safetensors.StreamScanner(max_header_size=self.registry.settings.max_header_size)
         tapped = io.BufferedReader(ScanningStream(GuardedStream(stream, limit=limit), scanner), buffer_size=1 << 20)
+        if self._stored(digest):
+            # knowing a digest proves nothing: the bytes are read and checked, and storage keeps
+            # the one copy it has
+            reader = HashingReader(tapped, size)  # type: ignore[arg-type]
+            reader.drain()
+            reader.verify(digest)
+            self._record(digest, reader.count, scanner.finish(), link=link)
+            return reader.count, False
         stat = self.registry.store.put(tapped, digest, size)  # type: ignore[arg-type]
         crash_point("after_blob_put")  # testing hook (registry/faults.py)
-        self._record(digest, stat.size, scanner.finish())
+        self._record(digest, stat.size, scanner.finish(), link=link)
         return stat.size, True
 
-    def _record(self, digest: str, size: int, scan: safetensors.StreamScan | None = None) -> None:
+    def mount(self, namespace: str, name: str, digest: str, source: tuple[str, str]) -> int:
+        """Link a blob of adapter ``source`` to ``namespace/name`` without sending its bytes (OCI's
+        cross-repository mount). The caller has checked that the token can read ``source``.
+        Returns the blob's size.
+
+        Raises:
+            DigestInvalidError, BlobNotFoundError (``source`` holds no such blob)
+        """
+        if not self.linked(source[0], source[1], digest):
+            raise BlobNotFoundError(
+                f"{source[0]}/{source[1]} holds no blob {digest}",
+                detail={"digest": digest, "from": f"{source[0]}/{source[1]}"},
+                hint="upload the file for this adapter instead",
+            )
+        size = self.registry.store.stat(digest).size
+        self._record(digest, size, link=(namespace, name))
+        return size
+
+    def _record(
+        self, digest: str, size: int, scan: safetensors.StreamScan | None = None, *, link: tuple[str, str] | None = None
+    ) -> None:
         now = datetime.now(UTC)
         for _attempt in range(3):
             try:
@@ -154,6 +199,9 @@ class BlobService:
                                 digest=digest, header_size=scan.header_size, nonfinite=scan.nonfinite, zero=scan.zero
                             )
                         )
+                        session.flush()
+                    if link is not None and session.get(AdapterBlob, (link[0], link[1], digest)) is None:
+                        session.add(AdapterBlob(namespace=link[0], name=link[1], digest=digest, created_at=now))
                         session.flush()
                     # GC deletes an object only while its transaction holds the row (see
                     # MaintenanceService): now that this one holds it, the object stays or is gone

@@ -7,6 +7,10 @@ blobs make a commit that raced with a deletion fail (and the client re-upload). 
 deleted inside the transaction that deletes (or, for an object with no row, claims) its row, and
 an upload checks the object after it has written the row: an upload of the same bytes racing the
 deletion waits for it and then fails (409, upload again) instead of recording a blob that is gone.
+
+A link of a blob to an adapter (adapter_blobs) is not a reference: an upload that no version ever
+used (a refused or abandoned push) must not keep its bytes forever. When an unreferenced blob's
+grace period is over, its links are deleted with it, in the transaction that deletes its row.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
 
 from loreg.registry.db.models import BaseModel as BaseRow
-from loreg.registry.db.models import Blob, ExportFile, VersionFile
+from loreg.registry.db.models import AdapterBlob, Blob, ExportFile, VersionFile
 from loreg.registry.errors import BlobNotFoundError
 from loreg.registry.services.context import Registry
 
@@ -126,15 +130,25 @@ class MaintenanceService:
         seen or referenced meanwhile."""
         try:
             with self.registry.sessions.begin() as session:
-                gone = session.execute(
-                    delete(Blob)
+                # the row lock makes an upload linking this digest meanwhile wait, then find it gone
+                held = session.scalar(
+                    select(Blob.digest)
                     .where(
                         Blob.digest == digest,
                         Blob.last_seen_at <= cutoff,
                         ~exists().where(VersionFile.digest == Blob.digest),
                         ~exists().where(ExportFile.digest == Blob.digest),
                     )
-                    .execution_options(synchronize_session=False)
+                    .with_for_update()
+                )
+                if held is None:
+                    return False
+                # a link alone keeps nothing: links of an unreferenced blob go with it (see module doc)
+                session.execute(
+                    delete(AdapterBlob).where(AdapterBlob.digest == digest).execution_options(synchronize_session=False)
+                )
+                gone = session.execute(
+                    delete(Blob).where(Blob.digest == digest).execution_options(synchronize_session=False)
                 ).rowcount
                 if gone:
                     self.registry.store.delete(digest)

@@ -351,7 +351,7 @@ def test_nonfinite_values_are_found_without_the_upload_scan_too(client: Registry
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         path = folder / name
         digest = sha256_file(path)
-        client.upload_blob(path, digest, path.stat().st_size)
+        client.upload_blob(path, digest, path.stat().st_size, name="org/inf")
         files.append({"path": name, "size": path.stat().st_size, "digest": digest})
     with registry.sessions.begin() as s:
         assert s.query(BlobScan).count() == 1  # the safetensors file was scanned while uploaded

@@ -399,7 +399,7 @@ def test_invalid_name_exits_1_and_stores_nothing(loreg: Loreg, adapter_dir: Path
     assert as_json.code == 1 and as_json.json()["errors"][0]["code"] == "NAME_INVALID"
     assert rest.get("/v1/adapters").json()["items"] == []
     digests = ["sha256:" + hashlib.sha256((adapter_dir / f).read_bytes()).hexdigest() for f in STORED]
-    assert sorted(rest.post("/v1/blobs:check", json={"digests": digests}).json()["missing"]) == sorted(digests)
+    assert sorted(rest.post("/v1/base-models/blobs:check", json={"digests": digests}).json()["missing"]) == sorted(digests)
 
 
 def test_missing_token_is_unauthorized_with_hint(loreg: Loreg, adapter_dir: Path) -> None:

@@ -101,3 +101,31 @@ def test_export_keys_migration_backfills_names_and_content_digest(empty_engine: 
     assert tuple(row) == ("sha256:" + "c" * 64, "sha256:" + "c" * 64, None)
     migrate.downgrade(empty_engine, "0003")
     assert "name" not in {c["name"] for c in inspect(empty_engine).get_columns("export_inputs")}
+
+
+def test_0004_links_each_adapter_to_the_blobs_its_versions_reference(empty_engine: Any) -> None:
+    from sqlalchemy import text
+
+    migrate.upgrade(empty_engine, "0003")
+    shared, only_a, loose = ("sha256:" + c * 64 for c in "abc")
+    with empty_engine.begin() as conn:
+        for digest in (shared, only_a, loose):
+            conn.execute(text("INSERT INTO blobs (digest, size, created_at, last_seen_at) "
+                              "VALUES (:d, 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"d": digest})
+        for adapter_id, name in ((1, "a"), (2, "b"), (3, "empty")):
+            conn.execute(text("INSERT INTO adapters (id, namespace, name, last_number, created_at) "
+                              "VALUES (:i, 'org', :n, 1, CURRENT_TIMESTAMP)"), {"i": adapter_id, "n": name})
+        for version_id, adapter_id, number in ((1, 1, 1), (2, 1, 2), (3, 2, 1)):
+            conn.execute(text(
+                "INSERT INTO versions (id, adapter_id, number, manifest_digest, size, config, facts, warnings, "
+                "rank_min, rank_max, use_dora, created_at) VALUES (:v, :a, :n, :m, 1, '{}', '{}', '[]', 8, 8, false, "
+                "CURRENT_TIMESTAMP)"), {"v": version_id, "a": adapter_id, "n": number, "m": "sha256:" + str(version_id) * 64})
+        for version_id, path, digest in ((1, "x", shared), (2, "x", shared), (2, "y", only_a), (3, "x", shared)):
+            conn.execute(text("INSERT INTO version_files (version_id, path, size, digest) VALUES (:v, :p, 1, :d)"),
+                         {"v": version_id, "p": path, "d": digest})
+    migrate.upgrade(empty_engine)
+    with empty_engine.connect() as conn:
+        links = set(conn.execute(text("SELECT namespace, name, digest FROM adapter_blobs")).all())
+    assert links == {("org", "a", shared), ("org", "a", only_a), ("org", "b", shared)}
+    migrate.downgrade(empty_engine, "0003")
+    assert "adapter_blobs" not in inspect(empty_engine).get_table_names()

@@ -98,10 +98,10 @@ def test_online_gc_while_pushing_keeps_every_acknowledged_version(
     with RegistryClient(live_server, admin_token) as c:
         for path in sorted(adapter_dir.iterdir()):
             data = path.read_bytes()
-            c.request("PUT", f"/v1/blobs/{sha256(data)}", content=data)
+            c.request("PUT", f"/v1/adapters/org/race/blobs/{sha256(data)}", content=data)
             set_last_seen(registry, sha256(data), datetime.now(UTC) - timedelta(days=30))
         junk = b'{"junk": 1}'
-        c.request("PUT", f"/v1/blobs/{sha256(junk)}", content=junk)
+        c.request("PUT", f"/v1/adapters/org/race/blobs/{sha256(junk)}", content=junk)
         set_last_seen(registry, sha256(junk), datetime.now(UTC) - timedelta(days=30))
 
     stop = threading.Event()
@@ -236,7 +236,7 @@ def test_gc_racing_a_push_that_uploads_an_old_blob_again(
     data = (adapter_dir / "README.md").read_bytes()  # a file the commit checks but does not read
     digest = sha256(data)
     with RegistryClient(live_server, admin_token) as c:
-        c.request("PUT", f"/v1/blobs/{digest}", content=data)
+        c.request("PUT", f"/v1/adapters/org/race/blobs/{digest}", content=data)
     set_last_seen(registry, digest, datetime.now(UTC) - timedelta(days=30))
     race_gc_with_a_push(live_server, admin_token, app, registry, adapter_dir, digest, monkeypatch)
 

@@ -49,7 +49,8 @@ def test_crash_after_blob_put_leaves_an_orphan_that_gc_takes_after_grace(
     home = tmp_path / "home"
     folder = shutil.copytree(tiny_llama["adapter"], tmp_path / "adapter")
     wanted = tree(folder)
-    crashed_push(home, tmp_path, "after_blob_put", folder, "org/f2")
+    # the base is registered first: a push is validated against it before any upload
+    crashed_push(home, tmp_path, "after_blob_put", folder, "org/f2", base=tiny_llama["base"])
 
     registry = open_registry(Settings(home=home))
     try:

@@ -129,7 +129,7 @@ def test_postgres_down_mid_push_is_503_not_500_and_a_retry_succeeds(
     def upload() -> None:
         with httpx.Client(base_url=live_server, headers=auth, timeout=120) as http:
             started = time.monotonic()
-            result["resp"] = http.put(f"/v1/blobs/{digest}", content=body(),
+            result["resp"] = http.put(f"/v1/adapters/org/x/blobs/{digest}", content=body(),
                                       headers={"Content-Type": "application/octet-stream",
                                                "Content-Length": str(len(data))})
             result["elapsed"] = time.monotonic() - started
@@ -149,7 +149,7 @@ def test_postgres_down_mid_push_is_503_not_500_and_a_retry_succeeds(
 
         with httpx.Client(base_url=live_server, headers=auth, timeout=ANSWER_BOUND_S + 30) as http:
             for method, path in [("GET", "/v1/ready"), ("GET", "/v1/adapters/org/down"),
-                                 ("POST", "/v1/blobs:check")]:
+                                 ("POST", "/v1/adapters/org/x/blobs:check")]:
                 started = time.monotonic()
                 answer = http.request(method, path, json={"digests": [digest]} if method == "POST" else None)
                 assert time.monotonic() - started < ANSWER_BOUND_S
@@ -174,7 +174,7 @@ def test_postgres_down_mid_push_is_503_not_500_and_a_retry_succeeds(
         out = c.push(other, "org/down")
         assert (out["created"], out["version"]) == (True, 2)
         c.pull("org/down:2", tmp_path / "pulled")
-        up = c.request("PUT", f"/v1/blobs/{digest}", content=data, headers={"Content-Type": "application/octet-stream"})
+        up = c.request("PUT", f"/v1/adapters/org/x/blobs/{digest}", content=data, headers={"Content-Type": "application/octet-stream"})
         assert up.status_code in (200, 201)
     assert tree(tmp_path / "pulled") == tree(other)
     assert versions(registry) == [("org/down", 1), ("org/down", 2)]

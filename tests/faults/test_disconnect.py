@@ -33,7 +33,7 @@ def hang_up_mid_upload(url: str, token: str, data: bytes, sent: int) -> None:
     """PUT ``data``'s digest announcing all of it, send ``sent`` bytes, then close the socket."""
     parts = urlsplit(url)
     head = (
-        f"PUT /v1/blobs/{sha256(data)} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {token}\r\n"
+        f"PUT /v1/adapters/org/x/blobs/{sha256(data)} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n\r\n"
     ).encode()
     with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
@@ -74,7 +74,7 @@ def test_clients_closing_mid_upload_leak_nothing(
 
     # and the server still takes a whole upload
     with httpx.Client(base_url=live_server, headers={"Authorization": f"Bearer {admin_token}"}, timeout=120) as http:
-        resp = http.put(f"/v1/blobs/{sha256(bodies[0])}", content=bodies[0],
+        resp = http.put(f"/v1/adapters/org/x/blobs/{sha256(bodies[0])}", content=bodies[0],
                         headers={"Content-Type": "application/octet-stream"})
     assert resp.status_code == 201, resp.text
     assert registry.store.exists(sha256(bodies[0]))

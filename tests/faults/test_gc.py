@@ -30,7 +30,7 @@ LONG_AGO = datetime.now(UTC) - timedelta(days=30)
 
 def put(api: Any, data: bytes) -> str:
     digest = sha256(data)
-    resp = api.put(f"/v1/blobs/{digest}", content=data, headers=OCTET)
+    resp = api.put(f"/v1/adapters/org/gc/blobs/{digest}", content=data, headers=OCTET)
     assert resp.status_code in (200, 201), resp.text
     return digest
 
@@ -71,7 +71,7 @@ def test_gc_takes_only_unreferenced_blobs_unseen_for_the_grace_period(
     stray = registry.store.put(_stream(b'{"stray": 1}'), sha256(b'{"stray": 1}')).digest  # object, no row
     for digest in referenced | {aged, touched}:
         set_last_seen(registry, digest, LONG_AGO)  # references protect, not recency
-    check = api.post("/v1/blobs:check", json={"digests": [touched]})
+    check = api.post("/v1/adapters/org/gc/blobs:check", json={"digests": [touched]})
     assert check.json()["missing"] == []  # present, and now seen again
 
     service = MaintenanceService(registry)

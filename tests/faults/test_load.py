@@ -198,7 +198,7 @@ def send_chunked_until_answered(url: str, token: str, digest: str, total: int) -
     framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
     sent = 0
     with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
-        sock.sendall((f"PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        sock.sendall((f"PUT /v1/adapters/org/x/blobs/{digest} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                       f"Authorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\n"
                       "Transfer-Encoding: chunked\r\n\r\n").encode())
         while sent < total:
@@ -242,7 +242,7 @@ def test_l5_chunked_body_over_the_limit_is_413_before_it_is_read(
     registry.settings.max_file_size = LIMIT
     at_limit = b'{"x": "' + bytes(LIMIT - 7)
     with httpx.Client(base_url=live_server, headers={"Authorization": f"Bearer {admin_token}"}, timeout=60) as http:
-        ok = http.put(f"/v1/blobs/{sha256(at_limit)}", content=iter([at_limit[i:i + MiB] for i in range(0, LIMIT, MiB)]))
+        ok = http.put(f"/v1/adapters/org/x/blobs/{sha256(at_limit)}", content=iter([at_limit[i:i + MiB] for i in range(0, LIMIT, MiB)]))
     assert ok.status_code == 201, ok.text  # exactly the limit, chunked: accepted
 
     digest = "sha256:" + "ab" * 32
@@ -275,7 +275,7 @@ def test_l5_max_size_upload_is_streamed_with_flat_server_memory(tmp_path: Path) 
         auth = {"Authorization": f"Bearer {token_for(home, url)}"}
         with httpx.Client(base_url=url, headers=auth, timeout=120) as http:
             warm = block[: MiB // 2]
-            assert http.put(f"/v1/blobs/{sha256(warm)}", content=warm).status_code == 201  # first-use allocations
+            assert http.put(f"/v1/adapters/org/x/blobs/{sha256(warm)}", content=warm).status_code == 201  # first-use allocations
             baseline = rss_bytes(proc.pid)
             peak = [baseline]
             done = threading.Event()
@@ -288,7 +288,7 @@ def test_l5_max_size_upload_is_streamed_with_flat_server_memory(tmp_path: Path) 
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()
             try:
-                resp = http.put(f"/v1/blobs/{digest}", content=_big_body(block, BIG),
+                resp = http.put(f"/v1/adapters/org/x/blobs/{digest}", content=_big_body(block, BIG),
                                 headers={"Content-Length": str(BIG)})
             finally:
                 done.set()

@@ -108,7 +108,7 @@ def test_s3_reset_mid_multipart_upload_is_503_and_leaves_nothing(
     proxy, registry = proxied.proxy, proxied.registry
     with httpx.Client(base_url=proxied.url, headers=proxied.auth, timeout=120) as http:
         proxy.reset_after(1 * MiB)
-        resp = http.put(f"/v1/blobs/{digest}", content=data, headers=OCTET)
+        resp = http.put(f"/v1/adapters/org/x/blobs/{digest}", content=data, headers=OCTET)
         assert resp.status_code == 503, resp.text
         assert resp.json()["errors"][0]["code"] == "STORAGE_UNAVAILABLE"
         assert int(resp.headers["Retry-After"]) > 0
@@ -126,7 +126,7 @@ def test_s3_reset_mid_multipart_upload_is_503_and_leaves_nothing(
         assert staging_leftovers(proxied.direct) == []
 
         # the retry after the network healed succeeds
-        again = http.put(f"/v1/blobs/{digest}", content=data, headers=OCTET)
+        again = http.put(f"/v1/adapters/org/x/blobs/{digest}", content=data, headers=OCTET)
         assert again.status_code == 201, again.text
         assert proxied.direct.exists(digest) and proxied.direct.stat(digest).size == len(data)
 
@@ -144,7 +144,7 @@ def test_s3_refusing_connections_is_503_and_ready_says_so(proxied: Proxied, adap
     proxied.proxy.refuse()
     with httpx.Client(base_url=proxied.url, headers=proxied.auth, timeout=120) as http:
         data = payload(64 * 1024)
-        resp = http.put(f"/v1/blobs/{sha256(data)}", content=data, headers=OCTET)
+        resp = http.put(f"/v1/adapters/org/x/blobs/{sha256(data)}", content=data, headers=OCTET)
         assert resp.status_code == 503 and resp.json()["errors"][0]["code"] == "STORAGE_UNAVAILABLE", resp.text
         assert "Retry-After" in resp.headers
         ready = http.get("/v1/ready")
@@ -152,7 +152,7 @@ def test_s3_refusing_connections_is_503_and_ready_says_so(proxied: Proxied, adap
         assert http.get("/v1/health").status_code == 200
         proxied.proxy.heal()
         assert http.get("/v1/ready").status_code == 200
-        assert http.put(f"/v1/blobs/{sha256(data)}", content=data, headers=OCTET).status_code == 201
+        assert http.put(f"/v1/adapters/org/x/blobs/{sha256(data)}", content=data, headers=OCTET).status_code == 201
     assert sha256(data) in blob_rows(proxied.registry)
 
 
@@ -173,7 +173,7 @@ def test_slow_s3_during_an_upload_does_not_block_other_requests(proxied: Proxied
 
     def upload() -> None:
         with httpx.Client(base_url=proxied.url, headers=proxied.auth, timeout=120) as http:
-            result["resp"] = http.put(f"/v1/blobs/{digest}", content=data, headers=OCTET)
+            result["resp"] = http.put(f"/v1/adapters/org/x/blobs/{digest}", content=data, headers=OCTET)
 
     proxied.proxy.slow(LATENCY_S)
     uploader = threading.Thread(target=upload, daemon=True)
@@ -208,13 +208,13 @@ def test_s3_slower_than_its_timeout_is_504_with_nothing_stored(
         digest = sha256(data)
         p.proxy.slow(LATENCY_S)
         with httpx.Client(base_url=p.url, headers=p.auth, timeout=120) as http:
-            resp = http.put(f"/v1/blobs/{digest}", content=data, headers=OCTET)
+            resp = http.put(f"/v1/adapters/org/x/blobs/{digest}", content=data, headers=OCTET)
             assert resp.status_code == 504 and resp.json()["errors"][0]["code"] == "STORAGE_TIMEOUT", resp.text
             p.proxy.heal()
             assert digest not in blob_rows(p.registry)
             assert not p.direct.exists(digest)
             assert staging_leftovers(p.direct) == []
-            assert http.put(f"/v1/blobs/{digest}", content=data, headers=OCTET).status_code == 201
+            assert http.put(f"/v1/adapters/org/x/blobs/{digest}", content=data, headers=OCTET).status_code == 201
 
 
 # --- F8: the local disk fills up ----------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_disk_full_is_507_removes_the_staging_file_and_reads_go_on(
     monkeypatch.setattr(local, "_write_all", filling)
     data = payload(3 * MiB)
     digest = sha256(data)
-    resp = api.put(f"/v1/blobs/{digest}", content=data, headers=OCTET)
+    resp = api.put(f"/v1/adapters/org/x/blobs/{digest}", content=data, headers=OCTET)
     assert resp.status_code == 507, resp.text
     assert resp.json()["errors"][0]["code"] == "INSUFFICIENT_STORAGE"
     assert staging_leftovers(registry.store) == []

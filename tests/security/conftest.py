@@ -115,7 +115,7 @@ def assert_known_refusal(resp: Any) -> None:
 
 
 class Pusher:
-    """Uploads blobs with PUT /v1/blobs/{digest}, then commits POST /v1/adapters/{name}/versions."""
+    """Uploads blobs with PUT /v1/adapters/{name}/blobs/{digest}, then commits POST /v1/adapters/{name}/versions."""
 
     def __init__(self, http: Any, adapter: Path):
         self.http = http
@@ -129,9 +129,9 @@ class Pusher:
     def weights(self) -> bytes:
         return self.files["adapter_model.safetensors"]
 
-    def put_blob(self, data: bytes, digest: str | None = None, **kwargs: Any) -> Any:
+    def put_blob(self, data: bytes, digest: str | None = None, name: str = "org/x", **kwargs: Any) -> Any:
         return self.http.put(
-            f"/v1/blobs/{digest or sha256(data)}",
+            f"/v1/adapters/{name}/blobs/{digest or sha256(data)}",
             content=data,
             headers={"Content-Type": "application/octet-stream"},
             **kwargs,
@@ -152,7 +152,7 @@ class Pusher:
         content.update(files or {})
         entries = []
         for path, data in content.items():
-            up = self.put_blob(data)
+            up = self.put_blob(data, name=name)
             if up.status_code not in (200, 201):
                 return up
             entries.append({"path": path, "size": len(data), "digest": sha256(data)})

@@ -181,7 +181,7 @@ def test_every_route_refuses_requests_without_a_valid_token(
             kwargs: dict[str, Any] = {"headers": headers}
             if route.body_field is not None:
                 kwargs["json"] = {}
-            if path == "/v1/blobs/{digest}":
+            if path.endswith("/blobs/{digest}") or path.endswith("/versions:validate"):
                 kwargs["content"] = b"payload"
             resp = http.request(method, concrete_path(route), **kwargs)
             err = error_of(resp, 401, "UNAUTHORIZED")
@@ -204,8 +204,12 @@ def test_read_token_cannot_change_anything(app: Any, seeded: Pusher, make_token:
     with TestClient(app, raise_server_exceptions=False, headers=bearer(read)) as http:
         assert http.get("/v1/adapters/org/x/versions/1").status_code == 200  # reading is allowed
         attempts = [
-            http.post("/v1/blobs:check", json={"digests": [sha256(new_bytes)]}),
-            http.put(f"/v1/blobs/{sha256(new_bytes)}", content=new_bytes),
+            http.post("/v1/adapters/org/x/blobs:check", json={"digests": [sha256(new_bytes)]}),
+            http.put(f"/v1/adapters/org/x/blobs/{sha256(new_bytes)}", content=new_bytes),
+            http.post("/v1/adapters/org/new/blobs:mount", json={"digest": files[0]["digest"], "from": "org/x"}),
+            http.post("/v1/adapters/org/x/versions:validate", params={"size": 8}, content=b"\0" * 16),
+            http.post("/v1/base-models/blobs:check", json={"digests": [sha256(new_bytes)]}),
+            http.put(f"/v1/base-models/blobs/{sha256(new_bytes)}", content=new_bytes),
             http.post("/v1/adapters/org/x/versions", json={"files": files, "message": "again"}),
             http.post("/v1/adapters/org/new/versions", json={"files": files}),
             http.delete("/v1/adapters/org/x/versions/1"),
@@ -244,6 +248,11 @@ def test_namespace_token_cannot_touch_another_namespace(
             "new alias": http.put("/v1/adapters/team-b/x/aliases/canary", json={"version": 1}),
             "remove alias": http.delete("/v1/adapters/team-b/x/aliases/prod"),
             "add metrics": http.post("/v1/adapters/team-b/x/versions/1/metrics", json={"metrics": {"l": 1.0}}),
+            "check team-b's blobs": http.post("/v1/adapters/team-b/x/blobs:check", json={"digests": [files[0]["digest"]]}),
+            "upload for team-b": http.put(f"/v1/adapters/team-b/x/blobs/{sha256(b'new')}", content=b"new"),
+            "mount into team-b": http.post("/v1/adapters/team-b/new/blobs:mount", json={"digest": files[0]["digest"], "from": "team-a/x"}),
+            "mount from team-b": http.post("/v1/adapters/team-a/z/blobs:mount", json={"digest": files[0]["digest"], "from": "team-b/x"}),
+            "validate for team-b": http.post("/v1/adapters/team-b/x/versions:validate", params={"size": 8}, content=b"\0" * 16),
             "read adapter": http.get("/v1/adapters/team-b/x"),
             "read version": http.get("/v1/adapters/team-b/x/versions/1"),
             "read file": http.get("/v1/adapters/team-b/x/versions/1/files/adapter_config.json"),
@@ -265,6 +274,12 @@ def test_namespace_token_cannot_touch_another_namespace(
         assert sorted(i["name"] for i in fits) == ["team-a/x"]
         # what it covers, it may do
         assert http.get("/v1/adapters/team-a/x/versions/1").status_code == 200
+        # a new adapter of its own: the blobs are mounted from team-a/x (which holds them), then committed
+        refused = http.post("/v1/adapters/team-a/y/versions", json={"files": files})
+        error_of(refused, 422, "BLOB_MISSING")
+        for f in files:
+            mounted = http.post("/v1/adapters/team-a/y/blobs:mount", json={"digest": f["digest"], "from": "team-a/x"})
+            assert mounted.status_code == 201, mounted.text
         assert http.post("/v1/adapters/team-a/y/versions", json={"files": files}).status_code == 201
 
 

@@ -253,7 +253,7 @@ def check_refused_bytes(pusher: Pusher, registry: Any, what: str) -> None:
     before = snapshot(registry)
     error_of(pusher.put_blob(data), 415, "UNSUPPORTED_FORMAT")
     # the same bytes streamed without a Content-Length
-    chunked = pusher.http.put(f"/v1/blobs/{sha256(data)}", content=iter([data[:3], data[3:]]))
+    chunked = pusher.http.put(f"/v1/adapters/org/x/blobs/{sha256(data)}", content=iter([data[:3], data[3:]]))
     error_of(chunked, 415, "UNSUPPORTED_FORMAT")
     assert_blob_absent(registry, sha256(data))
     # named as the weights of a version: the blob was never stored
@@ -332,7 +332,7 @@ SERVER_PROBE = textwrap.dedent(
         client.pull("org/x", home / "pulled")
         data = pickle.dumps({"a": 1}, protocol=4)
         import hashlib
-        status = http.put("/v1/blobs/sha256:" + hashlib.sha256(data).hexdigest(), content=data).status_code
+        status = http.put("/v1/adapters/org/x/blobs/sha256:" + hashlib.sha256(data).hexdigest(), content=data).status_code
         client.request("GET", "/v1/adapters/org/x/versions/1/inspect")
     print(json.dumps({"torch": "torch" in sys.modules, "unpickled": calls, "pickle_status": status}))
     """
@@ -648,7 +648,7 @@ def test_upload_with_wrong_digest_keeps_nothing(pusher: Pusher, registry: Any, c
     sent = good + b"oh no"
     before = snapshot(registry)
     body: Any = iter([sent[:5], sent[5:]]) if chunked else sent
-    err = error_of(pusher.http.put(f"/v1/blobs/{sha256(good)}", content=body), 400, "DIGEST_MISMATCH")
+    err = error_of(pusher.http.put(f"/v1/adapters/org/x/blobs/{sha256(good)}", content=body), 400, "DIGEST_MISMATCH")
     assert err["detail"]
     assert_blob_absent(registry, sha256(good))
     assert_blob_absent(registry, sha256(sent))
@@ -660,7 +660,7 @@ def test_large_upload_with_wrong_digest_leaves_no_staging_or_multipart_upload(pu
     sent = bytes(range(256)) * (9 * 4096) + b"oh no"
     declared = sha256(sent[:-5])
     before = snapshot(registry)
-    error_of(pusher.http.put(f"/v1/blobs/{declared}", content=sent), 400, "DIGEST_MISMATCH")
+    error_of(pusher.http.put(f"/v1/adapters/org/x/blobs/{declared}", content=sent), 400, "DIGEST_MISMATCH")
     assert_blob_absent(registry, declared)
     assert_nothing_stored(registry, before)
 
@@ -672,12 +672,12 @@ def test_large_upload_with_wrong_digest_leaves_no_staging_or_multipart_upload(pu
 ])
 def test_malformed_digest_is_refused(pusher: Pusher, registry: Any, digest: str) -> None:
     before = snapshot(registry)
-    resp = pusher.http.put(f"/v1/blobs/{digest}", content=b"data")
+    resp = pusher.http.put(f"/v1/adapters/org/x/blobs/{digest}", content=b"data")
     if "%2f" in digest:
         assert resp.status_code in (400, 404)
     else:
         error_of(resp, 400, "DIGEST_INVALID")
-    assert_known_refusal(pusher.http.post("/v1/blobs:check", json={"digests": [digest]}))
+    assert_known_refusal(pusher.http.post("/v1/adapters/org/x/blobs:check", json={"digests": [digest]}))
     assert_nothing_stored(registry, before)
 
 

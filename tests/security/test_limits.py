@@ -99,7 +99,7 @@ def test_declared_upload_over_the_limit_is_refused_before_the_body_is_read(
     app, auth = small_limits
     digest = "sha256:" + "ab" * 32
     before = snapshot(registry)
-    resp = drive(app, "PUT", f"/v1/blobs/{digest}", {**auth, "Content-Length": str(9 * MiB + 1)}, [b"x" * MiB] * 10)
+    resp = drive(app, "PUT", f"/v1/adapters/org/x/blobs/{digest}", {**auth, "Content-Length": str(9 * MiB + 1)}, [b"x" * MiB] * 10)
     err = error_of(resp, 413, "TOO_LARGE")
     assert err["detail"]["limit"] == 9 * MiB
     assert resp.pulled == 0
@@ -113,7 +113,7 @@ def test_chunked_upload_over_the_limit_is_refused_early(small_limits: tuple[Any,
     chunks = [chunk] * 512  # 32 MiB offered, no Content-Length
     digest = sha256(b"".join(chunks))
     before = snapshot(registry)
-    resp = drive(app, "PUT", f"/v1/blobs/{digest}", auth, chunks)
+    resp = drive(app, "PUT", f"/v1/adapters/org/x/blobs/{digest}", auth, chunks)
     error_of(resp, 413, "TOO_LARGE")
     # the limit plus what the bounded queue and read buffers hold, never the whole body
     assert resp.pulled * len(chunk) <= 9 * MiB + 4 * MiB, resp.pulled
@@ -125,7 +125,7 @@ def test_chunked_upload_over_the_limit_is_refused_early(small_limits: tuple[Any,
 def test_upload_at_the_limit_is_accepted(small_limits: tuple[Any, dict[str, str]], registry: Any) -> None:
     app, auth = small_limits
     data = bytes(range(256)) * (9 * 4096)
-    resp = drive(app, "PUT", f"/v1/blobs/{sha256(data)}", auth, [data[i:i + MiB] for i in range(0, len(data), MiB)])
+    resp = drive(app, "PUT", f"/v1/adapters/org/x/blobs/{sha256(data)}", auth, [data[i:i + MiB] for i in range(0, len(data), MiB)])
     assert resp.status == 201, resp.text
     assert registry.store.exists(sha256(data))
 
@@ -140,7 +140,7 @@ def test_json_body_over_the_limit_is_413(small_limits: tuple[Any, dict[str, str]
     if declared:
         headers["Content-Length"] = str(len(body))
     before = snapshot(registry)
-    for path in ("/v1/adapters/org/x/versions", "/v1/blobs:check", "/v1/tokens", "/v1/exports"):
+    for path in ("/v1/adapters/org/x/versions", "/v1/adapters/org/x/blobs:check", "/v1/tokens", "/v1/exports"):
         resp = drive(app, "POST", path, headers, chunks)
         err = error_of(resp, 413, "TOO_LARGE")
         assert "64" in err["message"] or err["detail"].get("limit") == 64 * 1024
@@ -194,7 +194,7 @@ def test_nasty_json_bodies_get_a_4xx(api: Any, registry: Any, case: str) -> None
     body = NASTY_JSON[case]
     content_type = "application/x-www-form-urlencoded" if case == "wrong content type" else "application/json"
     before = snapshot(registry)
-    for path in ("/v1/adapters/org/x/versions", "/v1/base-models", "/v1/blobs:check", "/v1/exports"):
+    for path in ("/v1/adapters/org/x/versions", "/v1/base-models", "/v1/adapters/org/x/blobs:check", "/v1/exports"):
         resp = api.post(path, content=body, headers={"Content-Type": content_type})
         assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.text[:300])
         assert_known_refusal(resp)
@@ -219,9 +219,9 @@ def _send_headers_only(base: str, method: str, path: str, headers: dict[str, str
 
 
 @SQLITE_ONLY
-@pytest.mark.parametrize("path", ["/v1/blobs/sha256:" + "cd" * 32, "/v1/adapters/org/x/versions"])
+@pytest.mark.parametrize("path", ["/v1/adapters/org/x/blobs/sha256:" + "cd" * 32, "/v1/adapters/org/x/versions"])
 def test_live_server_answers_413_without_waiting_for_the_body(live_server: str, admin_token: str, path: str) -> None:
-    method = "PUT" if path.startswith("/v1/blobs/") else "POST"
+    method = "PUT" if "/blobs/" in path else "POST"
     status, body = _send_headers_only(live_server, method, path, {
         "Authorization": f"Bearer {admin_token}", "Content-Type": "application/json", "Content-Length": str(5 * 1024**4),
     })

@@ -21,9 +21,11 @@ from loreg.registry.api.schemas import (
     VersionCreate,
     VersionPublic,
     VersionSummary,
+    VersionValidation,
 )
 from loreg.registry.api.streaming import UNSATISFIABLE, byte_range, verified_download
-from loreg.registry.errors import RequestInvalidError
+from loreg.registry.errors import RequestInvalidError, TooLargeError
+from loreg.registry.formats import preflight
 from loreg.registry.services.adapters import LookupFilters
 
 router = APIRouter(tags=["adapters"])
@@ -123,6 +125,38 @@ def push_version(namespace: str, name: str, body: VersionCreate, adapters: Adapt
     """Commit a version from uploaded blobs: validated, numbered, immutable."""
     out = adapters.push(namespace, name, body, actor=p.token_id)
     return JSONResponse(out.model_dump(mode="json"), status_code=201 if out.created else 200)
+
+
+@router.post(
+    "/v1/adapters/{namespace}/{name}/versions:validate",
+    response_model=VersionValidation,
+    openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "required": True}},
+)
+async def validate_version(
+    namespace: str,
+    name: str,
+    request: Request,
+    adapters: AdaptersDep,
+    _p: WriteDep,
+    size: Annotated[int, Query(ge=0, le=1 << 62, description="size of adapter_model.safetensors in bytes")],
+    base: Annotated[str | None, Query(max_length=300)] = None,
+) -> VersionValidation:
+    """Validate before uploading: the body is adapter_config.json and the safetensors length prefix
+    and header (``u64 LE config length | config | 8-byte N | N header bytes``). Answers with the
+    refusal the commit would give from those bytes, or the base and warnings; stores nothing."""
+    settings = adapters.registry.settings
+    limit = preflight.max_body(settings.max_config_size, settings.max_header_size)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            # the config length leads the body: an over-size config gets the commit's own error
+            preflight.config_length(bytes(body[:8]), max_config_size=settings.max_config_size)
+            raise TooLargeError(f"a preflight body is at most {limit} bytes", detail={"limit": limit})
+    config, prefix = preflight.unpack(
+        bytes(body), max_config_size=settings.max_config_size, max_header_size=settings.max_header_size
+    )
+    return await run_in_threadpool(adapters.validate, namespace, name, config, prefix, size, base)
 
 
 @router.get("/v1/adapters/{namespace}/{name}/versions/{tag}", response_model=VersionPublic)

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import AdminDep, ReadDep
 from loreg.registry.api.schemas import BaseCreate, BaseLayoutPublic, BaseList, BasePublic, Page, VersionSummary
+from loreg.registry.errors import DeniedError
 from loreg.registry.services.adapters import LookupFilters
 from loreg.registry.services.bases import BaseService
 
@@ -21,8 +22,15 @@ def _svc(request: Request) -> BaseService:
 
 
 @router.post("/v1/base-models", response_model=BasePublic, status_code=201, responses={200: {"model": BasePublic}})
-def register_base(body: BaseCreate, request: Request, _p: AdminDep) -> JSONResponse:
+def register_base(body: BaseCreate, request: Request, p: AdminDep) -> JSONResponse:
     """Register a base model by content (headers, tensor digests; optionally its uploaded weights)."""
+    if body.weights_uploaded and p.namespaces:
+        # weights name stored blobs: only an admin of every namespace may vouch for them (exports
+        # copy base bytes into merged models)
+        raise DeniedError(
+            "registering uploaded weights needs an admin token for every namespace",
+            hint="use an admin token created without --namespace",
+        )
     out = _svc(request).register(body)
     return JSONResponse(out.model_dump(mode="json"), status_code=201 if out.created else 200)
 

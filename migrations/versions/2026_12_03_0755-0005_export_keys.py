@@ -1,7 +1,7 @@
 """export keys: input names, content key, requesting token
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-03 07:45:00.000000
 
 Policy: a migration imports only alembic.op and sqlalchemy (history is frozen: never the models),
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 
 revision = '0005'
-down_revision = '0003'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 
