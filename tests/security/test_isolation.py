@@ -346,10 +346,10 @@ def test_export_file_route_serves_only_the_files_of_that_export(
         base_id = conn.execute(text("SELECT min(id) FROM base_models")).scalar_one()
     export_id = os.urandom(16).hex()
     with registry.sessions.begin() as session:
-        session.add(Export(id=export_id, request_digest=sha256(os.urandom(8)), base_model_id=base_id, request={},
-                           dtype="float32", state="done", loreg_version="test"))
+        session.add(Export(id=export_id, request_digest=sha256(os.urandom(8)), content_digest=sha256(os.urandom(8)),
+                           base_model_id=base_id, request={}, dtype="float32", state="done", loreg_version="test"))
         session.flush()
-        session.add(ExportInput(export_id=export_id, position=0, version_id=version_id,
+        session.add(ExportInput(export_id=export_id, position=0, version_id=version_id, name="team-a/x:1",
                                 manifest_digest=sha256(b"m"), weight=1.0))
         session.add(ExportFile(export_id=export_id, path="config.json", size=len(result), digest=sha256(result)))
     reader = as_token(make_token("read", ["team-a/*"]))
