@@ -274,6 +274,76 @@ def test_pickle_and_zip_uploads_are_refused_by_magic(pusher: Pusher, registry: A
     check_refused_bytes(pusher, registry, what)
 
 
+# --- B17 -----------------------------------------------------------------------------------------
+
+
+def with_header_length(data: bytes, n: int) -> bytes:
+    """The same safetensors file with its header padded (metadata, then spaces) to exactly ``n`` bytes."""
+    header, body = split(data)
+    header["__metadata__"] = {**header.get("__metadata__", {}), "pad": ""}
+    j = json.dumps(header, separators=(",", ":")).encode()
+    fill = n - len(j) - 8  # the spaces that follow the object absorb what the pad string cannot
+    header["__metadata__"]["pad"] = "x" * max(fill, 0)
+    j = json.dumps(header, separators=(",", ":")).encode()
+    assert len(j) <= n, "header already longer than the wanted length"
+    return hdr(j + b" " * (n - len(j))) + body
+
+
+# header lengths whose little-endian prefix starts like pickle PROTO 2..5 (0x80 0x02..0x05)
+PICKLE_LOOKING_LENGTHS = (640, 896, 1152, 1408)
+
+
+def pickle_looking(data: bytes, *, plus: int = 0) -> bytes:
+    natural = struct.unpack("<Q", data[:8])[0]
+    n = next(n for n in PICKLE_LOOKING_LENGTHS if n >= natural + 32) + plus
+    out = with_header_length(data, n)
+    assert out[0] == 0x80 and 2 <= out[1] <= 5, out[:8]
+    return out
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("plus", [0, 65536])
+def test_valid_safetensors_starting_like_pickle_is_accepted(pusher: Pusher, valid_weights: bytes, plus: int) -> None:
+    weights = pickle_looking(valid_weights, plus=plus)
+    assert safetensors.numpy.load(weights).keys() == safetensors.numpy.load(valid_weights).keys()
+    # streamed in small pieces: the decision waits for the whole header
+    pieces = [weights[i:i + 3] for i in range(0, 12, 3)] + [weights[12:]]
+    up = pusher.http.put(f"/v1/blobs/{sha256(weights)}", content=iter(pieces))
+    assert up.status_code == 201, up.text
+    resp = pusher.push("org/x", weights=weights)
+    assert resp.status_code == 201, resp.text
+    stored = {f["path"]: f["digest"] for f in resp.json()["files"]}
+    assert stored["adapter_model.safetensors"] == sha256(weights)
+
+
+@SQLITE_ONLY
+def test_pickle_behind_a_plausible_length_is_still_refused(pusher: Pusher, registry: Any, valid_weights: bytes) -> None:
+    """0x80 0x02 and a length within the cap, but the header bytes are not a safetensors header."""
+    data = bytearray(pickle_looking(valid_weights))
+    data[8] = ord("[")  # the header no longer parses: the bytes are taken for what they start like
+    before = snapshot(registry)
+    error_of(pusher.put_blob(bytes(data)), 415, "UNSUPPORTED_FORMAT")
+    assert_blob_absent(registry, sha256(bytes(data)))
+    assert_nothing_stored(registry, before)
+
+
+@SQLITE_ONLY
+def test_base_shard_starting_like_pickle_is_uploaded(bare_client: RegistryClient, tiny_llama: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama["base"], base)
+    shard = base / "model.safetensors"
+    data = shard.read_bytes()
+    natural = struct.unpack("<Q", data[:8])[0]
+    n = 1408 + 65536 * (natural // 65536 + 1)  # 0x80 0x05 .. after the shard's own header
+    shard.write_bytes(with_header_length(data, n))
+    assert shard.read_bytes()[:2] == b"\x80\x05"
+    out = bare_client.register_base(base, "org/padded", upload_weights=True)
+    assert out["weights_digest"] == bare_client.register_base(tiny_llama["base"], "org/plain")["weights_digest"]
+
+
 UNPICKLING = ("pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal")
 
 
