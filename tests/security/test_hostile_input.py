@@ -751,6 +751,62 @@ def test_malformed_digest_is_refused(pusher: Pusher, registry: Any, digest: str)
     assert_nothing_stored(registry, before)
 
 
+# --- B20 (file rules) ------------------------------------------------------------------------------
+
+DISALLOWED_FILES = {
+    "modeling_evil.py": b"import os\nos.system('id')\n",
+    # protocol 0 has no PROTO opcode: no magic bytes to catch, only the name
+    "rng_state.pth.tar": pickle.dumps({"a": 1}, protocol=0),
+    "con": b"a Windows device name\n",
+}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("path", sorted(DISALLOWED_FILES))
+def test_files_outside_the_adapter_allowlist_are_refused_at_commit(
+    pusher: Pusher, registry: Any, path: str
+) -> None:
+    data = DISALLOWED_FILES[path]
+    before = snapshot(registry)
+    resp = pusher.push("org/x", files={path: data})
+    first = error_of(resp, 422, "ADAPTER_INVALID")
+    assert first["detail"]["path"] == path and first["detail"]["rule"] == "allowlist"
+    assert path in first["message"]
+    assert_nothing_stored(registry, before)
+    assert pusher.http.get("/v1/adapters/org/x/versions/1").status_code == 404
+
+
+@SQLITE_ONLY
+def test_model_card_over_the_limit_is_refused_and_at_the_limit_accepted(
+    pusher: Pusher, registry: Any, settings: Any
+) -> None:
+    limit = settings.max_card_size
+    before = snapshot(registry)
+    resp = pusher.push("org/x", files={"README.md": b"#" * (2 * 1024 * 1024)})
+    first = error_of(resp, 422, "ADAPTER_INVALID")
+    assert {k: first["detail"][k] for k in ("path", "rule", "size", "limit")} == {
+        "path": "README.md", "rule": "card_size", "size": 2 * 1024 * 1024, "limit": limit
+    }
+    assert_nothing_stored(registry, before)
+    assert pusher.http.get("/v1/adapters/org/x/versions/1").status_code == 404
+    extras = {"README.md": b"#" * limit, "tokenizer_config.json": b"{}", "chat_template.jinja": b"{{ messages }}"}
+    resp = pusher.push("org/x", files=extras)
+    assert resp.status_code == 201, resp.text
+    assert set(extras) <= {f["path"] for f in resp.json()["files"]}
+
+
+def test_client_and_server_share_one_allowlist(adapter_dir: Path) -> None:
+    from loreg.cli.client import scan_adapter_folder
+
+    for path, data in DISALLOWED_FILES.items():
+        (adapter_dir / path).write_bytes(data)
+    scanned = scan_adapter_folder(adapter_dir)
+    assert set(scanned.files) <= names.ADAPTER_FILES
+    assert set(DISALLOWED_FILES) <= set(scanned.skipped)
+    for path in scanned.files:
+        names.check_adapter_file(path, 0, max_card_size=1)
+
+
 # --- values the database cannot take (found 500s on Postgres) ------------------------------------
 
 
