@@ -268,6 +268,26 @@ def test_check_validates_locally_and_uploads_nothing(loreg: Loreg, adapter_dir: 
     assert rest.get("/v1/adapters").json()["items"] == []
 
 
+@pytest.mark.parametrize("target, named", [
+    (["k_proj"], "model.layers.0.self_attn.k_proj"),
+    ("(?=.*q_proj).*", "lookaround"),
+    ("(a{1000}){1000}", "repetition"),
+])
+def test_check_and_push_refuse_a_config_peft_would_load_differently(
+    loreg: Loreg, adapter_dir: Path, rest: httpx.Client, target: Any, named: str
+) -> None:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["target_modules"] = target
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    checked = loreg("check", adapter_dir, "--json")
+    pushed = loreg("push", adapter_dir, "org/bot", "--json")
+    assert checked.code == pushed.code == 1
+    assert checked.json()["errors"][0]["code"] == pushed.json()["errors"][0]["code"]
+    assert named in checked.json()["errors"][0]["message"]
+    assert named in pushed.json()["errors"][0]["message"]
+    assert rest.get("/v1/adapters").json()["items"] == []
+
+
 def test_inspect_json_lists_every_adapted_module(loreg: Loreg, adapter_dir: Path) -> None:
     ok(loreg("push", adapter_dir, "org/bot"))
     doc = ok(loreg("inspect", "org/bot:1", "--json")).json()

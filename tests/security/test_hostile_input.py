@@ -546,6 +546,39 @@ def test_catastrophic_regexes_end_in_time_and_the_server_keeps_answering(
     assert isinstance(results["long keys"], errors.UnknownModuleError)
 
 
+# --- B18 -----------------------------------------------------------------------------------------
+
+# tiny_llama's tensors adapt q_proj and v_proj of layers 0 and 1
+MISMATCHED_TARGETS = {
+    "other modules": (["k_proj"], "ADAPTER_INVALID", "model.layers.0.self_attn.k_proj"),
+    "lookahead": ("(?=.*q_proj).*", "CONFIG_INVALID", "lookaround"),
+    "too large": ("(a{1000}){1000}", "CONFIG_INVALID", "repetition"),
+}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("case", sorted(MISMATCHED_TARGETS))
+def test_config_that_peft_would_load_differently_is_refused(pusher: Pusher, registry: Any, case: str) -> None:
+    target, code, named = MISMATCHED_TARGETS[case]
+    before = snapshot(registry)
+    first = error_of(pusher.push("org/x", config={**pusher.config, "target_modules": target}), 422, code)
+    assert named in first["message"]
+    if code == "ADAPTER_INVALID":
+        problem = first["detail"]["problems"][0]
+        assert problem["code"] == "TARGET_MISMATCH"
+        assert "model.layers.1.self_attn.v_proj" in problem["tensors_not_targeted"]
+    else:
+        assert first["detail"]["field"] == "target_modules" and first["detail"]["pattern"] == target
+    assert_nothing_stored(registry, before)
+    assert pusher.http.get("/v1/adapters/org/x/versions/1").status_code == 404
+
+
+@SQLITE_ONLY
+def test_regex_target_modules_selecting_the_tensors_modules_is_accepted(pusher: Pusher) -> None:
+    resp = pusher.push("org/x", config={**pusher.config, "target_modules": r"model\.layers\.\d+\.self_attn\.(q|v)_proj"})
+    assert resp.status_code == 201, resp.text
+
+
 # --- B15 -----------------------------------------------------------------------------------------
 
 # (name as sent in the URL path, whether the router can match it as one {namespace}/{name} pair)
