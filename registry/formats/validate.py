@@ -664,7 +664,6 @@ class _Validator:
                        + " does not match the tensors as PEFT would load it on this base: " + "; ".join(parts),
             "expected": sorted(held)[:MAX_PROBLEMS], "actual": sorted(selected)[:MAX_PROBLEMS],
             "targeted_without_tensors": missing[:MAX_PROBLEMS], "tensors_not_targeted": extra[:MAX_PROBLEMS],
-            "target_modules": self.config.target_modules,
         })
 
     def _linear_module(self, name: str) -> str | None:
