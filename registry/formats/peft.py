@@ -166,24 +166,9 @@ def _re2_options() -> Any:
     return options
 
 
-def compile_pattern_key(pattern: str) -> Any:
-    """Compile a rank/alpha pattern key with PEFT's suffix rule on re2; raises re2.error."""
-    return re2.compile(rf"(.*\.)?({pattern})$", _re2_options())
-
-
 def _compile_patterns(name: str, patterns: dict[str, Any]) -> tuple[_Pattern, ...]:
-    compiled = []
-    for pattern, value in patterns.items():
-        try:
-            regex = compile_pattern_key(pattern)
-        except re2.error as exc:
-            raise ConfigInvalidError(
-                f"adapter_config.json: {name} key {_show(pattern)!r} is not a regex loreg can run: {exc}",
-                detail={"field": name, "pattern": _show(pattern)},
-                hint="rank_pattern/alpha_pattern keys are RE2 regexes (no backreferences or lookaround)",
-            ) from None
-        compiled.append(_Pattern(pattern, regex, value))
-    return tuple(compiled)
+    # PEFT (>= 0.11) matches a key with re.match(rf"(.*\.)?({p})$", module)
+    return tuple(_Pattern(p, compile_user_regex(name, p, r"(.*\.)?({})$"), v) for p, v in patterns.items())
 
 
 class _NonFinite:
