@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from loreg.cli.main import COMMANDS, main
 from tests import factories
-from tests.support.adapters import variant
+from tests.support.adapters import pickle_looking, variant
 
 BASE = factories.base_name("llama")
 STORED = ("README.md", "adapter_config.json", "adapter_model.safetensors")
@@ -286,6 +286,17 @@ def test_check_and_push_refuse_a_config_peft_would_load_differently(
     assert named in checked.json()["errors"][0]["message"]
     assert named in pushed.json()["errors"][0]["message"]
     assert rest.get("/v1/adapters").json()["items"] == []
+
+
+@pytest.mark.parametrize("plus", [0, 65536])
+def test_check_and_push_agree_on_a_header_length_that_starts_like_pickle(
+    loreg: Loreg, adapter_dir: Path, plus: int
+) -> None:
+    weights = adapter_dir / "adapter_model.safetensors"
+    weights.write_bytes(pickle_looking(weights.read_bytes(), plus=plus))
+    ok(loreg("check", adapter_dir))
+    pushed = ok(loreg("push", adapter_dir, "org/bot", "--json")).json()
+    assert pushed["version"] == 1
 
 
 def test_inspect_json_lists_every_adapted_module(loreg: Loreg, adapter_dir: Path) -> None:

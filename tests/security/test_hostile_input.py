@@ -42,6 +42,7 @@ from tests.security.conftest import (
     sha256,
     snapshot,
 )
+from tests.support.adapters import pickle_looking, with_header_length
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -275,30 +276,6 @@ def test_pickle_and_zip_uploads_are_refused_by_magic(pusher: Pusher, registry: A
 
 
 # --- B17 -----------------------------------------------------------------------------------------
-
-
-def with_header_length(data: bytes, n: int) -> bytes:
-    """The same safetensors file with its header padded (metadata, then spaces) to exactly ``n`` bytes."""
-    header, body = split(data)
-    header["__metadata__"] = {**header.get("__metadata__", {}), "pad": ""}
-    j = json.dumps(header, separators=(",", ":")).encode()
-    fill = n - len(j) - 8  # the spaces that follow the object absorb what the pad string cannot
-    header["__metadata__"]["pad"] = "x" * max(fill, 0)
-    j = json.dumps(header, separators=(",", ":")).encode()
-    assert len(j) <= n, "header already longer than the wanted length"
-    return hdr(j + b" " * (n - len(j))) + body
-
-
-# header lengths whose little-endian prefix starts like pickle PROTO 2..5 (0x80 0x02..0x05)
-PICKLE_LOOKING_LENGTHS = (640, 896, 1152, 1408)
-
-
-def pickle_looking(data: bytes, *, plus: int = 0) -> bytes:
-    natural = struct.unpack("<Q", data[:8])[0]
-    n = next(n for n in PICKLE_LOOKING_LENGTHS if n >= natural + 32) + plus
-    out = with_header_length(data, n)
-    assert out[0] == 0x80 and 2 <= out[1] <= 5, out[:8]
-    return out
 
 
 @SQLITE_ONLY
