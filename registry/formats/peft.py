@@ -393,6 +393,7 @@ def target_module_matches(target: str, module: str) -> bool:
 # which modules PEFT adapts (peft 0.21 tuners_utils.check_target_module_exists, PEFT_FORMAT.md §3.1)
 
 ALL_LINEAR = "all-linear"
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # what ensure_weight_tying looks for (peft constants)
 # PeftModelFor<task> adds these heads to modules_to_save when it loads an adapter of that task
 _TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
     "SEQ_CLS": ("classifier", "score"),

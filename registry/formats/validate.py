@@ -641,10 +641,25 @@ class _Validator:
                 if mapped:
                     names.add(mapped)
         selector = self.selector
-        if peft.is_all_linear(self.config.target_modules):
+        targets = self.config.target_modules
+        if peft.is_all_linear(targets):
             linear = [m for n in self.base.tensors if (m := self._linear_module(n)) is not None]
-            selector = peft.TargetSelector(self.config, sorted({m for n in linear if (m := to_peft(n))}))
-        selected = {n for n in names if selector.selects(n)}
+            targets = sorted({m for n in linear if (m := to_peft(n))})
+            selector = peft.TargetSelector(self.config, targets)
+        tied: set[str] = set()
+        embed = self.input_embedding
+        embed_module = to_peft(embed.removesuffix(".weight")) if embed else None
+        if self.ties_targets(targets) and embed_module and (head := to_peft("lm_head")):
+            # ensure_weight_tying: PEFT adds the input embedding to the targets and adapts the tied
+            # output embedding with it, whatever else the config says
+            tied = {head}
+            names |= {head, embed_module}
+            if isinstance(targets, str):
+                targets = f"(?:{targets})|^{embed_module.replace('.', '[.]')}$"
+            else:
+                targets = [*targets, embed_module]
+            selector = peft.TargetSelector(self.config, targets)
+        selected = {n for n in names if selector.selects(n)} | tied
         if selected == held:
             return
         missing, extra = sorted(selected - held), sorted(held - selected)
@@ -665,6 +680,16 @@ class _Validator:
             "expected": sorted(held)[:MAX_PROBLEMS], "actual": sorted(selected)[:MAX_PROBLEMS],
             "targeted_without_tensors": missing[:MAX_PROBLEMS], "tensors_not_targeted": extra[:MAX_PROBLEMS],
         })
+
+    def ties_targets(self, targets: list[str] | str) -> bool:
+        """PEFT's ensure_weight_tying through target_modules: a tied base, an embedding among the targets."""
+        if self.config.raw.get("ensure_weight_tying") is not True or not self.base.tie_word_embeddings:
+            return False
+        if any(m.rsplit(".", 1)[-1] in peft.EMBEDDING_LAYER_NAMES for m in self.config.modules_to_save or []):
+            return False  # tied through modules_to_save instead: no LoRA on the output embedding
+        if isinstance(targets, str):
+            return any(self.selector is not None and self.selector.regex.fullmatch(n) for n in peft.EMBEDDING_LAYER_NAMES)
+        return any(t.rsplit(".", 1)[-1] in peft.EMBEDDING_LAYER_NAMES for t in targets)
 
     def _linear_module(self, name: str) -> str | None:
         """The module of a base weight that PEFT's all-linear takes (nn.Linear / Conv1D), judged by shape and name."""

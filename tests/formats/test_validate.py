@@ -541,6 +541,47 @@ def test_real_peft_selections_are_accepted_with_the_modules_peft_loads(
     assert report.facts.modules == _peft_adapted(bases[family], adapter)
 
 
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LLaMA base whose lm_head is tied to embed_tokens (not in the checkpoint, as transformers saves it)."""
+    from safetensors.numpy import load_file, save_file
+
+    base = factories.make_base(tmp_path_factory.mktemp("tied") / "llama", "llama")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(base / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    return base
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True},
+    {"target_modules": ["lm_head", "q_proj"], "ensure_weight_tying": True},
+    {"target_modules": r".*(embed_tokens|q_proj)", "ensure_weight_tying": True},
+    {"target_modules": ["lm_head", "q_proj"]},
+])
+def test_tied_embedding_targets_are_accepted_with_the_modules_peft_loads(
+    tmp_path: Path, tied_llama: Path, kwargs: dict[str, Any]
+) -> None:
+    """ensure_weight_tying: PEFT adds the input embedding to the targets and adapts the tied lm_head with it."""
+    adapter = factories.make_adapter(tmp_path / "ad", "llama", base_dir=tied_llama, **kwargs)
+    report = check(adapter, layout_of(tied_llama))
+    assert report.facts.modules == _peft_adapted(tied_llama, adapter)
+    assert "lm_head" in report.facts.modules
+
+
+def test_lora_tensors_peft_ignores_on_load_are_refused(tmp_path: Path, bases: Bases, layouts: Layouts) -> None:
+    """GPT-2's wte is no embedding name for ensure_weight_tying: PEFT reloads without the saved lm_head LoRA."""
+    adapter = factories.make_adapter(
+        tmp_path / "ad", "gpt2", base_dir=bases["gpt2"], target_modules=["lm_head", "c_attn"], ensure_weight_tying=True
+    )
+    with pytest.warns(UserWarning, match="no tied modules are added"):
+        assert "lm_head" not in _peft_adapted(bases["gpt2"], adapter)
+    problems = refused(adapter, layouts["gpt2"], AdapterInvalidError)
+    assert problems[0]["code"] == "TARGET_MISMATCH" and problems[0]["tensors_not_targeted"] == ["lm_head"]
+
+
 def test_base_name_mismatch_is_a_warning(llama_adapter: Path, layouts: Layouts) -> None:
     assert check(llama_adapter, layouts["llama"], base_name="loreg-test/tiny-llama").warnings == []
     report = check(llama_adapter, layouts["llama"], base_name="Org/Other-Model")
