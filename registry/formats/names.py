@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from loreg.registry.errors import (
+    AdapterInvalidError,
     NameInvalidError,
     ReferenceInvalidError,
     UnsupportedFormatError,
@@ -44,7 +45,8 @@ TOKENIZER_FILES = frozenset(
         "chat_template.json",
     }
 )
-# Files a PEFT adapter folder may hold that loreg stores; everything else in the folder is skipped.
+# Files a PEFT adapter folder may hold that loreg stores: the client pushes only these and the server
+# commits only these (anything else, e.g. modeling_*.py or a pickle under an innocent name, is refused).
 ADAPTER_FILES = TOKENIZER_FILES | {
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -52,6 +54,7 @@ ADAPTER_FILES = TOKENIZER_FILES | {
     "generation_config.json",
 }
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CARD_FILE = "README.md"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -171,6 +174,25 @@ def check_file_name(path: str) -> str:
             f"{path} is a pickle file; loreg never stores pickle",
             detail={"path": path},
             hint="convert the weights to safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True))",
+        )
+    return path
+
+
+def check_adapter_file(path: str, size: int, *, max_card_size: int) -> str:
+    """A file of an adapter version: a plain name on the adapter allowlist; the card within its limit."""
+    check_file_name(path)
+    if path not in ADAPTER_FILES:
+        raise AdapterInvalidError(
+            f"{path} is not a file loreg stores with an adapter",
+            detail={"path": path, "rule": "allowlist", "allowed": sorted(ADAPTER_FILES)},
+            hint="an adapter version holds adapter_config.json, adapter_model.safetensors, README.md and "
+            "tokenizer/chat-template files; `loreg push` leaves the rest out",
+        )
+    if path == CARD_FILE and size > max_card_size:
+        raise AdapterInvalidError(
+            f"{path} is {size} bytes, over the card limit of {max_card_size}",
+            detail={"path": path, "rule": "card_size", "size": size, "limit": max_card_size},
+            hint="shorten the model card",
         )
     return path
 

@@ -1,8 +1,9 @@
 """PEFT LoRA adapters: strict adapter_config.json model, tensor-key mapping, rank/alpha resolution.
 
 Pure: bytes and dicts in, dataclasses and errors out (see docs PEFT_FORMAT.md §1-§3).
-User regexes (rank_pattern / alpha_pattern keys) run on google-re2 only, which is linear-time;
-a regex target_modules string is stored and never run.
+User regexes (rank_pattern / alpha_pattern keys, target_modules, exclude_modules, layers_pattern,
+modules_to_save) run on google-re2 only, which is linear-time, and only where RE2 gives them
+Python's meaning (PEFT runs them with ``re``); any other pattern is refused.
 """
 
 from __future__ import annotations
@@ -165,24 +166,9 @@ def _re2_options() -> Any:
     return options
 
 
-def compile_pattern_key(pattern: str) -> Any:
-    """Compile a rank/alpha pattern key with PEFT's suffix rule on re2; raises re2.error."""
-    return re2.compile(rf"(.*\.)?({pattern})$", _re2_options())
-
-
 def _compile_patterns(name: str, patterns: dict[str, Any]) -> tuple[_Pattern, ...]:
-    compiled = []
-    for pattern, value in patterns.items():
-        try:
-            regex = compile_pattern_key(pattern)
-        except re2.error as exc:
-            raise ConfigInvalidError(
-                f"adapter_config.json: {name} key {_show(pattern)!r} is not a regex loreg can run: {exc}",
-                detail={"field": name, "pattern": _show(pattern)},
-                hint="rank_pattern/alpha_pattern keys are RE2 regexes (no backreferences or lookaround)",
-            ) from None
-        compiled.append(_Pattern(pattern, regex, value))
-    return tuple(compiled)
+    # PEFT (>= 0.11) matches a key with re.match(rf"(.*\.)?({p})$", module)
+    return tuple(_Pattern(p, compile_user_regex(name, p, r"(.*\.)?({})$"), v) for p, v in patterns.items())
 
 
 class _NonFinite:
@@ -401,6 +387,162 @@ def parse_adapter_config(raw: bytes, *, max_size: int = MAX_CONFIG_SIZE) -> Adap
 def target_module_matches(target: str, module: str) -> bool:
     """PEFT's list rule for one target_modules entry: exact name or dotted suffix."""
     return module == target or module.endswith("." + target)
+
+
+# ------------------------------------------------------------------------------------------------
+# which modules PEFT adapts (peft 0.21 tuners_utils.check_target_module_exists, PEFT_FORMAT.md §3.1)
+
+ALL_LINEAR = "all-linear"
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # what ensure_weight_tying looks for (peft constants)
+# PeftModelFor<task> adds these heads to modules_to_save when it loads an adapter of that task
+_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+# PEFT's layer-index rules (re.match): the first numbered segment, or the one after layers_pattern
+_LAYER_INDEX_DEFAULT = r".*?\.[^.]*\.(?P<idx>\d+)\."
+_LAYER_INDEX_AFTER = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
+
+
+def _python_only(pattern: str) -> str | None:
+    """A construct RE2 refuses or reads differently from Python's ``re``, named for the user; else None."""
+    i = 0
+    in_class = False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            nxt = pattern[i + 1 : i + 2]
+            if nxt.isdigit() and nxt != "0":
+                return "a backreference"
+            if nxt in ("Z", "z", "p", "P", "C", "Q", "E", "N", "X", "R"):
+                return f"the escape \\{nxt}, which RE2 and Python read differently"
+            i += 2
+            continue
+        rest = pattern[i:]
+        if in_class:
+            if rest.startswith("[:"):
+                return "a POSIX class [:...:], which Python reads as literal characters"
+            if c == "]":
+                in_class = False
+        elif c == "[":
+            in_class = True
+            i += 1 + (pattern[i + 1 : i + 2] == "^")
+            if pattern[i : i + 1] == "]":
+                i += 1  # a leading ] is literal in both
+            if pattern[i : i + 2] == "[:":
+                return "a POSIX class [:...:], which Python reads as literal characters"
+            continue
+        elif rest.startswith(("(?=", "(?!", "(?<=", "(?<!")):
+            return "a lookaround"
+        elif rest.startswith("(?<"):
+            return "a (?<name>...) group, which Python's re does not accept"
+        elif rest.startswith("(?P="):
+            return "a backreference"
+        elif rest.startswith("(?>"):
+            return "an atomic group"
+        elif rest.startswith("(?("):
+            return "a conditional group"
+        elif rest.startswith("{,"):
+            return "a {,n} repeat, which RE2 reads as literal characters"
+        i += 1
+    return None
+
+
+def compile_user_regex(field: str, pattern: str, template: str = "{}") -> Any:
+    """Compile ``template`` around a user pattern on RE2 with Python's meaning, or refuse it.
+
+    Raises:
+        ConfigInvalidError: a construct only Python's ``re`` evaluates (lookaround, backreference, ...),
+            or a pattern RE2 cannot compile within its memory and repetition bounds.
+    """
+    reason = _python_only(pattern)
+    if reason is None:
+        try:
+            return re2.compile(template.format(pattern), _re2_options())
+        except re2.error as exc:
+            text = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            if "repetition size" in text or "too large" in text or "too big" in text:
+                reason = f"more repetition than loreg's bounds allow ({text})"
+            else:
+                reason = f"syntax RE2 does not share with Python ({text})"
+    raise ConfigInvalidError(
+        f"adapter_config.json: {field} {_show(pattern)!r} uses {reason}; PEFT reads it as a Python regex, "
+        "whose meaning loreg cannot evaluate safely",
+        detail={"field": field, "pattern": _show(pattern), "reason": reason},
+        hint="list the module names instead, or write the pattern without lookarounds and backreferences",
+    )
+
+
+class TargetSelector:
+    """The modules PEFT adapts when it loads a config: target_modules (list, regex or all-linear),
+    exclude_modules, modules_to_save (never adapted) and layers_to_transform/layers_pattern.
+
+    ``key`` is a module path as PEFT names it (no ``base_model.model.``).
+    """
+
+    def __init__(self, config: AdapterConfig, target_modules: list[str] | str):
+        self.targets: frozenset[str] = frozenset()
+        self.regex: Any = None
+        if isinstance(target_modules, str):
+            if config.layers_to_transform is not None or config.layers_pattern is not None:
+                raise ConfigInvalidError(
+                    "adapter_config.json: layers_to_transform/layers_pattern cannot be used with a regex "
+                    "target_modules (PEFT refuses to load it)",
+                    detail={"field": "layers_to_transform" if config.layers_to_transform is not None
+                            else "layers_pattern"},
+                )
+            self.regex = compile_user_regex("target_modules", target_modules)
+        else:
+            self.targets = frozenset(target_modules)
+        if config.layers_pattern and config.layers_to_transform is None:
+            raise ConfigInvalidError(
+                "adapter_config.json: layers_pattern is set without layers_to_transform (PEFT refuses to load it)",
+                detail={"field": "layers_pattern"},
+            )
+        excl = config.exclude_modules
+        self.exclude_regex = compile_user_regex("exclude_modules", excl) if isinstance(excl, str) and excl else None
+        self.exclude: frozenset[str] = frozenset(excl) if isinstance(excl, list) else frozenset()
+        saved = list(config.modules_to_save or []) + list(_TASK_MODULES_TO_SAVE.get(config.task_type or "", ()))
+        self.saved = tuple(compile_user_regex("modules_to_save", m, r"(^|.*\.){}($|\..*)") for m in saved)
+        layers = config.layers_to_transform
+        self.layers: frozenset[int] | None = None
+        if layers is not None and (not isinstance(layers, list) or layers):
+            self.layers = frozenset([layers] if isinstance(layers, int) else layers)
+        patterns = config.layers_pattern
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+        self.layer_regexes = (
+            tuple(compile_user_regex("layers_pattern", p, _LAYER_INDEX_AFTER) for p in patterns) if patterns
+            else (re2.compile(_LAYER_INDEX_DEFAULT, _re2_options()),)
+        )
+
+    def selects(self, key: str) -> bool:
+        # a list entry matches a key it equals or ends at a dot: one of the key's dotted suffixes
+        parts = key.split(".")
+        suffixes = {".".join(parts[i:]) for i in range(len(parts))}
+        if self.exclude_regex is not None and self.exclude_regex.fullmatch(key):
+            return False
+        if not self.exclude.isdisjoint(suffixes):
+            return False
+        if any(r.match(key) for r in self.saved):
+            return False
+        if self.regex is not None:
+            return self.regex.fullmatch(key) is not None
+        if key in self.targets:
+            return True  # PEFT takes an exact name as is, without the layer filter
+        if self.targets.isdisjoint(suffixes):
+            return False
+        if self.layers is None:
+            return True
+        for regex in self.layer_regexes:
+            m = regex.match(key)
+            if m is not None:
+                return int(m.group("idx")) in self.layers
+        return False
+
+
+def is_all_linear(target_modules: list[str] | str | None) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ refused with DtypeUnsupportedError, so every parsed dtype is a key of ``DTYPE_SI
 
 Public: ``MAX_HEADER_SIZE_DEFAULT``, ``DTYPE_SIZES``, ``FLOAT_DTYPES``, ``SUBBYTE_DTYPES``,
 ``TensorInfo``, ``Header``, ``header_length``, ``parse_header``, ``read_header``,
-``read_header_from_file``, ``ValueStats``, ``scan_values``, ``iter_tensor_chunks``.
+``read_header_from_file``, ``ValueStats``, ``scan_values``, ``iter_tensor_chunks``, ``sniff_length``,
+``refused_format``.
 """
 
 from __future__ import annotations
@@ -190,6 +191,51 @@ def header_length(prefix: bytes, *, max_header_size: int = MAX_HEADER_SIZE_DEFAU
     if n == 0:
         raise HeaderInvalidError("header length is 0", detail={"header_size": 0})
     return n
+
+
+# Magic that needs no context to refuse: pickle's PROTO opcode (protocols 2-5) and zip (torch.save).
+# A safetensors length prefix can start with the same bytes (N = 640 is 80 02 00 ..), so a file is
+# refused only when its first bytes do not also open a strict safetensors header.
+_REFUSED_MAGIC = (
+    (tuple(bytes([0x80, p]) for p in range(2, 6)), "pickle"),
+    ((b"PK\x03\x04", b"PK\x05\x06"), "zip (torch.save)"),
+)
+SNIFF_PREFIX = 4
+
+
+def _magic(head: bytes) -> str | None:
+    for prefixes, name in _REFUSED_MAGIC:
+        if bytes(head[:4]).startswith(prefixes):
+            return name
+    return None
+
+
+def sniff_length(head: bytes, *, max_header_size: int = MAX_HEADER_SIZE_DEFAULT) -> int:
+    """How many leading bytes ``refused_format`` needs: 4, or 8 + N when the magic could be a length prefix."""
+    if len(head) < SNIFF_PREFIX or _magic(head) is None:
+        return SNIFF_PREFIX
+    if len(head) < 8:
+        return 8
+    n = int.from_bytes(bytes(head[:8]), "little")
+    return 8 + n if 0 < n <= max_header_size else 8
+
+
+def refused_format(head: bytes, *, max_header_size: int = MAX_HEADER_SIZE_DEFAULT) -> str | None:
+    """The refused format (pickle, zip) a file's first ``sniff_length`` bytes reveal, or None.
+
+    Bytes that open a strict safetensors header are safetensors, whatever their first two bytes.
+    """
+    name = _magic(head)
+    if name is None:
+        return None
+    need = sniff_length(head, max_header_size=max_header_size)
+    if need > 8 and len(head) >= need:
+        try:
+            parse_header(bytes(head[8:need]))
+        except LoregError:
+            return name
+        return None
+    return name
 
 
 def _decode(header_json: bytes) -> dict[str, Any]:

@@ -50,6 +50,8 @@ INPUT_EMBEDDING_SUFFIXES = (
     "tok_embeddings.weight",
     "shared.weight",
 )
+# 2-D embeddings that are not the vocabulary (all-linear leaves them out with the others)
+EMBEDDING_LEAVES = frozenset({"wpe", "position_embeddings", "token_type_embeddings", "embed_positions", "shared"})
 # tensors whose row count is the vocabulary: a saved copy may have more rows (resized tokenizer)
 VOCAB_LEAVES = OUTPUT_EMBEDDING_LEAVES | {s.split(".")[0] for s in INPUT_EMBEDDING_SUFFIXES}
 
@@ -381,6 +383,21 @@ def _variants(modules: Iterable[str], base: BaseLayout) -> list[tuple[str, Calla
     return out
 
 
+def _from_base(variant: str, model_type: str | None) -> Callable[[str], str | None]:
+    """The inverse of a variant: a base module name as PEFT names it in the adapter's model (None: absent there)."""
+    name = variant.removesuffix("+renamed")
+    step: Callable[[str], str | None]
+    if name.startswith("strip:"):
+        step = lambda b, p=name[len("strip:"):]: f"{p}.{b}"  # noqa: E731
+    elif name.startswith("add:"):
+        step = lambda b, p=name[len("add:"):]: b[len(p) + 1 :] if b.startswith(p + ".") else None  # noqa: E731
+    else:
+        step = lambda b: b  # noqa: E731
+    if variant.endswith("+renamed"):
+        return lambda b: step(_rename(model_type, b))  # the renames hold both directions
+    return step
+
+
 class _Validator:
     def __init__(self, config: AdapterConfig, header: Header, base: BaseLayout):
         self.config = config
@@ -393,6 +410,8 @@ class _Validator:
         self.layer_types: dict[str, str] = {}
         self.scalings: dict[str, float] = {}
         self.variant = "as-is"
+        # built before anything else: a pattern loreg cannot evaluate is refused whatever the tensors hold
+        self.selector = peft.TargetSelector(config, config.target_modules) if config.target_modules is not None else None
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -460,6 +479,8 @@ class _Validator:
                 located[module] = target
         for module, target in located.items():
             self.check_module(module, target, groups[module])
+        if not self.problems.items:
+            self.check_targets(groups, located)
 
         self.collect_warnings(groups, base_name, base_revision)
 
@@ -638,6 +659,80 @@ class _Validator:
                 if out is not None and actual != [out]:
                     problems.add(tk.key, "SHAPE_MISMATCH", f"expected {[out]}, found {actual} ({module} has {out} "
                                  "outputs)", expected=[out], actual=actual)
+
+    def check_targets(self, groups: dict[str, list[TensorKey]], located: dict[str, str]) -> None:
+        """The config must select exactly the modules whose LoRA tensors are stored, as PEFT selects them."""
+        if self.selector is None:
+            return  # PEFT falls back to its per-architecture default table, which loreg does not keep
+        held = {m for m in located if any(tk.kind in peft.LORA_KINDS for tk in groups[m])}
+        to_peft = _from_base(self.variant, self.base.model_type)
+        names: set[str] = set(held)
+        for name in self.base.tensors:
+            parts = name.split(".")
+            for i in range(1, len(parts)):
+                mapped = to_peft(".".join(parts[:i]))
+                if mapped:
+                    names.add(mapped)
+        selector = self.selector
+        targets = self.config.target_modules
+        if peft.is_all_linear(targets):
+            linear = [m for n in self.base.tensors if (m := self._linear_module(n)) is not None]
+            targets = sorted({m for n in linear if (m := to_peft(n))})
+            selector = peft.TargetSelector(self.config, targets)
+        tied: set[str] = set()
+        embed = self.input_embedding
+        embed_module = to_peft(embed.removesuffix(".weight")) if embed else None
+        if self.ties_targets(targets) and embed_module and (head := to_peft("lm_head")):
+            # ensure_weight_tying: PEFT adds the input embedding to the targets and adapts the tied
+            # output embedding with it, whatever else the config says
+            tied = {head}
+            names |= {head, embed_module}
+            if isinstance(targets, str):
+                targets = f"(?:{targets})|^{embed_module.replace('.', '[.]')}$"
+            else:
+                targets = [*targets, embed_module]
+            selector = peft.TargetSelector(self.config, targets)
+        selected = {n for n in names if selector.selects(n)} | tied
+        if selected == held:
+            return
+        missing, extra = sorted(selected - held), sorted(held - selected)
+        parts = []
+        if missing:
+            parts.append(f"it selects {len(missing)} module(s) with no LoRA tensors ({', '.join(missing[:5])}"
+                         f"{', …' if len(missing) > 5 else ''})")
+        if extra:
+            parts.append(f"{len(extra)} module(s) with LoRA tensors are not selected ({', '.join(extra[:5])}"
+                         f"{', …' if len(extra) > 5 else ''})")
+        self.problems.items.append({
+            "key": None, "code": "TARGET_MISMATCH",
+            "message": "the config's target_modules"
+                       + (" (with exclude_modules/layers_to_transform/modules_to_save)"
+                          if self.config.exclude_modules or self.config.layers_to_transform is not None
+                          or self.config.modules_to_save else "")
+                       + " does not match the tensors as PEFT would load it on this base: " + "; ".join(parts),
+            "expected": sorted(held)[:MAX_PROBLEMS], "actual": sorted(selected)[:MAX_PROBLEMS],
+            "targeted_without_tensors": missing[:MAX_PROBLEMS], "tensors_not_targeted": extra[:MAX_PROBLEMS],
+        })
+
+    def ties_targets(self, targets: list[str] | str) -> bool:
+        """PEFT's ensure_weight_tying through target_modules: a tied base, an embedding among the targets."""
+        if self.config.raw.get("ensure_weight_tying") is not True or not self.base.tie_word_embeddings:
+            return False
+        if any(m.rsplit(".", 1)[-1] in peft.EMBEDDING_LAYER_NAMES for m in self.config.modules_to_save or []):
+            return False  # tied through modules_to_save instead: no LoRA on the output embedding
+        if isinstance(targets, str):
+            return any(self.selector is not None and self.selector.regex.fullmatch(n) for n in peft.EMBEDDING_LAYER_NAMES)
+        return any(t.rsplit(".", 1)[-1] in peft.EMBEDDING_LAYER_NAMES for t in targets)
+
+    def _linear_module(self, name: str) -> str | None:
+        """The module of a base weight that PEFT's all-linear takes (nn.Linear / Conv1D), judged by shape and name."""
+        if not name.endswith(".weight") or len(self.base.tensors[name][1]) != 2:
+            return None
+        module = name[: -len(".weight")]
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in VOCAB_LEAVES or leaf in EMBEDDING_LEAVES or "embed" in leaf:
+            return None
+        return module
 
     def check_pair(
         self, module: str, layer: str, a_key: str, a: list[int], b_key: str, b: list[int],

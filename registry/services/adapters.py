@@ -331,7 +331,7 @@ class AdapterService:
             raise ManifestInvalidError(f"a version holds at most {limit} files", detail={"limit": limit})
         files: dict[str, Any] = {}
         for f in body.files:
-            names.check_file_name(f.path)
+            names.check_adapter_file(f.path, f.size, max_card_size=self.registry.settings.max_card_size)
             if f.path in files:
                 raise ManifestInvalidError(f"file {f.path} is listed twice", detail={"path": f.path})
             if f.size > self.registry.settings.max_file_size:

@@ -17,27 +17,16 @@ from loreg.registry.formats import safetensors
 from loreg.registry.services.context import Registry
 from loreg.registry.storage.base import HashingReader, check_digest
 
-# What needs no context to refuse: pickle (protocol 2-5 opcode PROTO) and zip (torch.save) magic.
-MAGIC_PREFIX_LEN = 4
-
-
-def sniff_refused(prefix: bytes) -> str | None:
-    """Name of the refused format the first bytes reveal, or None."""
-    if len(prefix) >= 2 and prefix[0] == 0x80 and 2 <= prefix[1] <= 5:
-        return "pickle"
-    if prefix.startswith(b"PK\x03\x04") or prefix.startswith(b"PK\x05\x06"):
-        return "zip (torch.save)"
-    return None
-
-
 class GuardedStream(io.RawIOBase):
-    """Wraps an upload stream: refuses pickle/zip magic in the first bytes and enforces a size cap."""
+    """Wraps an upload stream: refuses pickle/zip bytes (unless they open a safetensors header) and
+    enforces a size cap. Deciding may hold back up to 8 bytes + the header size limit."""
 
-    def __init__(self, raw: BinaryIO, *, limit: int):
+    def __init__(self, raw: BinaryIO, *, limit: int, max_header_size: int = safetensors.MAX_HEADER_SIZE_DEFAULT):
         self._raw = raw
         self._limit = limit
+        self._max_header = max_header_size
         self._count = 0
-        self._head = b""
+        self._head = bytearray()
         self._checked = False
 
     def readable(self) -> bool:
@@ -45,13 +34,13 @@ class GuardedStream(io.RawIOBase):
 
     def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
         if not self._checked:
-            while len(self._head) < MAGIC_PREFIX_LEN:
-                more = self._raw.read(MAGIC_PREFIX_LEN - len(self._head))
+            while (need := safetensors.sniff_length(self._head, max_header_size=self._max_header)) > len(self._head):
+                more = self._raw.read(need - len(self._head))
                 if not more:
                     break
                 self._head += more
             self._checked = True
-            refused = sniff_refused(self._head)
+            refused = safetensors.refused_format(self._head, max_header_size=self._max_header)
             if refused:
                 raise UnsupportedFormatError(
                     f"upload refused: the bytes are {refused}; loreg never stores pickle",
@@ -61,7 +50,7 @@ class GuardedStream(io.RawIOBase):
         if self._head:
             n = min(len(buffer), len(self._head))
             buffer[:n] = self._head[:n]
-            self._head = self._head[n:]
+            del self._head[:n]
         else:
             data = self._raw.read(len(buffer))
             n = len(data)
@@ -148,7 +137,8 @@ class BlobService:
         if size is not None and size > limit:
             raise TooLargeError(f"upload of {size} bytes is over the limit of {limit}", detail={"limit": limit})
         scanner = safetensors.StreamScanner(max_header_size=self.registry.settings.max_header_size)
-        tapped = io.BufferedReader(ScanningStream(GuardedStream(stream, limit=limit), scanner), buffer_size=1 << 20)
+        guarded = GuardedStream(stream, limit=limit, max_header_size=self.registry.settings.max_header_size)
+        tapped = io.BufferedReader(ScanningStream(guarded, scanner), buffer_size=1 << 20)
         if self._stored(digest):
             # knowing a digest proves nothing: the bytes are read and checked, and storage keeps
             # the one copy it has

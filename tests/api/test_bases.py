@@ -191,11 +191,12 @@ def test_warnings_are_stored_and_shown(client: RegistryClient, families: dict[st
         return t
 
     folder = rewrite_tensor(tiny_llama["adapter"], tmp_path / "zero", "lora_B", zero)
-    edit_config(folder, target_modules=["q_proj", "v_proj", "k_proj"])
+    # an entry that matches no module of the base: PEFT ignores it, loreg warns (one matching k_proj is refused)
+    edit_config(folder, target_modules=["q_proj", "v_proj", "not_a_module"])
     out = client.push(folder, "org/zero", base=factories.base_name("llama"))
     codes = {w["code"] for w in out["warnings"]}
     assert "ZERO_LORA_B" in codes
-    assert any("k_proj" in json.dumps(w) for w in out["warnings"])
+    assert any("not_a_module" in json.dumps(w) for w in out["warnings"])
     listed = client.list_all(namespace="org")
     assert listed[0]["warnings"] == out["warnings"]
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from loreg.cli.main import COMMANDS, main
 from tests import factories
-from tests.support.adapters import variant
+from tests.support.adapters import pickle_looking, variant
 
 BASE = factories.base_name("llama")
 STORED = ("README.md", "adapter_config.json", "adapter_model.safetensors")
@@ -342,6 +342,37 @@ def test_shape_mismatch_prints_each_key_once_with_a_hint(loreg: Loreg, tmp_path:
     )
     assert lines[-1] == "hint: every mismatch is hidden size 32 vs 64: trained for another base? pass --base"
     assert rest.get("/v1/adapters").json()["items"] == []
+
+
+@pytest.mark.parametrize("target, named", [
+    (["k_proj"], "model.layers.0.self_attn.k_proj"),
+    ("(?=.*q_proj).*", "lookaround"),
+    ("(a{1000}){1000}", "repetition"),
+])
+def test_check_and_push_refuse_a_config_peft_would_load_differently(
+    loreg: Loreg, adapter_dir: Path, rest: httpx.Client, target: Any, named: str
+) -> None:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["target_modules"] = target
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    checked = loreg("check", adapter_dir, "--json")
+    pushed = loreg("push", adapter_dir, "org/bot", "--json")
+    assert checked.code == pushed.code == 1
+    assert checked.json()["errors"][0]["code"] == pushed.json()["errors"][0]["code"]
+    assert named in checked.json()["errors"][0]["message"]
+    assert named in pushed.json()["errors"][0]["message"]
+    assert rest.get("/v1/adapters").json()["items"] == []
+
+
+@pytest.mark.parametrize("plus", [0, 65536])
+def test_check_and_push_agree_on_a_header_length_that_starts_like_pickle(
+    loreg: Loreg, adapter_dir: Path, plus: int
+) -> None:
+    weights = adapter_dir / "adapter_model.safetensors"
+    weights.write_bytes(pickle_looking(weights.read_bytes(), plus=plus))
+    ok(loreg("check", adapter_dir))
+    pushed = ok(loreg("push", adapter_dir, "org/bot", "--json")).json()
+    assert pushed["version"] == 1
 
 
 def test_inspect_json_lists_every_adapted_module(loreg: Loreg, adapter_dir: Path) -> None:

@@ -256,6 +256,15 @@ def test_rank_pattern_re2_cannot_compile_is_refused(pattern: str) -> None:
     assert info.value.detail["pattern"] == pattern
 
 
+@pytest.mark.parametrize("pattern, reason", [("v_proj{,2}", "{,n}"), ("[[:alpha:]_]+proj", "POSIX")])
+def test_rank_pattern_re2_would_read_differently_from_python_is_refused(pattern: str, reason: str) -> None:
+    """RE2 compiles these, but not with the meaning PEFT's ``re`` gives them: the rank would be resolved wrongly."""
+    with pytest.raises(ConfigInvalidError) as info:
+        parse_adapter_config(_config(alpha_pattern={pattern: 4}))
+    assert info.value.detail["field"] == "alpha_pattern"
+    assert reason in info.value.detail["reason"]
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("pattern", ["(a+)+$", "(.*a){20}", "(x+x+)+y", "(.*){1,32}(.*){1,32}q_proj"])
 def test_catastrophic_rank_pattern_is_matched_in_bounded_time(pattern: str) -> None:

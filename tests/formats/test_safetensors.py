@@ -733,3 +733,26 @@ def test_token_soup_headers_raise_only_loreg_errors_or_agree_with_the_reference(
     except errors.LoregError:
         return
     accepted_like_the_reference(hdr(body) + bytes(header.data_size))
+
+
+@pytest.mark.parametrize("n", [640, 896, 1152, 1408, 640 + 65536, 1408 + 3 * 65536])
+def test_header_length_that_looks_like_pickle_is_safetensors_when_the_header_parses(n: int) -> None:
+    j = json.dumps({"__metadata__": {"pad": ""}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    head = struct.pack("<Q", n) + j.encode() + b" " * (n - len(j))
+    assert head[0] == 0x80 and 2 <= head[1] <= 5
+    assert st.sniff_length(head[:4]) == 8
+    assert st.sniff_length(head[:8]) == 8 + n
+    assert st.refused_format(head) is None
+    assert st.refused_format(head[:-1]) == "pickle"  # cut short: the header cannot be shown valid
+    assert st.refused_format(head[:8] + b"[" + head[9:]) == "pickle"
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_pickles_are_refused_by_their_first_bytes(protocol: int) -> None:
+    import pickle
+
+    data = pickle.dumps({"a": list(range(100))}, protocol=protocol)
+    head = data[: st.sniff_length(data[: st.sniff_length(data)])]
+    assert st.refused_format(head) == "pickle"
+    assert st.refused_format(b"PK\x03\x04" + bytes(60)) == "zip (torch.save)"
+    assert st.refused_format(b'{"a"') is None

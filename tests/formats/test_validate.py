@@ -12,6 +12,7 @@ import torch
 
 from loreg.registry.errors import (
     AdapterInvalidError,
+    ConfigInvalidError,
     DtypeUnsupportedError,
     DuplicateKeyError,
     EmptyTensorError,
@@ -130,7 +131,7 @@ def test_vit_adapter_in_checkpoint_names_maps_as_is(
     old = edit(adapter, tmp_path / "old", lambda t: {
         k.replace("vit.layers.", "vit.encoder.layer.").replace("attention.q_proj", "attention.attention.query")
         .replace("attention.v_proj", "attention.attention.value"): v for k, v in t.items()
-    })
+    }, config={"target_modules": ["query", "value"]})
     report = check(old, layouts["vit"])
     assert report.variant == "as-is"
     assert "vit.encoder.layer.0.attention.attention.query" in report.mapping
@@ -427,33 +428,158 @@ def test_target_parameters_are_not_supported_yet(tmp_path: Path, llama_adapter: 
 # -- warnings, facts, serving -------------------------------------------------------------------------
 
 
-def test_target_module_without_tensors_is_a_warning(
+def test_target_module_matching_nothing_in_the_base_is_a_warning(
     tmp_path: Path, llama_adapter: Path, layouts: Layouts
 ) -> None:
-    adapter = edit(llama_adapter, tmp_path / "ad", config={"target_modules": ["q_proj", "v_proj", "k_proj"]})
+    adapter = edit(llama_adapter, tmp_path / "ad", config={"target_modules": ["q_proj", "v_proj", "not_a_module"]})
     warnings = [w for w in check(adapter, layouts["llama"]).warnings if w["code"] == "TARGET_MODULE_UNUSED"]
-    assert [w["target"] for w in warnings] == ["k_proj"]
+    assert [w["target"] for w in warnings] == ["not_a_module"]
 
 
-def test_regex_target_modules_is_stored_and_never_run(
+# -- target_modules as PEFT evaluates them (TESTPLAN B18) ------------------------------------------
+
+
+LLAMA_QV = sorted(f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv")
+
+
+def test_target_modules_selecting_other_modules_than_the_tensors_is_refused(
+    tmp_path: Path, llama_adapter: Path, layouts: Layouts
+) -> None:
+    """PEFT would load k_proj adapters (fresh, B = 0) and ignore the stored q/v tensors."""
+    adapter = edit(llama_adapter, tmp_path / "ad", config={"target_modules": ["k_proj"]})
+    problems = refused(adapter, layouts["llama"], AdapterInvalidError)
+    assert [p["code"] for p in problems] == ["TARGET_MISMATCH"]
+    assert problems[0]["targeted_without_tensors"] == ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"]
+    assert problems[0]["tensors_not_targeted"] == LLAMA_QV
+    assert "model.layers.0.self_attn.k_proj" in problems[0]["message"]
+    assert "model.layers.0.self_attn.q_proj" in problems[0]["message"]
+
+
+@pytest.mark.parametrize("pattern, missing, extra", [
+    (r".*q_proj", [], [m for m in LLAMA_QV if "v_proj" in m]),  # PEFT drops the v_proj half
+    ("(a+)+$", [], LLAMA_QV),  # matches nothing: PEFT refuses to load
+    (r".*\.(q|k|v)_proj", ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"], []),
+    (r".*\.mlp", ["model.layers.0.mlp", "model.layers.1.mlp"], LLAMA_QV),  # a container: PEFT fails to wrap it
+])
+def test_regex_target_modules_is_evaluated_on_the_base_modules(
+    tmp_path: Path, llama_adapter: Path, layouts: Layouts, pattern: str, missing: list[str], extra: list[str]
+) -> None:
+    adapter = edit(llama_adapter, tmp_path / "ad", config={"target_modules": pattern})
+    problems = refused(adapter, layouts["llama"], AdapterInvalidError)
+    assert problems[0]["code"] == "TARGET_MISMATCH"
+    assert problems[0]["targeted_without_tensors"] == missing
+    assert problems[0]["tensors_not_targeted"] == extra
+
+
+@pytest.mark.parametrize("field, pattern, reason", [
+    ("target_modules", "(?=.*q_proj).*", "lookaround"),
+    ("target_modules", r"(?P<m>q)_proj|(?P=m)", "backreference"),
+    ("target_modules", r"(.*)\1", "backreference"),
+    ("target_modules", "(a{1000}){1000}", "repetition"),
+    ("target_modules", r".*_proj{,2}", "{,n}"),
+    ("exclude_modules", "(?!.*q_proj).*", "lookaround"),
+])
+def test_regex_loreg_cannot_evaluate_with_pythons_meaning_is_refused(
+    tmp_path: Path, llama_adapter: Path, layouts: Layouts, field: str, pattern: str, reason: str
+) -> None:
+    adapter = edit(llama_adapter, tmp_path / "ad", config={field: pattern})
+    with pytest.raises(ConfigInvalidError) as info:
+        check(adapter, layouts["llama"])
+    assert info.value.status == 422
+    assert info.value.detail["field"] == field and info.value.detail["pattern"] == pattern
+    assert reason in info.value.detail["reason"]
+    assert "Python regex" in str(info.value)
+
+
+def test_user_regexes_run_on_re2_only(
     tmp_path: Path, llama_adapter: Path, layouts: Layouts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import re
 
-    import re2
-
-    adapter = edit(llama_adapter, tmp_path / "ad", config={"target_modules": "(a+)+$"})
+    adapter = edit(llama_adapter, tmp_path / "ad", config={"target_modules": r".*\.(q|v)_proj",
+                                                         "exclude_modules": r".*\.mlp\..*"})
     config, header = load(adapter)
 
     def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a user regex was run")
+        raise AssertionError("a user regex went to Python's re")
 
     for name in ("compile", "match", "fullmatch", "search"):
         monkeypatch.setattr(re, name, refuse)
-        monkeypatch.setattr(re2, name, refuse)
     report = validate_adapter(config, header, layouts["llama"])
-    assert report.facts.target_modules == "(a+)+$"
-    assert "TARGET_MODULE_UNUSED" not in codes(report)
+    assert report.facts.modules == LLAMA_QV
+
+
+def _peft_adapted(base_dir: Path, adapter_dir: Path) -> list[str]:
+    """Modules the real PEFT library adapts when it loads the folder (the ground truth)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = factories.load_adapter_model(base_dir, adapter_dir)
+    return sorted(
+        n.removeprefix(P) for n, m in model.named_modules()
+        if isinstance(m, LoraLayer) and ("default" in m.lora_A or "default" in m.lora_embedding_A)
+    )
+
+
+@pytest.mark.parametrize("family, kwargs", [
+    ("llama", {"target_modules": r".*\.(q|v)_proj"}),
+    ("llama", {"target_modules": r"model\.layers\.1\..*\.(gate|down)_proj"}),
+    ("llama", {"target_modules": ["q_proj", "k_proj", "v_proj"], "exclude_modules": ["model.layers.1.self_attn.k_proj"]}),
+    ("llama", {"target_modules": ["q_proj", "o_proj"], "exclude_modules": r".*layers\.0\..*"}),
+    ("llama", {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1]}),
+    ("llama", {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": 0, "layers_pattern": "layers"}),
+    ("llama", {"target_modules": "all-linear"}),
+    ("llama", {"target_modules": ["q_proj", "v_proj", "lm_head"], "modules_to_save": ["embed_tokens"]}),
+    ("gpt2", {"target_modules": ["c_attn", "lm_head"]}),
+    ("bert", {"target_modules": ["query", "value", "dense"], "task_type": "SEQ_CLS"}),
+    ("vit", {"target_modules": ["q_proj", "v_proj", "projection"]}),
+])
+def test_real_peft_selections_are_accepted_with_the_modules_peft_loads(
+    tmp_path: Path, bases: Bases, layouts: Layouts, family: str, kwargs: dict[str, Any]
+) -> None:
+    adapter = factories.make_adapter(tmp_path / "ad", family, base_dir=bases[family], **kwargs)
+    report = check(adapter, layouts[family])
+    assert report.facts.modules == _peft_adapted(bases[family], adapter)
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LLaMA base whose lm_head is tied to embed_tokens (not in the checkpoint, as transformers saves it)."""
+    from safetensors.numpy import load_file, save_file
+
+    base = factories.make_base(tmp_path_factory.mktemp("tied") / "llama", "llama")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(base / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    return base
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True},
+    {"target_modules": ["lm_head", "q_proj"], "ensure_weight_tying": True},
+    {"target_modules": r".*(embed_tokens|q_proj)", "ensure_weight_tying": True},
+    {"target_modules": ["lm_head", "q_proj"]},
+])
+def test_tied_embedding_targets_are_accepted_with_the_modules_peft_loads(
+    tmp_path: Path, tied_llama: Path, kwargs: dict[str, Any]
+) -> None:
+    """ensure_weight_tying: PEFT adds the input embedding to the targets and adapts the tied lm_head with it."""
+    adapter = factories.make_adapter(tmp_path / "ad", "llama", base_dir=tied_llama, **kwargs)
+    report = check(adapter, layout_of(tied_llama))
+    assert report.facts.modules == _peft_adapted(tied_llama, adapter)
+    assert "lm_head" in report.facts.modules
+
+
+def test_lora_tensors_peft_ignores_on_load_are_refused(tmp_path: Path, bases: Bases, layouts: Layouts) -> None:
+    """GPT-2's wte is no embedding name for ensure_weight_tying: PEFT reloads without the saved lm_head LoRA."""
+    adapter = factories.make_adapter(
+        tmp_path / "ad", "gpt2", base_dir=bases["gpt2"], target_modules=["lm_head", "c_attn"], ensure_weight_tying=True
+    )
+    with pytest.warns(UserWarning, match="no tied modules are added"):
+        assert "lm_head" not in _peft_adapted(bases["gpt2"], adapter)
+    problems = refused(adapter, layouts["gpt2"], AdapterInvalidError)
+    assert problems[0]["code"] == "TARGET_MISMATCH" and problems[0]["tensors_not_targeted"] == ["lm_head"]
 
 
 def test_base_name_mismatch_is_a_warning(llama_adapter: Path, layouts: Layouts) -> None:

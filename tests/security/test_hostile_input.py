@@ -42,6 +42,7 @@ from tests.security.conftest import (
     sha256,
     snapshot,
 )
+from tests.support.adapters import pickle_looking, with_header_length
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -274,6 +275,52 @@ def test_pickle_and_zip_uploads_are_refused_by_magic(pusher: Pusher, registry: A
     check_refused_bytes(pusher, registry, what)
 
 
+# --- B17 -----------------------------------------------------------------------------------------
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("plus", [0, 65536])
+def test_valid_safetensors_starting_like_pickle_is_accepted(pusher: Pusher, valid_weights: bytes, plus: int) -> None:
+    weights = pickle_looking(valid_weights, plus=plus)
+    assert safetensors.numpy.load(weights).keys() == safetensors.numpy.load(valid_weights).keys()
+    # streamed in small pieces: the decision waits for the whole header
+    pieces = [weights[i:i + 3] for i in range(0, 12, 3)] + [weights[12:]]
+    up = pusher.http.put(f"/v1/blobs/{sha256(weights)}", content=iter(pieces))
+    assert up.status_code == 201, up.text
+    resp = pusher.push("org/x", weights=weights)
+    assert resp.status_code == 201, resp.text
+    stored = {f["path"]: f["digest"] for f in resp.json()["files"]}
+    assert stored["adapter_model.safetensors"] == sha256(weights)
+
+
+@SQLITE_ONLY
+def test_pickle_behind_a_plausible_length_is_still_refused(pusher: Pusher, registry: Any, valid_weights: bytes) -> None:
+    """0x80 0x02 and a length within the cap, but the header bytes are not a safetensors header."""
+    data = bytearray(pickle_looking(valid_weights))
+    data[8] = ord("[")  # the header no longer parses: the bytes are taken for what they start like
+    before = snapshot(registry)
+    error_of(pusher.put_blob(bytes(data)), 415, "UNSUPPORTED_FORMAT")
+    assert_blob_absent(registry, sha256(bytes(data)))
+    assert_nothing_stored(registry, before)
+
+
+@SQLITE_ONLY
+def test_base_shard_starting_like_pickle_is_uploaded(bare_client: RegistryClient, tiny_llama: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama["base"], base)
+    shard = base / "model.safetensors"
+    data = shard.read_bytes()
+    natural = struct.unpack("<Q", data[:8])[0]
+    n = 1408 + 65536 * (natural // 65536 + 1)  # 0x80 0x05 .. after the shard's own header
+    shard.write_bytes(with_header_length(data, n))
+    assert shard.read_bytes()[:2] == b"\x80\x05"
+    out = bare_client.register_base(base, "org/padded", upload_weights=True)
+    assert out["weights_digest"] == bare_client.register_base(tiny_llama["base"], "org/plain")["weights_digest"]
+
+
 UNPICKLING = ("pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal")
 
 
@@ -474,6 +521,39 @@ def test_catastrophic_regexes_end_in_time_and_the_server_keeps_answering(
         else:
             assert out["created"], (label, out)
     assert isinstance(results["long keys"], errors.UnknownModuleError)
+
+
+# --- B18 -----------------------------------------------------------------------------------------
+
+# tiny_llama's tensors adapt q_proj and v_proj of layers 0 and 1
+MISMATCHED_TARGETS = {
+    "other modules": (["k_proj"], "ADAPTER_INVALID", "model.layers.0.self_attn.k_proj"),
+    "lookahead": ("(?=.*q_proj).*", "CONFIG_INVALID", "lookaround"),
+    "too large": ("(a{1000}){1000}", "CONFIG_INVALID", "repetition"),
+}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("case", sorted(MISMATCHED_TARGETS))
+def test_config_that_peft_would_load_differently_is_refused(pusher: Pusher, registry: Any, case: str) -> None:
+    target, code, named = MISMATCHED_TARGETS[case]
+    before = snapshot(registry)
+    first = error_of(pusher.push("org/x", config={**pusher.config, "target_modules": target}), 422, code)
+    assert named in first["message"]
+    if code == "ADAPTER_INVALID":
+        problem = first["detail"]["problems"][0]
+        assert problem["code"] == "TARGET_MISMATCH"
+        assert "model.layers.1.self_attn.v_proj" in problem["tensors_not_targeted"]
+    else:
+        assert first["detail"]["field"] == "target_modules" and first["detail"]["pattern"] == target
+    assert_nothing_stored(registry, before)
+    assert pusher.http.get("/v1/adapters/org/x/versions/1").status_code == 404
+
+
+@SQLITE_ONLY
+def test_regex_target_modules_selecting_the_tensors_modules_is_accepted(pusher: Pusher) -> None:
+    resp = pusher.push("org/x", config={**pusher.config, "target_modules": r"model\.layers\.\d+\.self_attn\.(q|v)_proj"})
+    assert resp.status_code == 201, resp.text
 
 
 # --- B15 -----------------------------------------------------------------------------------------
@@ -679,6 +759,62 @@ def test_malformed_digest_is_refused(pusher: Pusher, registry: Any, digest: str)
         error_of(resp, 400, "DIGEST_INVALID")
     assert_known_refusal(pusher.http.post("/v1/adapters/org/x/blobs:check", json={"digests": [digest]}))
     assert_nothing_stored(registry, before)
+
+
+# --- B20 (file rules) ------------------------------------------------------------------------------
+
+DISALLOWED_FILES = {
+    "modeling_evil.py": b"import os\nos.system('id')\n",
+    # protocol 0 has no PROTO opcode: no magic bytes to catch, only the name
+    "rng_state.pth.tar": pickle.dumps({"a": 1}, protocol=0),
+    "con": b"a Windows device name\n",
+}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("path", sorted(DISALLOWED_FILES))
+def test_files_outside_the_adapter_allowlist_are_refused_at_commit(
+    pusher: Pusher, registry: Any, path: str
+) -> None:
+    data = DISALLOWED_FILES[path]
+    before = snapshot(registry)
+    resp = pusher.push("org/x", files={path: data})
+    first = error_of(resp, 422, "ADAPTER_INVALID")
+    assert first["detail"]["path"] == path and first["detail"]["rule"] == "allowlist"
+    assert path in first["message"]
+    assert_nothing_stored(registry, before)
+    assert pusher.http.get("/v1/adapters/org/x/versions/1").status_code == 404
+
+
+@SQLITE_ONLY
+def test_model_card_over_the_limit_is_refused_and_at_the_limit_accepted(
+    pusher: Pusher, registry: Any, settings: Any
+) -> None:
+    limit = settings.max_card_size
+    before = snapshot(registry)
+    resp = pusher.push("org/x", files={"README.md": b"#" * (2 * 1024 * 1024)})
+    first = error_of(resp, 422, "ADAPTER_INVALID")
+    assert {k: first["detail"][k] for k in ("path", "rule", "size", "limit")} == {
+        "path": "README.md", "rule": "card_size", "size": 2 * 1024 * 1024, "limit": limit
+    }
+    assert_nothing_stored(registry, before)
+    assert pusher.http.get("/v1/adapters/org/x/versions/1").status_code == 404
+    extras = {"README.md": b"#" * limit, "tokenizer_config.json": b"{}", "chat_template.jinja": b"{{ messages }}"}
+    resp = pusher.push("org/x", files=extras)
+    assert resp.status_code == 201, resp.text
+    assert set(extras) <= {f["path"] for f in resp.json()["files"]}
+
+
+def test_client_and_server_share_one_allowlist(adapter_dir: Path) -> None:
+    from loreg.cli.client import scan_adapter_folder
+
+    for path, data in DISALLOWED_FILES.items():
+        (adapter_dir / path).write_bytes(data)
+    scanned = scan_adapter_folder(adapter_dir)
+    assert set(scanned.files) <= names.ADAPTER_FILES
+    assert set(DISALLOWED_FILES) <= set(scanned.skipped)
+    for path in scanned.files:
+        names.check_adapter_file(path, 0, max_card_size=1)
 
 
 # --- values the database cannot take (found 500s on Postgres) ------------------------------------
