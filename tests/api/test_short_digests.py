@@ -100,5 +100,7 @@ def test_base_model_is_found_by_prefix_and_an_ambiguous_one_is_refused(
 def test_blob_routes_take_full_digests_only(client: RegistryClient, adapter_dir: Path, api: Any) -> None:
     pushed = client.push(adapter_dir, "org/bot")
     digest = next(f["digest"] for f in pushed["files"] if f["path"] == "adapter_config.json")
-    got = api.put(f"/v1/blobs/{digest[:SHORT]}", content=(adapter_dir / "adapter_config.json").read_bytes())
-    assert got.status_code == 400 and got.json()["errors"][0]["code"] == "DIGEST_INVALID"
+    body = (adapter_dir / "adapter_config.json").read_bytes()
+    for route in (f"/v1/adapters/org/bot/blobs/{digest[:SHORT]}", f"/v1/base-models/blobs/{digest[:SHORT]}"):
+        got = api.put(route, content=body)
+        assert got.status_code == 400 and got.json()["errors"][0]["code"] == "DIGEST_INVALID", route

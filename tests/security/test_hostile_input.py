@@ -285,7 +285,7 @@ def test_valid_safetensors_starting_like_pickle_is_accepted(pusher: Pusher, vali
     assert safetensors.numpy.load(weights).keys() == safetensors.numpy.load(valid_weights).keys()
     # streamed in small pieces: the decision waits for the whole header
     pieces = [weights[i:i + 3] for i in range(0, 12, 3)] + [weights[12:]]
-    up = pusher.http.put(f"/v1/blobs/{sha256(weights)}", content=iter(pieces))
+    up = pusher.http.put(f"/v1/adapters/org/x/blobs/{sha256(weights)}", content=iter(pieces))
     assert up.status_code == 201, up.text
     resp = pusher.push("org/x", weights=weights)
     assert resp.status_code == 201, resp.text

@@ -52,7 +52,7 @@ def test_a_repeated_key_cannot_change_what_a_request_means(api: TestClient, regi
         assert err["detail"]["key"] == "scope"
     # nested objects, and a chunked body
     nested = b'{"digests": ["sha256:' + b"0" * 64 + b'"], "x": {"k": 1, "k": 2}}'
-    error_of(api.post("/v1/blobs:check", content=iter([nested[:10], nested[10:]]),
+    error_of(api.post("/v1/adapters/org/x/blobs:check", content=iter([nested[:10], nested[10:]]),
                       headers={"Content-Type": "application/json"}), 400, "DUPLICATE_KEY")
     assert _token_count(registry) == count
     # the same requests without the repeat still work

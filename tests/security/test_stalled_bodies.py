@@ -79,7 +79,7 @@ def test_stalled_bodies_are_cut_and_never_starve_reads(
     weights = (tiny_llama["adapter"] / "adapter_model.safetensors").read_bytes()
     digest = sha256(weights)
     part = weights[: len(weights) // 2]  # a real safetensors start: nothing refuses it before it ends
-    upload = _request("PUT", f"/v1/blobs/{digest}", len(weights), "application/octet-stream", admin_token)
+    upload = _request("PUT", f"/v1/adapters/org/stalled/blobs/{digest}", len(weights), "application/octet-stream", admin_token)
     before = snapshot(registry)
     uploads = [Stalled(port, upload, part) for _ in range(STALLED_UPLOADS)]
     json_head = b'{"files": ['
@@ -88,7 +88,7 @@ def test_stalled_bodies_are_cut_and_never_starve_reads(
                                                     admin_token), json_head),
         "json without a token": Stalled(port, _request("POST", "/v1/adapters/org/x/versions", 1000,
                                                        "application/json", None), json_head),
-        "upload without a token": Stalled(port, _request("PUT", f"/v1/blobs/{digest}", len(weights),
+        "upload without a token": Stalled(port, _request("PUT", f"/v1/adapters/org/stalled/blobs/{digest}", len(weights),
                                                          "application/octet-stream", None), part),
     }
     try:
