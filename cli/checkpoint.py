@@ -86,15 +86,8 @@ def _hash_weights(path: Path, progress: Callable[[int], None] | None) -> tuple[s
     return header, hasher
 
 
-def scan_checkpoint(root: Path, *, workers: int | None = None, progress: Callable[[int], None] | None = None) -> Checkpoint:
-    """Read config.json and every safetensors file of a checkpoint folder (one file or shards).
-
-    Files are hashed in parallel, each read once for both its own digest and its tensors' digests.
-    """
-    root = Path(root)
-    if not (root / "config.json").is_file():
-        raise NameInvalidError(f"{root} has no config.json", hint="register the folder written by save_pretrained()")
-    config = _read_json(root / "config.json")
+def _weight_paths(root: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index names, else every *.safetensors."""
     index_path = root / "model.safetensors.index.json"
     if index_path.is_file():
         index = _read_json(index_path)
@@ -115,7 +108,28 @@ def scan_checkpoint(root: Path, *, workers: int | None = None, progress: Callabl
     for name in names:
         if "/" in name or name.startswith(".") or not (root / name).is_file():
             raise ConfigInvalidError(f"weight file {name!r} is missing or not a plain file name")
-    paths = [root / n for n in names]
+    return [root / n for n in names]
+
+
+def layout_digest(root: str | os.PathLike[str]) -> str:
+    """A checkpoint's layout digest from its safetensors headers alone (no weight is read)."""
+    tensors: list[tuple[str, str, list[int]]] = []
+    for path in _weight_paths(Path(root)):
+        header = safetensors.read_header_from_file(path)
+        tensors.extend((t.name, t.dtype, list(t.shape)) for t in header.tensors.values())
+    return fingerprint.layout_digest(tensors)
+
+
+def scan_checkpoint(root: Path, *, workers: int | None = None, progress: Callable[[int], None] | None = None) -> Checkpoint:
+    """Read config.json and every safetensors file of a checkpoint folder (one file or shards).
+
+    Files are hashed in parallel, each read once for both its own digest and its tensors' digests.
+    """
+    root = Path(root)
+    if not (root / "config.json").is_file():
+        raise NameInvalidError(f"{root} has no config.json", hint="register the folder written by save_pretrained()")
+    config = _read_json(root / "config.json")
+    paths = _weight_paths(root)
     workers = workers or min(8, max(1, (os.cpu_count() or 2)), len(paths))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda p: _hash_weights(p, progress), paths))
