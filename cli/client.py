@@ -335,6 +335,22 @@ class RegistryClient:
         """
         return ResolvedVersion.from_json(self.version(ref))
 
+    def resolve_changed(self, ref: str, etag: str | None = None) -> tuple[ResolvedVersion | None, str | None]:
+        """Resolve ``ref`` again only if its answer changed since ``etag`` (a conditional GET).
+
+        Returns:
+            ``(None, etag)`` when nothing changed (304), else the version and the answer's ETag,
+            to pass back on the next call. For following an alias cheaply.
+        """
+        r = names.parse_reference(ref)
+        headers = {"If-None-Match": etag} if etag else {}
+        resp = self.request(
+            "GET", f"{self._path(r.namespace, r.name)}/versions/{quote(r.tag, safe=':')}", headers=headers
+        )
+        if resp.status_code == 304:
+            return None, etag
+        return ResolvedVersion.from_json(resp.json()), resp.headers.get("etag")
+
     def versions(self, name: str) -> list[dict[str, Any]]:
         """Every live version of ``ns/name``, newest first (number, digest, rank, targets, metrics, aliases).
 

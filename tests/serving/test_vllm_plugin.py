@@ -115,7 +115,9 @@ def test_every_reference_form_resolves_to_one_verified_folder(
         assert isinstance(req, LoRARequest)
         assert req.lora_name == ref and req.lora_int_id > 0 and req.base_model_name == base
         assert Path(req.lora_path) == folder
-    assert sorted(p.name for p in folder.iterdir()) == sorted(f["path"] for f in bot["files"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*(f["path"] for f in bot["files"]), ".loreg.json"])
+    marker = json.loads((folder / ".loreg.json").read_text())
+    assert (marker["digest"], marker["version"], marker["name"]) == (bot["digest"], 1, "org/bot")
     for f in bot["files"]:
         assert filecmp.cmp(folder / f["path"], adapter_dir / f["path"], shallow=False)
     assert sorted(p.name for p in vllm_env.iterdir()) == [folder.name]  # no staging folder left
@@ -266,3 +268,31 @@ def test_a_damaged_published_folder_is_replaced_by_a_verified_one(
     weights.write_bytes(b"\0" * 64)
     assert Path(resolve(resolver, base, f"org/bot@{bot['digest']}").lora_path) == folder
     assert filecmp.cmp(weights, adapter_dir / "adapter_model.safetensors", shallow=False)
+
+
+def test_a_failure_inside_the_resolver_is_logged_never_raised_into_vllm(
+    resolver: Any, bot: dict[str, Any], vllm_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    vllm_env.parent.mkdir(parents=True, exist_ok=True)
+    vllm_env.write_text("a file where the cache folder should be")
+    line = refused(resolver, factories.base_name("llama"), "org/bot:prod", caplog)
+    assert "unexpected" in line and "org/bot:prod" in line
+
+
+def test_register_never_raises_into_vllms_plugin_loader(
+    vllm_env: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from loreg.cli import vllm_plugin
+
+    def refuse(name: str, resolver: Any) -> None:
+        raise RuntimeError("registry closed")
+
+    # vLLM calls general plugins without a try, in every process it starts
+    monkeypatch.setattr(LoRAResolverRegistry, "register_resolver", refuse)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        vllm_plugin.register()
+    assert [r.getMessage() for r in caplog.records if r.name == LOGGER] == [
+        "loreg: the vLLM LoRA resolver was not registered: RuntimeError: registry closed"
+    ]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import AdaptersDep, ReadDep, RegistryDep, WriteDep
@@ -24,6 +24,7 @@ from loreg.registry.api.schemas import (
 )
 from loreg.registry.api.streaming import verified_download
 from loreg.registry.errors import RequestInvalidError
+from loreg.registry.formats.fingerprint import canonical_json, sha256_digest
 from loreg.registry.services.adapters import LookupFilters
 
 router = APIRouter(tags=["adapters"])
@@ -102,10 +103,29 @@ def push_version(namespace: str, name: str, body: VersionCreate, adapters: Adapt
     return JSONResponse(out.model_dump(mode="json"), status_code=201 if out.created else 200)
 
 
-@router.get("/v1/adapters/{namespace}/{name}/versions/{tag}", response_model=VersionPublic)
-def get_version(namespace: str, name: str, tag: str, adapters: AdaptersDep, _p: ReadDep) -> VersionPublic:
-    """A version by number, alias, ``latest`` or manifest digest."""
-    return adapters.get(namespace, name, tag)
+@router.get(
+    "/v1/adapters/{namespace}/{name}/versions/{tag}",
+    response_model=VersionPublic,
+    responses={304: {"description": "unchanged since the ETag given in If-None-Match"}},
+)
+def get_version(namespace: str, name: str, tag: str, request: Request, adapters: AdaptersDep, _p: ReadDep) -> Response:
+    """A version by number, alias, ``latest`` or manifest digest.
+
+    The ETag covers the whole answer (which version an alias names, its metrics and aliases), so a
+    client following an alias asks again with If-None-Match and gets 304 while nothing moved.
+    """
+    body = adapters.get(namespace, name, tag).model_dump(mode="json")
+    etag = 'W/"' + sha256_digest(canonical_json(body)).removeprefix("sha256:") + '"'
+    wanted = _etags(request.headers.get("if-none-match", ""))
+    if etag in wanted or "*" in wanted:
+        return Response(status_code=304, headers={"ETag": etag})
+    return JSONResponse(body, headers={"ETag": etag})
+
+
+def _etags(header: str) -> set[str]:
+    """The entity tags of an If-None-Match header, compared weakly (RFC 9110 13.1.2)."""
+    tags = {t.strip() for t in header[:2048].split(",") if t.strip()}
+    return tags | {f"W/{t}" for t in tags if not t.startswith("W/")}
 
 
 @router.delete("/v1/adapters/{namespace}/{name}/versions/{tag}", response_model=DeletedPublic)
