@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loreg.registry.errors import BaseNotFoundError, NameInvalidError
+from loreg.registry.formats.validate import VLLM_DEFAULT_MAX_LORA_RANK
 
 if TYPE_CHECKING:
     from loreg.cli.client import RegistryClient, ResolvedVersion
 
-# vLLM's default --max-lora-rank
-VLLM_DEFAULT_MAX_LORA_RANK = 16
 MARKER = ".loreg.json"  # in each version folder: what it holds (written before the folder is published)
 CHUNK = 1 << 20
 
