@@ -185,3 +185,25 @@ def test_concurrent_pulls_into_one_home_download_each_file_once(
     cache = BlobCache(config.cache_dir())
     assert cache.get(weights["digest"], weights["size"]) is not None
     assert not list(cache.root.rglob("*.partial"))
+
+
+def test_the_readme_client_example_runs(
+    live_server: str, admin_token: str, adapter_dir: Path, tiny_llama: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### The Python client", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    with Client(live_server, admin_token) as c:
+        c.register_base(tiny_llama["base"], "meta-llama/Llama-3.1-8B")  # the README's base name, another alias
+        first = c.push(adapter_dir, "org/support-bot", aliases=["prod"])
+    factories.make_adapter(tmp_path / "out", "llama", base_dir=tiny_llama["base"], seed=9)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOREG_URL", live_server)
+    monkeypatch.setenv("LOREG_TOKEN", admin_token)
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert first["digest"] in printed and "org/support-bot 1" in printed
+    assert filecmp.cmp(tmp_path / "adapter" / "adapter_model.safetensors", adapter_dir / "adapter_model.safetensors", shallow=False)
+    with Client(live_server, admin_token) as c:
+        assert [v["aliases"] for v in c.versions("org/support-bot")] == [["staging"], ["prod"]]
