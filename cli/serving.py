@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loreg.registry.errors import BaseNotFoundError, NameInvalidError
-from loreg.registry.formats.validate import VLLM_DEFAULT_MAX_LORA_RANK
 
 if TYPE_CHECKING:
     from loreg.cli.client import RegistryClient, ResolvedVersion

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loreg.cli.serving import VLLM_DEFAULT_MAX_LORA_RANK, BaseCheck, Refused, VersionFolders, serving_refusal
+from loreg.cli.serving import BaseCheck, Refused, VersionFolders, serving_refusal
 from loreg.registry.errors import LoregError, NameInvalidError
 from loreg.registry.formats import names
+from loreg.registry.formats.validate import VLLM_DEFAULT_MAX_LORA_RANK
 
 if TYPE_CHECKING:
     from loreg.cli.client import RegistryClient

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loreg.cli import config
-from loreg.cli.serving import VLLM_DEFAULT_MAX_LORA_RANK, BaseCheck, Refused, VersionFolders, serving_refusal
+from loreg.cli.serving import BaseCheck, Refused, VersionFolders, serving_refusal
 from loreg.registry.errors import ConnectionFailedError, LoregError
+from loreg.registry.formats.validate import VLLM_DEFAULT_MAX_LORA_RANK
 
 if TYPE_CHECKING:
-    from loreg.cli.client import RegistryClient, ResolvedVersion
+    from loreg.cli.client import RegistryClient
 
 RESOLVER_NAME = "loreg"
 
@@ -101,9 +102,6 @@ class AdapterResolver:
             return None
         logger.info("loreg: %r is %s (version %d) at %s", lora_name, version.ref, version.number, path)
         return path
-
-    def materialize(self, version: ResolvedVersion) -> Path:
-        return self.folders.materialize(version)
 
 
 def vllm_resolver(core: AdapterResolver | None = None) -> Any:

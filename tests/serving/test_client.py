@@ -126,8 +126,6 @@ def test_lookup_filters_by_base_rank_target_and_dora(
 def test_client_errors_are_the_typed_errors_of_the_table(
     live_server: str, admin_token: str, pushed: dict[str, Any], make_token: Any
 ) -> None:
-    from loreg.registry.services.tokens import parse_token
-
     with Client(live_server, admin_token) as c:
         with pytest.raises(errors.VersionNotFoundError):
             c.resolve("org/bot:9")
