@@ -181,3 +181,37 @@ def test_sync_refuses_malformed_references_before_any_work(
         run = sync_cli(live_server, admin_token, loreg_home, out, "org/ok", bad)
         assert run.code == 1 and "INVALID" in run.stderr, (bad, run.stderr)
     assert not out.exists()
+
+
+def test_sync_watch_command_reports_each_move_of_the_alias(
+    live_server: str, admin_token: str, c: Any, bot: dict[str, Any], tiny_llama: dict[str, Path], tmp_path: Path,
+    loreg_home: Path,
+) -> None:
+    import subprocess
+
+    from tests.support.server import LOREG, env_with
+
+    out = tmp_path / "served"
+    env = env_with(LOREG_URL=live_server, LOREG_TOKEN=admin_token, LOREG_HOME=str(loreg_home))
+    proc = subprocess.Popen(
+        [LOREG, "sync", str(out), "org/bot:prod", "--watch", "--interval", "0.1", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        assert [(r["status"], r["version"]) for r in first] == [("updated", 1)]
+        v2 = c.push(factories.make_adapter(tmp_path / "v2", "llama", base_dir=tiny_llama["base"], seed=7), "org/bot")
+        c.set_alias("org/bot:2", "prod")
+        for _ in range(1200):  # one JSON document per round (0.1 s apart); before the move: 304s
+            round_ = json.loads(proc.stdout.readline())
+            if round_[0]["status"] != "not-modified":
+                break
+            assert round_[0]["version"] == 1
+        else:
+            raise AssertionError("the move of the alias was not seen within 1200 rounds")
+        assert (round_[0]["status"], round_[0]["version"], round_[0]["digest"]) == ("updated", 2, v2["digest"])
+        assert (out / "org" / "bot:prod").resolve().name == v2["digest"].removeprefix("sha256:")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
