@@ -112,6 +112,11 @@ def list_weight_files(root: Path) -> list[Path]:
     return [root / n for n in names]
 
 
+def layout_digest(root: str | os.PathLike[str]) -> str:
+    """A checkpoint's layout digest from its safetensors headers alone (no weight is read)."""
+    return read_layout(Path(root)).layout_digest
+
+
 @dataclass
 class LocalLayout:
     """A checkpoint read from its safetensors headers alone."""

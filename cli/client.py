@@ -11,6 +11,7 @@ Errors are the server's typed errors (``loreg.registry.errors``), rebuilt from i
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import queue
@@ -60,6 +61,54 @@ class AdapterFolder:
     root: Path
     files: dict[str, Path]
     skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of a version: its path in the adapter folder, size and sha256 digest."""
+
+    path: str
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class ResolvedVersion:
+    """What a reference names right now, pinned: a version never changes once made.
+
+    ``ref`` (``ns/name@sha256:…``) names these bytes for good, whatever aliases do later.
+    """
+
+    name: str
+    number: int
+    digest: str
+    base_weights_digest: str | None
+    base_layout_digest: str | None
+    base_names: tuple[str, ...]
+    files: tuple[FileEntry, ...]
+    config: dict[str, Any]
+    facts: dict[str, Any]
+    warnings: tuple[dict[str, Any], ...]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.digest}"
+
+    @classmethod
+    def from_json(cls, v: dict[str, Any]) -> ResolvedVersion:
+        base = v.get("base") or {}
+        return cls(
+            name=v["name"],
+            number=int(v["version"]),
+            digest=v["digest"],
+            base_weights_digest=base.get("weights_digest"),
+            base_layout_digest=base.get("layout_digest"),
+            base_names=tuple(base.get("names") or ()),
+            files=tuple(FileEntry(f["path"], int(f["size"]), f["digest"]) for f in v["files"]),
+            config=dict(v.get("config") or {}),
+            facts=dict(v.get("facts") or {}),
+            warnings=tuple(v.get("warnings") or ()),
+        )
 
 
 def scan_adapter_folder(root: Path) -> AdapterFolder:
@@ -455,6 +504,76 @@ class RegistryClient:
             if not cursor:
                 return items
 
+    def resolve(self, ref: str) -> ResolvedVersion:
+        """Pin a reference (``ns/name``, ``:3``, ``:ALIAS``, ``@sha256:…``) to the version it names now.
+
+        Returns:
+            The immutable version: number, manifest digest, base fingerprint, files.
+
+        Raises:
+            ReferenceInvalidError, NameInvalidError, VersionInvalidError: a malformed reference.
+            AdapterNotFoundError, VersionNotFoundError: nothing by that name.
+            UnauthorizedError, DeniedError: the token may not read it.
+            ConnectionFailedError: the server is unreachable.
+        """
+        return ResolvedVersion.from_json(self.version(ref))
+
+    def resolve_changed(self, ref: str, etag: str | None = None) -> tuple[ResolvedVersion | None, str | None]:
+        """Resolve ``ref`` again only if its answer changed since ``etag`` (a conditional GET).
+
+        Returns:
+            ``(None, etag)`` when nothing changed (304), else the version and the answer's ETag,
+            to pass back on the next call. For following an alias cheaply.
+        """
+        r = names.parse_reference(ref)
+        headers = {"If-None-Match": etag} if etag else {}
+        resp = self.request(
+            "GET", f"{self._path(r.namespace, r.name)}/versions/{quote(r.tag, safe=':')}", headers=headers
+        )
+        if resp.status_code == 304:
+            return None, etag
+        return ResolvedVersion.from_json(resp.json()), resp.headers.get("etag")
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """Every live version of ``ns/name``, newest first (number, digest, rank, targets, metrics, aliases).
+
+        Raises:
+            AdapterNotFoundError: no such adapter; UnauthorizedError, DeniedError.
+        """
+        return list(self.adapter(name)["versions"])
+
+    def lookup(
+        self,
+        *,
+        base: str | None = None,
+        namespace: str | None = None,
+        target: str | None = None,
+        min_rank: int | None = None,
+        max_rank: int | None = None,
+        dora: bool | None = None,
+        task_type: str | None = None,
+        metric: str | None = None,
+        metric_min: float | None = None,
+        metric_max: float | None = None,
+        q: str | None = None,
+        order: str | None = None,
+        all_versions: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """Find adapters: each adapter's newest version matching every filter given, all pages.
+
+        ``base`` is a base name, ``name@revision`` or weights digest; versions validated against
+        another base of the same layout come back with ``match: "layout"``. ``metric`` with
+        ``metric_min``/``metric_max`` filters (and orders) on a metric's latest value.
+
+        Raises:
+            RequestInvalidError: a filter the server refuses; UnauthorizedError.
+        """
+        return self.list_all(
+            base=base, namespace=namespace, target=target, min_rank=min_rank, max_rank=max_rank, dora=dora,
+            task_type=task_type, metric=metric, metric_min=metric_min, metric_max=metric_max, q=q, order=order,
+            all_versions=all_versions,
+        )
+
     def set_alias(self, ref: str, alias: str) -> dict[str, Any]:
         r = names.parse_reference(ref)
         names.check_alias(alias)
@@ -781,10 +900,39 @@ class BlobCache:
             return None
         return path
 
+    @contextmanager
+    def lock(self, digest: str) -> Iterator[None]:
+        """Hold the digest's lock file (flock) while one process downloads it; others wait here.
+
+        Lock files stay: removing one while another process waits on it would let a third lock a
+        new file beside it (huggingface_hub's cache keeps its .lock files too).
+        """
+        final = self._path(digest)
+        path = final.with_name(final.name + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def fetch(
         self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None
     ) -> int:
-        """Download into the cache, resuming a partial file with a Range request; verify, then publish."""
+        """Download into the cache, resuming a partial file with a Range request; verify, then publish.
+
+        Several processes may share one cache: the first takes the digest's lock and downloads, the
+        others wait and then find the file published (returns 0 bytes for them).
+        """
+        with self.lock(digest):
+            if self.get(digest, size) is not None:
+                return 0
+            return self._fetch_locked(client, url, digest, size, label=label, progress=progress)
+
+    def _fetch_locked(
+        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None
+    ) -> int:
         final = self._path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         partial = final.with_name(final.name + ".partial")
@@ -892,4 +1040,13 @@ def _receive(chunks: Iterator[bytes], out: Any, hasher: Any, advanced: Callable[
     return got
 
 
-__all__ = ["RegistryClient", "AdapterFolder", "BaseChoice", "scan_adapter_folder", "BlobCache", "LoregError"]
+__all__ = [
+    "RegistryClient",
+    "ResolvedVersion",
+    "FileEntry",
+    "AdapterFolder",
+    "BaseChoice",
+    "scan_adapter_folder",
+    "BlobCache",
+    "LoregError",
+]

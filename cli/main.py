@@ -27,6 +27,7 @@ COMMANDS = {
     "worker": ("loreg.cli.commands.worker", "worker"),
     "gc": ("loreg.cli.commands.maintenance", "gc"),
     "fsck": ("loreg.cli.commands.maintenance", "fsck"),
+    "sync": ("loreg.cli.commands.sync", "sync"),
 }
 SUMMARIES = {
     "push": "Push a PEFT adapter folder as a new immutable version.",
@@ -47,6 +48,7 @@ SUMMARIES = {
     "worker": "Run a standalone export worker (Postgres; one per GPU).",
     "gc": "Delete unreferenced blobs past the grace period (server host).",
     "fsck": "Re-hash stored blobs and report corruption (server host).",
+    "sync": "Keep a folder per reference for a serving engine (vLLM), swapped atomically.",
 }
 
 

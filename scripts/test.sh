@@ -17,5 +17,8 @@ python -m pip install -q --upgrade pip
 # CPU build from PyTorch's CPU wheel index (see the README).
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# vLLM pins an exact torch, so it cannot sit in the test extra: its wheel alone, without its GPU
+# dependencies, is what the LoRA-resolver tests need (vllm.lora.resolver, vllm.plugins import with these)
+python -m pip install -q --no-deps "vllm==0.34.0" msgspec packaging
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec python -m pytest -p no:cacheprovider "$@"

@@ -78,7 +78,9 @@ def test_wheel_holds_every_package_and_data_file(wheel: Path) -> None:
     assert not any(n.startswith("loreg/__init__") for n in names)  # loreg stays a namespace
     assert not any(n.startswith(("tests/", "registry/", "cli/", "migrations/")) for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "loreg = loreg.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    declared = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "loreg = loreg.cli.main:main" in declared
+    assert "[vllm.general_plugins]\nloreg = loreg.cli.vllm_plugin:register" in declared
 
 
 def test_installed_wheel_runs_help_and_db_upgrade_without_the_checkout(wheel: Path, tmp_path: Path) -> None:
@@ -106,6 +108,15 @@ def test_installed_wheel_runs_help_and_db_upgrade_without_the_checkout(wheel: Pa
     for key in ("cli", "registry", "migrations"):
         assert where[key].startswith(str(site)), where
     assert where["loreg"] == [str(site / "loreg")], where
+
+    # vLLM's plugin loader finds the resolver in the installed metadata; loading it imports no vLLM
+    plugin = json.loads(run([str(python), "-c", (
+        "import json, sys, importlib.metadata as m;"
+        "[ep] = [e for e in m.entry_points(group='vllm.general_plugins') if e.name == 'loreg'];"
+        "f = ep.load(); print(json.dumps({'value': ep.value, 'module': f.__module__, 'dist': ep.dist.name,"
+        "'vllm': sorted(n for n in sys.modules if n.split('.')[0] in ('vllm', 'torch', 'sqlalchemy', 'fastapi'))}))"
+    )], cwd=work, env=env))
+    assert plugin == {"value": "loreg.cli.vllm_plugin:register", "module": "loreg.cli.vllm_plugin", "dist": "loreg", "vllm": []}
 
     loreg = str(venv / "bin" / "loreg")
     help_text = run([loreg, "--help"], cwd=work, env=env)

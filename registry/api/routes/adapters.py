@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import AdaptersDep, ReadDep, RegistryDep, WriteDep
@@ -26,6 +26,7 @@ from loreg.registry.api.schemas import (
 from loreg.registry.api.streaming import UNSATISFIABLE, byte_range, verified_download
 from loreg.registry.errors import RequestInvalidError, TooLargeError
 from loreg.registry.formats import preflight
+from loreg.registry.formats.fingerprint import canonical_json, sha256_digest
 from loreg.registry.services.adapters import LookupFilters
 
 router = APIRouter(tags=["adapters"])
@@ -159,10 +160,29 @@ async def validate_version(
     return await run_in_threadpool(adapters.validate, namespace, name, config, prefix, size, base)
 
 
-@router.get("/v1/adapters/{namespace}/{name}/versions/{tag}", response_model=VersionPublic)
-def get_version(namespace: str, name: str, tag: str, adapters: AdaptersDep, _p: ReadDep) -> VersionPublic:
-    """A version by number, alias, ``latest`` or manifest digest."""
-    return adapters.get(namespace, name, tag)
+@router.get(
+    "/v1/adapters/{namespace}/{name}/versions/{tag}",
+    response_model=VersionPublic,
+    responses={304: {"description": "unchanged since the ETag given in If-None-Match"}},
+)
+def get_version(namespace: str, name: str, tag: str, request: Request, adapters: AdaptersDep, _p: ReadDep) -> Response:
+    """A version by number, alias, ``latest`` or manifest digest.
+
+    The ETag covers the whole answer (which version an alias names, its metrics and aliases), so a
+    client following an alias asks again with If-None-Match and gets 304 while nothing moved.
+    """
+    body = adapters.get(namespace, name, tag).model_dump(mode="json")
+    etag = 'W/"' + sha256_digest(canonical_json(body)).removeprefix("sha256:") + '"'
+    wanted = _etags(request.headers.get("if-none-match", ""))
+    if etag in wanted or "*" in wanted:
+        return Response(status_code=304, headers={"ETag": etag})
+    return JSONResponse(body, headers={"ETag": etag})
+
+
+def _etags(header: str) -> set[str]:
+    """The entity tags of an If-None-Match header, compared weakly (RFC 9110 13.1.2)."""
+    tags = {t.strip() for t in header[:2048].split(",") if t.strip()}
+    return tags | {f"W/{t}" for t in tags if not t.startswith("W/")}
 
 
 @router.delete("/v1/adapters/{namespace}/{name}/versions/{tag}", response_model=DeletedPublic)
