@@ -32,9 +32,11 @@ from loreg.cli import config
 from loreg.registry.errors import (
     BaseNotFoundError,
     BaseUnknownError,
+    ERRORS,
     ConnectionFailedError,
     DigestMismatchError,
     FolderInvalidError,
+    InternalError,
     LoregError,
     NameInvalidError,
     UnsupportedFormatError,
@@ -533,6 +535,37 @@ class RegistryClient:
         if resp.status_code == 304:
             return None, etag
         return ResolvedVersion.from_json(resp.json()), resp.headers.get("etag")
+
+    def resolve_many(
+        self, refs: list[str], etag: str | None = None
+    ) -> tuple[dict[str, ResolvedVersion | LoregError] | None, str | None]:
+        """Pin many references in one request (at most 1000), again only if the answer changed since ``etag``.
+
+        Returns:
+            ``(None, etag)`` when nothing changed (304), else ``{ref: version or its error}`` (a
+            reference that does not resolve, or that the token may not read, maps to the error a
+            ``resolve`` of it alone would raise) and the answer's ETag, to pass back next time.
+
+        Raises:
+            RequestInvalidError: no references, or more than 1000.
+            UnauthorizedError, DeniedError: the token may not read at all.
+        """
+        headers = {"If-None-Match": etag} if etag else {}
+        resp = self.request("POST", "/v1/resolve", json={"refs": list(refs)}, headers=headers)
+        if resp.status_code == 304:
+            return None, etag
+        out: dict[str, ResolvedVersion | LoregError] = {}
+        for item in resp.json()["items"]:
+            if item.get("error"):
+                code = item["error"].get("code")
+                status = ERRORS[code].status if code in ERRORS else 500
+                out[item["ref"]] = error_from_envelope(status, {"errors": [item["error"]]})
+            else:
+                out[item["ref"]] = ResolvedVersion.from_json(item["version"])
+        missing = set(refs) - set(out)
+        if missing:
+            raise InternalError(f"the registry did not answer for {len(missing)} reference(s)")
+        return out, resp.headers.get("etag")
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         """Every live version of ``ns/name``, newest first (number, digest, rank, targets, metrics, aliases).

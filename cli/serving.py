@@ -140,7 +140,10 @@ class VersionFolders:
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".staging-{final.name}-{uuid.uuid4().hex}"
         try:
-            self._client().pull(version.ref, staging)
+            pulled = self._client().pull(version.ref, staging)
+            got = sorted((f["path"], f["size"], f["digest"]) for f in pulled["files"])
+            if got != sorted((f.path, f.size, f.digest) for f in version.files):
+                raise Refused(f"the registry's two answers for {version.ref} name different files")
             if override is not None:
                 _replace_file(staging / "adapter_config.json", json.dumps(override, indent=2, sort_keys=True).encode())
             marker = {
