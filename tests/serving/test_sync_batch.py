@@ -258,3 +258,52 @@ def test_sync_refuses_a_hostile_answer_and_publishes_nothing(
     assert outside == set()
     if digest is None:  # a name that could leave the folder is refused before any download
         assert not any("/files/" in p for p in transport.seen)  # type: ignore[attr-defined]
+
+
+# --- engine layouts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "engine, where, line",
+    [
+        ("sglang", ("org", "bot:prod"), "--lora-paths org/bot:prod={path}"),
+        ("lorax", ("org", "bot:prod"), '"adapter_id": "{path}", "adapter_source": "local"'),
+        ("nim", ("org--bot:prod",), "export NIM_PEFT_SOURCE={root}"),
+        ("vllm", ("org", "bot:prod"), "export VLLM_LORA_RESOLVER_CACHE_DIR={root}"),
+    ],
+)
+def test_each_engine_gets_its_layout_its_base_name_and_its_arguments(
+    live_server: str, admin_token: str, bot: dict[str, Any], tiny_llama: dict[str, Path], adapter_dir: Path,
+    tmp_path: Path, loreg_home: Path, engine: str, where: tuple[str, ...], line: str,
+) -> None:
+    import torch
+
+    out = tmp_path / "served"
+    served = str(tiny_llama["base"])  # the served model's name: --model given a local folder
+    run = sync_cli(live_server, admin_token, loreg_home, out, "org/bot:prod", "--engine", engine, "--base-name", served)
+    assert run.code == 0, run.stderr
+    folder = out.joinpath(*where)
+    assert folder.is_symlink() and (folder / ".loreg.json").is_file()
+    assert [p.name for p in out.iterdir() if p.name != ".loreg"] == [where[0]]
+    assert line.format(path=folder.absolute(), root=out.absolute()) in run.stdout, run.stdout
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == served
+    with Client(live_server, admin_token) as c:  # the registry's copy is unchanged
+        assert c.version("org/bot:prod")["config"]["base_model_name_or_path"] != served
+    ids = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        got = factories.load_adapter_model(tiny_llama["base"], folder)(ids).logits
+        want = factories.load_adapter_model(tiny_llama["base"], adapter_dir)(ids).logits
+    assert torch.equal(got, want)
+    if engine == "vllm":  # the real resolver finds it under the served name
+        import asyncio
+
+        from vllm.plugins.lora_resolvers.filesystem_resolver import FilesystemResolver
+
+        req = asyncio.run(FilesystemResolver(str(out)).resolve_lora(served, "org/bot:prod"))
+        assert req is not None and Path(req.lora_path) == folder
+
+
+def test_plain_engine_refuses_a_base_name(live_server: str, admin_token: str, tmp_path: Path, loreg_home: Path) -> None:
+    run = sync_cli(live_server, admin_token, loreg_home, tmp_path / "served", "org/bot:prod", "--base-name", "x")
+    assert run.code == 1 and "REQUEST_INVALID" in run.stderr
+    assert not (tmp_path / "served").exists()
