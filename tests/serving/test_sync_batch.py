@@ -307,3 +307,101 @@ def test_plain_engine_refuses_a_base_name(live_server: str, admin_token: str, tm
     run = sync_cli(live_server, admin_token, loreg_home, tmp_path / "served", "org/bot:prod", "--base-name", "x")
     assert run.code == 1 and "REQUEST_INVALID" in run.stderr
     assert not (tmp_path / "served").exists()
+
+
+# --- a kill during a sync -------------------------------------------------------------------------
+
+
+class StallingProxy:
+    """Forwards to the registry; once ``stall`` is set, a file download sends half its body and hangs."""
+
+    def __init__(self, upstream: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.stall, self.reached, self.release = threading.Event(), threading.Event(), threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+                resp = httpx.request(self.command, upstream + self.path, headers=headers, content=body, timeout=60)
+                data = resp.content
+                self.send_response(resp.status_code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if proxy.stall.is_set() and "/files/" in self.path:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    proxy.reached.set()
+                    proxy.release.wait(120)
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_sync_killed_mid_download_leaves_the_previous_version_and_the_next_sync_completes(
+    live_server: str, admin_token: str, bot: dict[str, Any], adapter_dir: Path, tiny_llama: dict[str, Path],
+    tmp_path: Path, loreg_home: Path,
+) -> None:
+    import filecmp
+    import signal
+    import subprocess
+
+    from tests.support.server import LOREG, env_with, poll_until
+
+    out = tmp_path / "served"
+    link = out / "org" / "bot:prod"
+    proxy = StallingProxy(live_server)
+    try:
+        assert sync_cli(proxy.url, admin_token, loreg_home, out, "org/bot:prod").code == 0
+        old = link.resolve()
+        with Client(live_server, admin_token) as c:
+            v2_dir = factories.make_adapter(tmp_path / "v2", "llama", base_dir=tiny_llama["base"], seed=7)
+            v2 = c.push(v2_dir, "org/bot")
+            c.set_alias("org/bot:2", "prod")
+        proxy.stall.set()
+        env = env_with(LOREG_URL=proxy.url, LOREG_TOKEN=admin_token, LOREG_HOME=str(loreg_home))
+        proc = subprocess.Popen([LOREG, "sync", str(out), "org/bot:prod"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            poll_until(proxy.reached.is_set, "the sync to be mid-download")
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        assert link.resolve() == old  # the previous version, whole
+        for f in bot["files"]:
+            assert filecmp.cmp(link / f["path"], adapter_dir / f["path"], shallow=False)
+        assert not (out / ".loreg" / "versions" / v2["digest"].removeprefix("sha256:")).exists()
+        proxy.stall.clear()
+        proxy.release.set()
+        again = sync_cli(proxy.url, admin_token, loreg_home, out, "org/bot:prod", "--json")
+        assert again.code == 0, again.stderr  # the killed process's lock went with it
+        assert [(r["status"], r["version"]) for r in again.json()] == [("updated", 2)]
+        for f in v2["files"]:
+            assert filecmp.cmp(link / f["path"], v2_dir / f["path"], shallow=False)
+    finally:
+        proxy.close()
