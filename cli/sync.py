@@ -92,15 +92,12 @@ class Syncer:
 
     def link(self, ref: str) -> Path:
         """Where the folder for ``ref`` appears (the rule in the module docstring)."""
-        names.parse_reference(ref)  # full-match rules: no '..', no separator but the one '/'
-        namespace, rest = ref.split("/", 1)
-        if self.engine == "nim":
-            return self.root / f"{namespace}--{rest}"
-        return self.root / namespace / rest
+        return self.root / folder_name(self.engine, ref)
 
     def engine_args(self) -> dict[str, Any]:
         """How to point the engine at the folder (also printed by the command)."""
-        return engine_args(self.engine, self.root, {ref: self.link(ref) for ref in self.refs})
+        root = os.path.abspath(self.root)
+        return engine_args(self.engine, root, {ref: os.path.join(root, folder_name(self.engine, ref)) for ref in self.refs})
 
     def sync_once(self) -> list[dict[str, Any]]:
         """One round over every reference, with one request. Returns one result per reference:
@@ -224,21 +221,25 @@ class Syncer:
         os.replace(tmp, self._state_path)
 
 
-def engine_args(engine: str, root: Path, links: dict[str, Path]) -> dict[str, Any]:
-    """What to give the engine so that it reads ``links`` (reference -> folder) under ``root``."""
-    root = Path(os.path.abspath(root))
+def folder_name(engine: str, ref: str) -> str:
+    """The folder for ``ref`` under DIR, relative (the rule in the module docstring)."""
+    names.parse_reference(ref)  # full-match rules: no '..', no separator but the one '/'
+    namespace, rest = ref.split("/", 1)
+    return f"{namespace}--{rest}" if engine == "nim" else f"{namespace}/{rest}"
+
+
+def engine_args(engine: str, root: str, links: dict[str, str]) -> dict[str, Any]:
+    """What to give ``engine`` so that it reads ``links`` (reference -> folder) under ``root``."""
     if engine == "vllm":
-        return {"env": {"VLLM_LORA_RESOLVER_CACHE_DIR": str(root), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true",
-                        "VLLM_PLUGINS": "lora_filesystem_resolver"},
+        return {"env": {"VLLM_LORA_RESOLVER_CACHE_DIR": root, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"},
                 "model": {ref: ref for ref in links}}
     if engine == "sglang":
-        return {"args": ["--lora-paths", *(f"{ref}={os.path.abspath(p)}" for ref, p in links.items())],
-                "model": {ref: ref for ref in links}}
+        return {"args": ["--lora-paths", *(f"{ref}={p}" for ref, p in links.items())], "model": {ref: ref for ref in links}}
     if engine == "nim":
-        return {"env": {"NIM_PEFT_SOURCE": str(root)}, "model": {ref: p.name for ref, p in links.items()}}
+        return {"env": {"NIM_PEFT_SOURCE": root}, "model": {ref: os.path.basename(p) for ref, p in links.items()}}
     if engine == "lorax":
-        return {"request": {ref: {"adapter_id": os.path.abspath(p), "adapter_source": "local"} for ref, p in links.items()}}
-    return {"path": {ref: os.path.abspath(p) for ref, p in links.items()}}
+        return {"request": {ref: {"adapter_id": p, "adapter_source": "local"} for ref, p in links.items()}}
+    return {"path": dict(links)}
 
 
 def _check_answer(version: ResolvedVersion) -> None:
