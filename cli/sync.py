@@ -148,7 +148,7 @@ class Syncer:
             return {"ref": ref, "status": "failed", "error": found.message, "code": found.code}
         version = found
         try:
-            _check_answer(version)
+            _check_answer(ref, version)
             if self.engine == "vllm":
                 refusal = serving_refusal(version, self.max_rank)
                 if refusal:
@@ -242,9 +242,12 @@ def engine_args(engine: str, root: str, links: dict[str, str]) -> dict[str, Any]
     return {"path": dict(links)}
 
 
-def _check_answer(version: ResolvedVersion) -> None:
-    """A server's answer is refused whole before any download if a file name could leave the folder
-    or a digest is malformed (a hostile or broken registry)."""
+def _check_answer(ref: str, version: ResolvedVersion) -> None:
+    """A server's answer is refused whole before any download if it names another adapter, a file
+    name could leave the folder or a digest is malformed (a hostile or broken registry)."""
+    r = names.parse_reference(ref)
+    if version.name != f"{r.namespace}/{r.name}":
+        raise Refused(f"the registry answered {version.name[:200]!r} for {ref}")
     if names.DIGEST.fullmatch(version.digest) is None:
         raise Refused(f"invalid manifest digest {version.digest[:80]!r} from the registry")
     for f in version.files:

@@ -212,9 +212,9 @@ def test_a_second_sync_on_the_same_folder_is_refused_while_the_first_runs(
 # --- a hostile registry ---------------------------------------------------------------------------
 
 
-def _hostile(path: str, data: bytes, digest: str) -> httpx.MockTransport:
+def _hostile(path: str, data: bytes, digest: str, name: str = "org/x") -> httpx.MockTransport:
     version = {
-        "name": "org/x", "version": 1, "digest": "sha256:" + "2" * 64, "config": {}, "facts": {},
+        "name": name, "version": 1, "digest": "sha256:" + "2" * 64, "config": {}, "facts": {},
         "files": [{"path": path, "size": len(data), "digest": digest}],
     }
     seen: list[str] = []
@@ -233,20 +233,21 @@ def _hostile(path: str, data: bytes, digest: str) -> httpx.MockTransport:
 
 
 @pytest.mark.parametrize(
-    "path, digest",
+    "path, digest, name",
     [
-        ("../../evil", None),
-        ("/tmp/evil", None),
-        ("sub/evil", None),
-        ("adapter_config.json", "sha256:" + "3" * 64),  # the bytes do not hash to it
-        ("adapter_config.json", "sha256:../../x"),
+        ("../../evil", None, "org/x"),
+        ("/tmp/evil", None, "org/x"),
+        ("sub/evil", None, "org/x"),
+        ("adapter_config.json", None, "org/other"),  # an answer for another adapter
+        ("adapter_config.json", "sha256:" + "3" * 64, "org/x"),  # the bytes do not hash to it
+        ("adapter_config.json", "sha256:../../x", "org/x"),
     ],
 )
 def test_sync_refuses_a_hostile_answer_and_publishes_nothing(
-    tmp_path: Path, loreg_home: Path, path: str, digest: str | None
+    tmp_path: Path, loreg_home: Path, path: str, digest: str | None, name: str
 ) -> None:
     data = b'{"r": 8}'
-    transport = _hostile(path, data, digest or "sha256:" + hashlib.sha256(data).hexdigest())
+    transport = _hostile(path, data, digest or "sha256:" + hashlib.sha256(data).hexdigest(), name)
     out = tmp_path / "work" / "served"
     http = httpx.Client(base_url="http://registry.test", transport=transport)
     with Client("http://registry.test", "loreg_x", http=http) as c:
