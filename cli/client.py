@@ -791,27 +791,39 @@ class RegistryClient:
         """
         r = names.parse_reference(ref)
         version = self.version(ref)
-        # pin the exact version: an alias moving mid-pull must not mix two versions' files
-        pinned = f"{self._path(r.namespace, r.name)}/versions/{version['version']}"
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in version["files"]:
-            names.check_file_name(f["path"])  # a server-supplied name never leaves dest: check all first
-        cache = BlobCache(config.cache_dir())
-        downloaded = 0
-        for f in version["files"]:
-            path = f["path"]
-            target = dest / path
-            cached = cache.get(f["digest"], f["size"])
-            if cached is None:
-                downloaded += cache.fetch(
-                    self, f"{pinned}/files/{quote(path)}", f["digest"], f["size"], label=path, progress=progress
-                )
-                cached = cache.path(f["digest"])
-            _place(cached, target, link=link)
-        version["bytes_downloaded"] = downloaded
+        files = [FileEntry(f["path"], int(f["size"]), f["digest"]) for f in version["files"]]
+        adapter = f"{r.namespace}/{r.name}"
+        version["bytes_downloaded"] = self._fetch(adapter, version["version"], files, dest, progress, link)
         version["path"] = str(dest)
         return version
+
+    def pull_resolved(self, version: ResolvedVersion, dest: str | Path, *, link: bool = False) -> int:
+        """``pull`` of a version already pinned (by ``resolve`` or ``resolve_many``), without asking
+        the registry again. Returns the bytes downloaded."""
+        return self._fetch(version.name, version.number, list(version.files), dest, None, link)
+
+    def _fetch(
+        self, adapter: str, number: int, files: list[FileEntry], dest: str | Path, progress: Progress | None, link: bool
+    ) -> int:
+        r = names.parse_reference(adapter)
+        # pin the exact version: an alias moving mid-pull must not mix two versions' files
+        pinned = f"{self._path(r.namespace, r.name)}/versions/{int(number)}"
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            names.check_file_name(f.path)  # a server-supplied name never leaves dest: check all first
+        cache = BlobCache(config.cache_dir())
+        downloaded = 0
+        for f in files:
+            target = dest / f.path
+            cached = cache.get(f.digest, f.size)
+            if cached is None:
+                downloaded += cache.fetch(
+                    self, f"{pinned}/files/{quote(f.path)}", f.digest, f.size, label=f.path, progress=progress
+                )
+                cached = cache.path(f.digest)
+            _place(cached, target, link=link)
+        return downloaded
 
 
 def _base_path(ref: str) -> str:
