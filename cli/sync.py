@@ -115,7 +115,8 @@ class Syncer:
             with ThreadPoolExecutor(max_workers=min(self.jobs, len(self.refs))) as pool:
                 results = list(pool.map(lambda r: self._apply(r, answer[r]), self.refs))
             # a download that failed is retried next round: the next question must not be answered 304
-            self.etag = None if any(r.pop("retry", False) for r in results) else new_etag
+            retry = [r.pop("retry", False) for r in results]
+            self.etag = None if any(retry) else new_etag
             self.last = {r["ref"]: {k: v for k, v in r.items() if k != "status"} | {"ok": r["status"] in OK}
                          for r in results}
             self._save_state()
@@ -169,6 +170,8 @@ class Syncer:
             return {"ref": ref, "status": "failed", "error": str(exc), "code": "REFUSED", "retry": True}
         except LoregError as exc:
             return {"ref": ref, "status": "failed", "error": exc.message, "code": exc.code, "retry": True}
+        except OSError as exc:  # this machine's disk (full, read-only): the other references go on
+            return {"ref": ref, "status": "failed", "error": str(exc), "code": "LOCAL_IO", "retry": True}
         return {"ref": ref, "status": "updated", **entry}
 
     def _in_place(self) -> bool:

@@ -251,8 +251,12 @@ def test_sync_refuses_a_hostile_answer_and_publishes_nothing(
     out = tmp_path / "work" / "served"
     http = httpx.Client(base_url="http://registry.test", transport=transport)
     with Client("http://registry.test", "loreg_x", http=http) as c:
-        [result] = Syncer(c, out, ["org/x:prod"]).sync_once()
+        syncer = Syncer(c, out, ["org/x:prod"])
+        [result] = syncer.sync_once()
     assert result["status"] == "failed" and result["code"] in ("NAME_INVALID", "REFUSED", "DIGEST_MISMATCH"), result
+    assert set(result) == {"ref", "status", "error", "code"}
+    # a failed download is asked for in full next round (no ETag: never a 304 over it); a refused answer is not
+    assert syncer.etag == (None if result["code"] == "DIGEST_MISMATCH" else 'W/"e"')
     assert not os.path.lexists(out / "org" / "x:prod")
     assert not (out / ".loreg" / "versions").exists() or list((out / ".loreg" / "versions").iterdir()) == []
     outside = {p for p in tmp_path.rglob("*") if not p.is_dir()} - set((out / ".loreg").rglob("*")) - set(loreg_home.rglob("*"))
