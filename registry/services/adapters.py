@@ -504,8 +504,8 @@ class AdapterService:
             return self._public(session, self._resolve(session, namespace, name, tag))
 
     def get_many(self, refs: list[names.Reference]) -> list[VersionPublic | LoregError]:
-        """Each reference's version, or the error a lookup of it alone raises, read in one transaction
-        so the batch is one consistent answer (an alias moved mid-batch is seen everywhere or nowhere)."""
+        """Each reference's version, or the error a lookup of it alone raises (one session for the
+        batch; an alias moved meanwhile changes the ETag of the next batch, so the follower sees it then)."""
         out: list[VersionPublic | LoregError] = []
         with self.registry.sessions.begin() as session:
             for r in refs:
