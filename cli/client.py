@@ -32,9 +32,11 @@ from loreg.cli import config
 from loreg.registry.errors import (
     BaseNotFoundError,
     BaseUnknownError,
+    ERRORS,
     ConnectionFailedError,
     DigestMismatchError,
     FolderInvalidError,
+    InternalError,
     LoregError,
     NameInvalidError,
     UnsupportedFormatError,
@@ -534,6 +536,37 @@ class RegistryClient:
             return None, etag
         return ResolvedVersion.from_json(resp.json()), resp.headers.get("etag")
 
+    def resolve_many(
+        self, refs: list[str], etag: str | None = None
+    ) -> tuple[dict[str, ResolvedVersion | LoregError] | None, str | None]:
+        """Pin many references in one request (at most 1000), again only if the answer changed since ``etag``.
+
+        Returns:
+            ``(None, etag)`` when nothing changed (304), else ``{ref: version or its error}`` (a
+            reference that does not resolve, or that the token may not read, maps to the error a
+            ``resolve`` of it alone would raise) and the answer's ETag, to pass back next time.
+
+        Raises:
+            RequestInvalidError: no references, or more than 1000.
+            UnauthorizedError, DeniedError: the token may not read at all.
+        """
+        headers = {"If-None-Match": etag} if etag else {}
+        resp = self.request("POST", "/v1/resolve", json={"refs": list(refs)}, headers=headers)
+        if resp.status_code == 304:
+            return None, etag
+        out: dict[str, ResolvedVersion | LoregError] = {}
+        for item in resp.json()["items"]:
+            if item.get("error"):
+                code = item["error"].get("code")
+                status = ERRORS[code].status if code in ERRORS else 500
+                out[item["ref"]] = error_from_envelope(status, {"errors": [item["error"]]})
+            else:
+                out[item["ref"]] = ResolvedVersion.from_json(item["version"])
+        missing = set(refs) - set(out)
+        if missing:
+            raise InternalError(f"the registry did not answer for {len(missing)} reference(s)")
+        return out, resp.headers.get("etag")
+
     def versions(self, name: str) -> list[dict[str, Any]]:
         """Every live version of ``ns/name``, newest first (number, digest, rank, targets, metrics, aliases).
 
@@ -758,27 +791,39 @@ class RegistryClient:
         """
         r = names.parse_reference(ref)
         version = self.version(ref)
-        # pin the exact version: an alias moving mid-pull must not mix two versions' files
-        pinned = f"{self._path(r.namespace, r.name)}/versions/{version['version']}"
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in version["files"]:
-            names.check_file_name(f["path"])  # a server-supplied name never leaves dest: check all first
-        cache = BlobCache(config.cache_dir())
-        downloaded = 0
-        for f in version["files"]:
-            path = f["path"]
-            target = dest / path
-            cached = cache.get(f["digest"], f["size"])
-            if cached is None:
-                downloaded += cache.fetch(
-                    self, f"{pinned}/files/{quote(path)}", f["digest"], f["size"], label=path, progress=progress
-                )
-                cached = cache.path(f["digest"])
-            _place(cached, target, link=link)
-        version["bytes_downloaded"] = downloaded
+        files = [FileEntry(f["path"], int(f["size"]), f["digest"]) for f in version["files"]]
+        adapter = f"{r.namespace}/{r.name}"
+        version["bytes_downloaded"] = self._fetch(adapter, version["version"], files, dest, progress, link)
         version["path"] = str(dest)
         return version
+
+    def pull_resolved(self, version: ResolvedVersion, dest: str | Path, *, link: bool = False) -> int:
+        """``pull`` of a version already pinned (by ``resolve`` or ``resolve_many``), without asking
+        the registry again. Returns the bytes downloaded."""
+        return self._fetch(version.name, version.number, list(version.files), dest, None, link)
+
+    def _fetch(
+        self, adapter: str, number: int, files: list[FileEntry], dest: str | Path, progress: Progress | None, link: bool
+    ) -> int:
+        r = names.parse_reference(adapter)
+        # pin the exact version: an alias moving mid-pull must not mix two versions' files
+        pinned = f"{self._path(r.namespace, r.name)}/versions/{int(number)}"
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            names.check_file_name(f.path)  # a server-supplied name never leaves dest: check all first
+        cache = BlobCache(config.cache_dir())
+        downloaded = 0
+        for f in files:
+            target = dest / f.path
+            cached = cache.get(f.digest, f.size)
+            if cached is None:
+                downloaded += cache.fetch(
+                    self, f"{pinned}/files/{quote(f.path)}", f.digest, f.size, label=f.path, progress=progress
+                )
+                cached = cache.path(f.digest)
+            _place(cached, target, link=link)
+        return downloaded
 
 
 def _base_path(ref: str) -> str:

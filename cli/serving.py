@@ -104,7 +104,7 @@ class BaseCheck:
 class VersionFolders:
     """``root/<manifest hex>[-<base tag>]/``: a version's files, verified, each folder published whole.
 
-    A folder is filled beside its final name (``Client.pull``, through the content-addressed cache
+    A folder is filled beside its final name (``Client.pull_resolved``, through the content-addressed cache
     and its per-digest locks) and renamed into place, so processes sharing ``root`` never see half a
     folder; the loser of a race uses the winner's. A published folder is verified again on use and
     rebuilt when damaged. With ``base_model_name_or_path`` the folder's adapter_config.json names
@@ -140,7 +140,7 @@ class VersionFolders:
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".staging-{final.name}-{uuid.uuid4().hex}"
         try:
-            self._client().pull(version.ref, staging)
+            self._client().pull_resolved(version, staging)
             if override is not None:
                 _replace_file(staging / "adapter_config.json", json.dumps(override, indent=2, sort_keys=True).encode())
             marker = {

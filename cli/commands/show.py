@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from loreg.cli.commands._common import client, json_option, url_option
@@ -11,9 +13,15 @@ from loreg.cli.output import emit_json, human_size
 @json_option
 @url_option
 def show(ref: str, as_json: bool, url: str | None) -> None:
-    """Show a version: files, config facts, metrics, aliases, warnings."""
+    """Show a version: files, config facts, metrics, aliases, warnings, and how to serve it.
+
+    The "use" part (also under "use" in --json) names the reference to use (pinned by digest, and
+    the alias form, which follows the alias) and, for each engine, the `loreg sync` command and
+    the engine's arguments for a synced folder DIR.
+    """
     with client(url) as c:
         v = c.version(ref)
+    v["use"] = usage(v)
     if as_json:
         emit_json(v)
         return
@@ -42,3 +50,28 @@ def show(ref: str, as_json: bool, url: str | None) -> None:
         click.echo(f"  {f['path']:<32} {human_size(f['size']):>10}  {f['digest']}")
     for w in v.get("warnings", []):
         click.secho(f"warning: {w.get('message')}", fg="yellow")
+    use = v["use"]
+    click.echo(f"use       {use['pinned']}  (pinned: these bytes for good)")
+    for alias_ref in use["aliases"]:
+        click.echo(f"          {alias_ref}  (follows the alias)")
+    for engine, how in use["engines"].items():
+        click.echo(f"serve     {engine:7s} {how['sync']}")
+        for line in how["lines"]:
+            click.echo(f"                  {line}")
+
+
+def usage(v: dict[str, Any]) -> dict[str, Any]:
+    """The references naming this version and, per engine, how to serve it from a synced folder DIR."""
+    from loreg.cli.commands.sync import engine_lines
+    from loreg.cli.sync import ENGINES, engine_args, folder_name
+
+    pinned = f"{v['name']}@{v['digest']}"
+    aliases = [f"{v['name']}:{a}" for a in v.get("aliases", [])]
+    ref = aliases[0] if aliases else pinned
+    engines = {}
+    for engine in ENGINES:
+        base = " --base-name MODEL" if engine == "vllm" else ""
+        args = engine_args(engine, "DIR", {ref: f"DIR/{folder_name(engine, ref)}"})
+        engines[engine] = {"sync": f"loreg sync DIR {ref} --engine {engine}{base}", **args,
+                           "lines": engine_lines(engine, args)}
+    return {"pinned": pinned, "aliases": aliases, "ref": ref, "engines": engines}

@@ -165,6 +165,24 @@ class VersionPublic(Response):
     created: bool = False
 
 
+class ResolveRequest(StrictRequest):
+    """References to pin in one request (``loreg sync --watch`` asks for all of its references at once)."""
+
+    refs: list[Annotated[str, Field(max_length=512)]] = Field(min_length=1, max_length=1000)
+
+
+class ResolvedItem(Response):
+    """One reference of a batch: its version, or the error a single request for it would answer."""
+
+    ref: str
+    version: VersionPublic | None = None
+    error: ErrorItem | None = None
+
+
+class ResolveAnswer(Response):
+    items: list[ResolvedItem]
+
+
 class VersionSummary(Response):
     name: str
     version: int

@@ -50,6 +50,7 @@ from loreg.registry.errors import (
     ConfigTooLargeError,
     ConflictError,
     DigestAmbiguousError,
+    LoregError,
     ManifestInvalidError,
     NonFiniteValuesError,
     RequestInvalidError,
@@ -501,6 +502,18 @@ class AdapterService:
     def get(self, namespace: str, name: str, tag: str = "latest") -> VersionPublic:
         with self.registry.sessions.begin() as session:
             return self._public(session, self._resolve(session, namespace, name, tag))
+
+    def get_many(self, refs: list[names.Reference]) -> list[VersionPublic | LoregError]:
+        """Each reference's version, or the error a lookup of it alone raises (one session for the
+        batch; an alias moved meanwhile changes the ETag of the next batch, so the follower sees it then)."""
+        out: list[VersionPublic | LoregError] = []
+        with self.registry.sessions.begin() as session:
+            for r in refs:
+                try:
+                    out.append(self._public(session, self._resolve(session, r.namespace, r.name, r.tag)))
+                except LoregError as exc:
+                    out.append(exc)
+        return out
 
     def file_entry(self, namespace: str, name: str, tag: str, path: str) -> FilePublic:
         names.check_file_name(path)

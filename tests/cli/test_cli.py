@@ -139,12 +139,23 @@ def test_show_json_is_the_rest_resource(loreg: Loreg, rest: httpx.Client, adapte
     resource = rest.get("/v1/adapters/org/bot/versions/1")
     assert resource.status_code == 200
     for ref in ("org/bot", "org/bot:1", "org/bot:prod"):
-        assert ok(loreg("show", ref, "--json")).json() == resource.json()
+        shown = ok(loreg("show", ref, "--json")).json()
+        use = shown.pop("use")
+        assert shown == resource.json()
+        # plus how to serve it: the pinned and alias references, and each engine's arguments
+        digest = resource.json()["digest"]
+        assert (use["pinned"], use["aliases"], use["ref"]) == (f"org/bot@{digest}", ["org/bot:prod"], "org/bot:prod")
+        assert use["engines"]["sglang"]["args"] == ["--lora-paths", "org/bot:prod=DIR/org/bot:prod"]
+        assert use["engines"]["vllm"]["env"]["VLLM_LORA_RESOLVER_CACHE_DIR"] == "DIR"
+        assert use["engines"]["nim"]["model"] == {"org/bot:prod": "org--bot:prod"}
+        assert use["engines"]["lorax"]["request"]["org/bot:prod"] == {"adapter_id": "DIR/org/bot:prod", "adapter_source": "local"}
 
     text = ok(loreg("show", "org/bot:prod")).stdout
     doc = resource.json()
     for needle in (f"org/bot:1  {doc['digest']}", "message   hello", "aliases   prod", "r=8", "eval_loss=1.5",
-                   *(f["digest"] for f in doc["files"])):
+                   *(f["digest"] for f in doc["files"]), f"use       org/bot@{doc['digest']}",
+                   "serve     sglang  loreg sync DIR org/bot:prod --engine sglang", "--lora-paths org/bot:prod=DIR/org/bot:prod",
+                   "export NIM_PEFT_SOURCE=DIR"):
         assert needle in text
 
 

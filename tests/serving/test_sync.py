@@ -136,7 +136,7 @@ def test_sync_for_vllm_is_read_by_vllms_filesystem_resolver(
 
     out = tmp_path / "served"
     base = str(tiny_llama["base"])  # vLLM started with a local folder as --model
-    run = sync_cli(live_server, admin_token, loreg_home, out, "org/bot:prod", "--engine", "vllm", "--base-model", base)
+    run = sync_cli(live_server, admin_token, loreg_home, out, "org/bot:prod", "--engine", "vllm", "--base-name", base)
     assert run.code == 0, run.stderr
     req = asyncio.run(FilesystemResolver(str(out)).resolve_lora(base, "org/bot:prod"))
     assert req is not None and Path(req.lora_path) == out / "org" / "bot:prod"
@@ -166,7 +166,7 @@ def test_sync_for_vllm_refuses_what_vllm_cannot_load_and_keeps_the_old_link(
     assert run.code == 1 and "rank 32" in run.stderr
     assert os.readlink(out / "org" / "bot:prod") == before
     wrong = factories.make_base(tmp_path / "gpt2", "gpt2")
-    run = sync_cli(live_server, admin_token, loreg_home, out, "org/bot:1", "--engine", "vllm", "--base-model", wrong)
+    run = sync_cli(live_server, admin_token, loreg_home, out, "org/bot:1", "--engine", "vllm", "--base-name", wrong)
     assert run.code == 1 and "layout" in run.stderr and not (out / "org" / "bot:1").exists()
     ok = sync_cli(live_server, admin_token, loreg_home, out, "org/bot:prod", "--engine", "vllm", "--max-lora-rank", "32")
     assert ok.code == 0, ok.stderr

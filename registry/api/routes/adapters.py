@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import AdaptersDep, ReadDep, RegistryDep, WriteDep
 from loreg.registry.api.schemas import (
+    ErrorItem,
     AdapterDeletedPublic,
     AdapterPublic,
     AliasPublic,
@@ -18,14 +19,17 @@ from loreg.registry.api.schemas import (
     DeletedPublic,
     MetricsAdd,
     Page,
+    ResolveAnswer,
+    ResolvedItem,
+    ResolveRequest,
     VersionCreate,
     VersionPublic,
     VersionSummary,
     VersionValidation,
 )
 from loreg.registry.api.streaming import UNSATISFIABLE, byte_range, verified_download
-from loreg.registry.errors import RequestInvalidError, TooLargeError
-from loreg.registry.formats import preflight
+from loreg.registry.errors import DeniedError, LoregError, RequestInvalidError, TooLargeError
+from loreg.registry.formats import names, preflight
 from loreg.registry.formats.fingerprint import canonical_json, sha256_digest
 from loreg.registry.services.adapters import LookupFilters
 
@@ -171,7 +175,45 @@ def get_version(namespace: str, name: str, tag: str, request: Request, adapters:
     The ETag covers the whole answer (which version an alias names, its metrics and aliases), so a
     client following an alias asks again with If-None-Match and gets 304 while nothing moved.
     """
-    body = adapters.get(namespace, name, tag).model_dump(mode="json")
+    return _conditional(request, adapters.get(namespace, name, tag).model_dump(mode="json"))
+
+
+@router.post(
+    "/v1/resolve",
+    response_model=ResolveAnswer,
+    responses={304: {"description": "unchanged since the ETag given in If-None-Match"}},
+)
+def resolve_many(body: ResolveRequest, request: Request, adapters: AdaptersDep, principal: ReadDep) -> Response:
+    """Pin up to 1000 references at once: each item holds the version or the error a GET of it alone
+    would answer. One ETag covers the whole answer, so a follower of many aliases (``loreg sync
+    --watch``) makes one conditional request per round, answered 304 while nothing moved.
+
+    A reference the token does not cover answers DENIED whether or not it exists (no existence leaks).
+    """
+    items: list[ResolvedItem | None] = [None] * len(body.refs)
+    wanted: list[tuple[int, names.Reference]] = []
+    for i, ref in enumerate(body.refs):
+        try:
+            r = names.parse_reference(ref)
+            if not principal.covers(r.namespace, r.name):
+                label = f"{r.namespace}/{r.name}"
+                raise DeniedError(f"this token does not cover {label}", detail={"name": label})
+        except LoregError as exc:
+            items[i] = _failed(ref, exc)
+            continue
+        wanted.append((i, r))
+    for (i, _), found in zip(wanted, adapters.get_many([r for _, r in wanted]), strict=True):
+        ref = body.refs[i]
+        items[i] = _failed(ref, found) if isinstance(found, LoregError) else ResolvedItem(ref=ref, version=found)
+    return _conditional(request, ResolveAnswer(items=[it for it in items if it is not None]).model_dump(mode="json"))
+
+
+def _failed(ref: str, exc: LoregError) -> ResolvedItem:
+    return ResolvedItem(ref=ref, error=ErrorItem(**exc.to_dict()))
+
+
+def _conditional(request: Request, body: dict[str, Any]) -> Response:
+    """``body`` with a weak ETag over all of it, or 304 when If-None-Match names that ETag."""
     etag = 'W/"' + sha256_digest(canonical_json(body)).removeprefix("sha256:") + '"'
     wanted = _etags(request.headers.get("if-none-match", ""))
     if etag in wanted or "*" in wanted:
