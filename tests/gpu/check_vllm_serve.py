@@ -26,10 +26,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere: the tests package
+from tests.support.server import poll_until  # noqa: E402
 
 DEADLINE_S = 600.0
 CHARS = [chr(c) for c in range(32, 127)]  # printable ASCII, one token each
@@ -42,17 +44,18 @@ def free_port() -> int:
 
 
 def wait_for(url: str, proc: subprocess.Popen[bytes], what: str, deadline_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
+    def answered() -> bool:
         if proc.poll() is not None:
             raise SystemExit(f"{what} exited with {proc.returncode} before answering {url}")
         try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
+            return httpx.get(url, timeout=2.0).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{what} did not answer {url} within {deadline_s:.0f}s")
+            return False
+
+    try:
+        poll_until(answered, f"{what} to answer {url}", deadline_s)
+    except AssertionError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def make_base(dest: Path) -> Path:
