@@ -2,7 +2,8 @@
 
 It is configured like the CLI (LOREG_URL, LOREG_TOKEN, the credentials file), pins references to
 immutable versions, and raises the typed errors of the one table. Several processes may pull into
-one LOREG_HOME at once: the content-addressed cache takes a lock per digest.
+one LOREG_HOME at once (threads or `loreg pull` processes): the content-addressed cache takes a
+lock per digest.
 """
 
 from __future__ import annotations
@@ -205,3 +206,35 @@ def test_the_readme_client_example_runs(
     assert filecmp.cmp(tmp_path / "adapter" / "adapter_model.safetensors", adapter_dir / "adapter_model.safetensors", shallow=False)
     with Client(live_server, admin_token) as c:
         assert [v["aliases"] for v in c.versions("org/support-bot")] == [["staging"], ["prod"]]
+
+
+def test_two_pull_processes_into_one_home_download_each_file_once(
+    live_server: str, admin_token: str, tiny_llama: dict[str, Path], tmp_path: Path, loreg_home: Path
+) -> None:
+    """Two `loreg pull` processes at once into one LOREG_HOME: the per-digest file lock lets one download."""
+    import json
+    import subprocess
+
+    from tests.support.server import LOREG, env_with
+
+    big = factories.make_adapter(
+        tmp_path / "big", "llama", base_dir=tiny_llama["base"], r=1024, lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    with Client(live_server, admin_token) as c:
+        version = c.push(big, "org/big")
+    assert max(f["size"] for f in version["files"]) > 4 << 20
+    env = env_with(LOREG_URL=live_server, LOREG_TOKEN=admin_token, LOREG_HOME=str(loreg_home))
+    procs = [
+        subprocess.Popen([LOREG, "pull", "org/big:1", "-o", str(tmp_path / f"out{i}"), "--json"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    downloaded = [json.loads(out)["bytes_downloaded"] for out, _ in outs]
+    assert sum(downloaded) == sum(f["size"] for f in version["files"])
+    for i in range(2):
+        for f in version["files"]:
+            assert filecmp.cmp(tmp_path / f"out{i}" / f["path"], big / f["path"], shallow=False)
+    assert not list(BlobCache(config.cache_dir()).root.rglob("*.partial"))
