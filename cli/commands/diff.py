@@ -14,6 +14,7 @@ def _num(value: float | None, fmt: str = ".4f") -> str:
 
 def _table(out: dict[str, Any]) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     one, two = out["first"], out["second"]
     table = Table(
@@ -25,7 +26,7 @@ def _table(out: dict[str, Any]) -> Any:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for m in out["modules"]:
         table.add_row(
-            m["module"] + (" (DoRA)" if m["dora"] else ""),
+            Text(m["module"] + (" (DoRA)" if m["dora"] else "")),  # a module name is never rich markup
             f"{m['rank_a']}/{m['rank_b']}",
             _num(m["relative_change"], ".4g"),
             _num(m["cosine"]),
@@ -52,9 +53,12 @@ def diff(first: str, second: str, as_json: bool, url: str | None) -> None:
     if as_json:
         emit_json(out)
         return
+    import sys
+
     from rich.console import Console
 
-    console = Console(soft_wrap=True)
+    # piped output gets whole module names on one line each (rich would wrap them at 80 columns)
+    console = Console(width=None if sys.stdout.isatty() else 240)
     console.print(_table(out))
     for label, key in (("added (only in the second)", "added"), ("removed (only in the first)", "removed"),
                        ("skipped (factors too large to read)", "skipped")):
