@@ -74,7 +74,8 @@ def thin_factors(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]
             if key.endswith(suffix):
                 pairs.setdefault(key[len(PREFIX): -len(suffix)], {})[kind] = value.astype(np.float64)
     scale = cfg["lora_alpha"] / (np.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
-    return {m: (p["A"], p["B"], scale) for m, p in pairs.items()}
+    # conv kernels: ΔW[o, i, h, w] = s·Σ_r B[o, r]·A[r, i, h, w] (PEFT_FORMAT.md §4.4), flattened
+    return {m: (p["A"].reshape(p["A"].shape[0], -1), p["B"].reshape(p["B"].shape[0], -1), scale) for m, p in pairs.items()}
 
 
 def formed_delta(a: np.ndarray, b: np.ndarray, scale: float, transposed: bool) -> np.ndarray:
@@ -226,3 +227,29 @@ def test_diff_answers_like_every_read_for_tokens_and_missing_versions(
     assert api.get("/v1/adapters/team-a/x/versions/1/diff/team-a/x:1").json()["modules"]
     anon = TestClient(app, raise_server_exceptions=False).get("/v1/adapters/team-a/x/versions/1/diff/team-a/x:1")
     assert anon.status_code == 401
+
+
+def test_dora_versions_compare_the_lora_deltas_and_say_so(client: RegistryClient, tiny_llama: dict[str, Path], tmp_path: Path) -> None:
+    one = factories.make_adapter(tmp_path / "d1", "llama", base_dir=tiny_llama["base"], seed=8, use_dora=True)
+    two = factories.make_adapter(tmp_path / "d2", "llama", base_dir=tiny_llama["base"], seed=9, use_dora=True)
+    client.push(one, "org/dora")
+    client.push(two, "org/dora")
+    out = client.diff("org/dora:1", "org/dora:2")
+    assert out["dora"] is True and len(out["modules"]) == 4
+    for m in out["modules"]:
+        assert m["dora"] is True
+        assert_matches(m, expected(one, two, m["module"], transposed=False))
+
+
+def test_conv_kernels_are_compared_flattened(client: RegistryClient, tmp_path: Path) -> None:
+    base = factories.make_base(tmp_path / "vit", "vit")
+    client.register_base(base, factories.base_name("vit"))
+    kw: dict[str, Any] = {"target_modules": ["projection"], "base_dir": base}
+    one = factories.make_adapter(tmp_path / "c1", "vit", seed=10, **kw)
+    two = factories.make_adapter(tmp_path / "c2", "vit", seed=11, r=2, lora_alpha=4, **kw)
+    client.push(one, "org/vit")
+    client.push(two, "org/vit")
+    out = client.diff("org/vit:1", "org/vit:2")
+    assert [m["layer_type"] for m in out["modules"]] == ["conv"]
+    for m in out["modules"]:
+        assert_matches(m, expected(one, two, m["module"], transposed=False))
