@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from loreg.registry.db.models import Adapter, Version, VersionFile
+from loreg.registry.db.models import Adapter, VersionFile
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.errors import BaseMismatchError, ShapeMismatchError
 from loreg.registry.formats import names, peft, safetensors

@@ -182,7 +182,7 @@ def test_adapters_on_orthogonal_subspaces_have_similarity_zero(client: RegistryC
         assert_matches(m, expected(folders["left"], folders["right"], m["module"], transposed=False))
 
 
-def test_versions_on_different_bases_are_refused(client: RegistryClient, folders: dict[str, Path], tiny_llama: dict[str, Path], tmp_path: Path) -> None:
+def test_versions_on_different_bases_are_refused(client: RegistryClient, folders: dict[str, Path], tmp_path: Path) -> None:
     client.register_base(folders["gpt2_base"], factories.base_name("gpt2"))
     other_weights = factories.make_base(tmp_path / "llama-b", "llama", seed=7)
     client.register_base(other_weights, "loreg-test/tiny-llama-b")
