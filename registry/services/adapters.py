@@ -903,11 +903,4 @@ def peft_facts(config: peft.AdapterConfig, header: safetensors.Header) -> dict[s
     """The derived facts stored with a version (JSON-able)."""
     from loreg.registry.formats import validate
 
-    facts = validate.describe_adapter(config, header).to_dict()
-    return with_targets(facts)
-
-
-def with_targets(facts: dict[str, Any]) -> dict[str, Any]:
-    """Add ``targets``: the leaf names of the adapted modules (q_proj, c_attn, …), for lookup."""
-    facts["targets"] = peft.leaf_targets(facts.get("modules", []))
-    return facts
+    return validate.describe_adapter(config, header).to_dict()
