@@ -143,6 +143,12 @@ def copy_kind(tk: TensorKey, bias: str) -> str:
     return tk.kind
 
 
+def is_b_factor(key: str) -> bool:
+    """Whether a key holds a B factor (``lora_B`` weight or bias, ``lora_embedding_B``): an untrained adapter
+    has all of them zero. A string test, so it also answers for keys no one has parsed yet."""
+    return ".lora_B." in key or key.endswith(".lora_embedding_B")
+
+
 def lora_modules(keys: Iterable[TensorKey]) -> list[str]:
     """The modules that hold LoRA factors (A/B or embedding A/B), sorted: the tensors' truth about targets."""
     return sorted({tk.module for tk in keys if tk.kind in LORA_KINDS})

@@ -253,3 +253,9 @@ def test_targets_are_the_leaf_names_of_adapted_modules() -> None:
     assert lora.leaf_targets([LLAMA_Q, "model.layers.1.self_attn.q_proj", "transformer.h.0.attn.c_attn"]) == [
         "c_attn", "q_proj"]
     assert lora.is_embedding_target("model.embed_tokens") and not lora.is_embedding_target(LLAMA_Q)
+
+
+def test_b_factors_are_told_by_name_even_before_parsing() -> None:
+    assert lora.is_b_factor(f"{LLAMA_Q}.lora_B.weight") and lora.is_b_factor(f"{LLAMA_Q}.lora_B.bias")
+    assert lora.is_b_factor("model.embed_tokens.lora_embedding_B")
+    assert not lora.is_b_factor(f"{LLAMA_Q}.lora_A.weight") and not lora.is_b_factor("lm_head.weight")
