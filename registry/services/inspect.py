@@ -91,7 +91,7 @@ class InspectService:
         for key, info in header.tensors.items():
             try:
                 tk = lora.parse_tensor_key(key)
-            except Exception:  # noqa: BLE001 - validated at push; anything else is not a LoRA factor
+            except lora.TensorKeyError:  # validated at push; anything else is not a LoRA factor
                 continue
             if tk.kind in (lora.LORA_A, lora.EMBEDDING_A):
                 pairs.setdefault(tk.module, {})["A"] = info
