@@ -626,6 +626,7 @@ def test_facts_describe_the_adapter_without_a_base(llama_adapter: Path) -> None:
     assert (facts.dtype, facts.dtypes, facts.ranks, facts.tensor_count) == ("F32", ["F32"], [8], 8)
     assert (facts.use_dora, facts.use_rslora, facts.bias, facts.task_type) == (False, False, "none", None)
     assert facts.base_model_name_or_path == "loreg-test/tiny-llama"
+    assert facts.targets == ["q_proj", "v_proj"]  # what lookup by target matches, same on server and client
     assert json.loads(canonical_json(facts.to_dict()))["r"] == 8
 
 
