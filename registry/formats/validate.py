@@ -520,7 +520,7 @@ class _Validator:
         self.scalings[module] = self.config.scaling_for(module)
         out = _LAYER_CHECKS[pair.layer](self, pair)
         self.check_rank(pair)
-        self.check_magnitude(pair, by_kind.get(lora.MAGNITUDE))
+        self.check_magnitude(pair, by_kind.get(lora.MAGNITUDE), w_fits=out is not None)
         if lora.LORA_B_BIAS in by_kind:
             self.check_lora_bias(pair, by_kind[lora.LORA_B_BIAS], b_name, out)
 
@@ -669,7 +669,9 @@ class _Validator:
                                   f"{tk.key!r} has rank {r}; the config's {via} gives {r_res} for {pair.module}",
                                   expected=[r_res], actual=[r])
 
-    def check_magnitude(self, pair: _Pair, tk: TensorKey | None) -> None:
+    def check_magnitude(self, pair: _Pair, tk: TensorKey | None, w_fits: bool) -> None:
+        """DoRA's magnitude is present exactly with use_dora, one entry per output unit of W (when W's
+        dims fit the layer kind at all: the layer check reported it otherwise)."""
         if tk is None:
             if self.config.use_dora:
                 want_key = lora.sibling_key(pair.a.key, pair.a.kind, lora.MAGNITUDE)
@@ -680,6 +682,8 @@ class _Validator:
         if not self.config.use_dora:
             self.warnings.append({"code": "MAGNITUDE_IGNORED", "key": tk.key,
                                   "message": f"{tk.key!r} is stored but use_dora is false; PEFT ignores it"})
+        if not w_fits:
+            return
         expected = list(lora.magnitude_shape(pair.layer, pair.w_shape))
         actual = _shape(self.header, tk.key)
         if actual != expected:
