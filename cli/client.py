@@ -719,7 +719,6 @@ class RegistryClient:
         base_name = ref.split("@")[0] if choice.source == "config" and not ref.startswith("sha256:") else None
         report = validate.validate_adapter(config, header, layout, base_name=base_name)
         out = report.to_dict()
-        out["facts"]["targets"] = peft.leaf_targets(out["facts"]["modules"])
         out["facts"]["base_source"] = choice.source
         out["base"] = {"weights_digest": lay["weights_digest"], "layout_digest": lay["layout_digest"], "ref": ref}
         if choice.by_content:

@@ -1,6 +1,8 @@
-"""PEFT LoRA adapters: strict adapter_config.json model, tensor-key mapping, rank/alpha resolution.
+"""PEFT LoRA adapters: strict adapter_config.json model, rank/alpha resolution, the modules PEFT selects.
 
-Pure: bytes and dicts in, dataclasses and errors out (see docs PEFT_FORMAT.md §1-§3).
+Pure: bytes and dicts in, dataclasses and errors out (see docs PEFT_FORMAT.md §1-§3). The LoRA rules
+themselves (key grammar, scaling, shapes, targets) live in ``formats.lora``; this module adds what
+needs pydantic and RE2.
 User regexes (rank_pattern / alpha_pattern keys, target_modules, exclude_modules, layers_pattern,
 modules_to_save) run on google-re2 only, which is linear-time, and only where RE2 gives them
 Python's meaning (PEFT runs them with ``re``); any other pattern is refused.
@@ -16,36 +18,11 @@ from typing import Annotated, Any, Literal
 import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from loreg.registry.errors import AdapterInvalidError, ConfigInvalidError, ConfigTooLargeError
+from loreg.registry.errors import ConfigInvalidError, ConfigTooLargeError
+from loreg.registry.formats import lora
 
 MAX_CONFIG_SIZE = 64 * 1024
 MAX_RANK = 65536
-PEFT_PREFIX = "base_model.model."
-
-# Tensor kinds (PEFT_FORMAT.md §2.1).
-LORA_A = "lora_A"
-LORA_B = "lora_B"
-LORA_B_BIAS = "lora_B.bias"
-EMBEDDING_A = "lora_embedding_A"
-EMBEDDING_B = "lora_embedding_B"
-MAGNITUDE = "lora_magnitude_vector"
-BASE_LAYER = "base_layer"  # full copy of a targeted module's base tensor (param: weight | bias)
-FULL = "full"  # modules_to_save copy or a trained bias (bias="all"/"lora_only"); replaces the base tensor
-TRAINABLE_TOKENS = "trainable_tokens_delta"
-ORIGINAL_MODULE = "original_module"  # untouched base value PEFT saves with bias="all"; never applied
-
-LORA_KINDS = frozenset({LORA_A, LORA_B, EMBEDDING_A, EMBEDDING_B})
-
-# Names PEFT uses for its own wrappers; a plain `.weight` key going through one of them is malformed
-# (for example `q_proj.lora_A.default.weight`, saved with the adapter name left in).
-_RESERVED_COMPONENTS = frozenset(
-    {
-        "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_dropout",
-        "base_layer", "modules_to_save", "original_module", "token_adapter", "trainable_tokens_delta",
-        "lora_down", "lora_up",
-    }
-)
-
 _UNSUPPORTED_FIELDS = (
     "layer_replication",
     "megatron_config",
@@ -135,28 +112,13 @@ class AdapterConfig:
 
     def rank_for(self, module: str) -> int:
         """Rank of ``module`` (dotted path without ``base_model.model.``): rank_pattern, else r."""
-        value = _first_match(self._rank_patterns, module)
-        return self.r if value is None else int(value)
+        return int(lora.pattern_value(((p.regex, p.value) for p in self._rank_patterns), module, self.r))
 
     def alpha_for(self, module: str) -> int | float:
-        value = _first_match(self._alpha_patterns, module)
-        return self.lora_alpha if value is None else value
+        return lora.pattern_value(((p.regex, p.value) for p in self._alpha_patterns), module, self.lora_alpha)
 
     def scaling_for(self, module: str) -> float:
-        return scaling(self.rank_for(module), self.alpha_for(module), self.use_rslora)
-
-
-def scaling(r: int, alpha: int | float, use_rslora: bool) -> float:
-    """PEFT's LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def _first_match(patterns: tuple[_Pattern, ...], module: str) -> int | float | None:
-    # PEFT (>= 0.11): first pattern in insertion order with re.match(rf"(.*\.)?({p})$", key)
-    for p in patterns:
-        if p.regex.match(module) is not None:
-            return p.value
-    return None
+        return lora.scaling(self.rank_for(module), self.alpha_for(module), self.use_rslora)
 
 
 def _re2_options() -> Any:
@@ -167,8 +129,7 @@ def _re2_options() -> Any:
 
 
 def _compile_patterns(name: str, patterns: dict[str, Any]) -> tuple[_Pattern, ...]:
-    # PEFT (>= 0.11) matches a key with re.match(rf"(.*\.)?({p})$", module)
-    return tuple(_Pattern(p, compile_user_regex(name, p, r"(.*\.)?({})$"), v) for p, v in patterns.items())
+    return tuple(_Pattern(p, compile_user_regex(name, p, lora.PATTERN_TEMPLATE), v) for p, v in patterns.items())
 
 
 class _NonFinite:
@@ -384,22 +345,9 @@ def parse_adapter_config(raw: bytes, *, max_size: int = MAX_CONFIG_SIZE) -> Adap
     )
 
 
-def target_module_matches(target: str, module: str) -> bool:
-    """PEFT's list rule for one target_modules entry: exact name or dotted suffix."""
-    return module == target or module.endswith("." + target)
-
-
 # ------------------------------------------------------------------------------------------------
 # which modules PEFT adapts (peft 0.21 tuners_utils.check_target_module_exists, PEFT_FORMAT.md §3.1)
 
-ALL_LINEAR = "all-linear"
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # what ensure_weight_tying looks for (peft constants)
-# PeftModelFor<task> adds these heads to modules_to_save when it loads an adapter of that task
-_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
 # PEFT's layer-index rules (re.match): the first numbered segment, or the one after layers_pattern
 _LAYER_INDEX_DEFAULT = r".*?\.[^.]*\.(?P<idx>\d+)\."
 _LAYER_INDEX_AFTER = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
@@ -503,7 +451,7 @@ class TargetSelector:
         excl = config.exclude_modules
         self.exclude_regex = compile_user_regex("exclude_modules", excl) if isinstance(excl, str) and excl else None
         self.exclude: frozenset[str] = frozenset(excl) if isinstance(excl, list) else frozenset()
-        saved = list(config.modules_to_save or []) + list(_TASK_MODULES_TO_SAVE.get(config.task_type or "", ()))
+        saved = list(config.modules_to_save or []) + list(lora.TASK_MODULES_TO_SAVE.get(config.task_type or "", ()))
         self.saved = tuple(compile_user_regex("modules_to_save", m, r"(^|.*\.){}($|\..*)") for m in saved)
         layers = config.layers_to_transform
         self.layers: frozenset[int] | None = None
@@ -517,9 +465,7 @@ class TargetSelector:
         )
 
     def selects(self, key: str) -> bool:
-        # a list entry matches a key it equals or ends at a dot: one of the key's dotted suffixes
-        parts = key.split(".")
-        suffixes = {".".join(parts[i:]) for i in range(len(parts))}
+        suffixes = lora.dotted_suffixes(key)  # a list entry matches a key by one of these
         if self.exclude_regex is not None and self.exclude_regex.fullmatch(key):
             return False
         if not self.exclude.isdisjoint(suffixes):
@@ -539,79 +485,3 @@ class TargetSelector:
             if m is not None:
                 return int(m.group("idx")) in self.layers
         return False
-
-
-def is_all_linear(target_modules: list[str] | str | None) -> bool:
-    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
-
-
-# ------------------------------------------------------------------------------------------------
-# tensor keys
-
-
-@dataclass(frozen=True)
-class TensorKey:
-    """One adapter tensor key, split into the module it belongs to and what it holds."""
-
-    key: str  # as stored in the file
-    module: str  # dotted module path, PEFT prefix and wrapper names (.base_layer, .modules_to_save) removed
-    kind: str  # one of the kind constants above
-    param: str | None  # "weight" / "bias" for BASE_LAYER, FULL, ORIGINAL_MODULE; "bias" for LORA_B_BIAS
-    prefixed: bool  # the key started with "base_model.model."
-
-
-class TensorKeyError(AdapterInvalidError):
-    """A key that matches no PEFT LoRA naming rule (422 ADAPTER_INVALID); ``detail`` names it and why."""
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"tensor {key!r}: {reason}", detail={"key": key, "reason": reason})
-        self.key = key
-        self.reason = reason
-
-
-_SUFFIXES: tuple[tuple[str, str, str | None], ...] = (
-    (".lora_A.weight", LORA_A, None),
-    (".lora_B.weight", LORA_B, None),
-    (".lora_B.bias", LORA_B_BIAS, "bias"),
-    (".lora_embedding_A", EMBEDDING_A, None),
-    (".lora_embedding_B", EMBEDDING_B, None),
-    (".lora_magnitude_vector", MAGNITUDE, None),
-    (".lora_magnitude_vector.weight", MAGNITUDE, None),
-    (".token_adapter.trainable_tokens_delta", TRAINABLE_TOKENS, None),
-    (".base_layer.weight", BASE_LAYER, "weight"),
-    (".base_layer.bias", BASE_LAYER, "bias"),
-    (".original_module.weight", ORIGINAL_MODULE, "weight"),
-    (".original_module.bias", ORIGINAL_MODULE, "bias"),
-    (".modules_to_save.weight", FULL, "weight"),
-    (".modules_to_save.bias", FULL, "bias"),
-)
-
-
-def parse_tensor_key(key: str) -> TensorKey:
-    """Split an adapter tensor key (PEFT_FORMAT.md §2.1); raises TensorKeyError for any other shape."""
-    prefixed = key.startswith(PEFT_PREFIX)
-    rest = key[len(PEFT_PREFIX) :] if prefixed else key
-    for suffix, kind, param in _SUFFIXES:
-        if rest.endswith(suffix):
-            module = rest[: -len(suffix)]
-            break
-    else:
-        if rest.endswith(".weight") or rest.endswith(".bias"):
-            module, _, param = rest.rpartition(".")
-            kind = FULL
-        else:
-            raise TensorKeyError(key, "not a PEFT LoRA tensor name (unknown suffix)")
-    parts = module.split(".")
-    if not module or any(not p for p in parts):
-        raise TensorKeyError(key, "empty module path")
-    reserved = sorted(_RESERVED_COMPONENTS.intersection(parts))
-    if reserved:
-        raise TensorKeyError(
-            key, f"unexpected {reserved[0]!r} inside the module path (adapter name left in, or another format)"
-        )
-    return TensorKey(key=key, module=module, kind=kind, param=param, prefixed=prefixed)
-
-
-def leaf_targets(modules: list[str]) -> list[str]:
-    """Leaf names of adapted module paths (``model.layers.0.self_attn.q_proj`` -> ``q_proj``), for lookup."""
-    return sorted({m.rsplit(".", 1)[-1] for m in modules})

@@ -23,8 +23,9 @@ from loreg.registry.errors import (
     ShapeMismatchError,
     UnknownModuleError,
 )
-from loreg.registry.formats import peft
-from loreg.registry.formats.peft import AdapterConfig, TensorKey, TensorKeyError
+from loreg.registry.formats import lora, peft
+from loreg.registry.formats.lora import TensorKey, TensorKeyError
+from loreg.registry.formats.peft import AdapterConfig
 
 if TYPE_CHECKING:
     from loreg.registry.formats.safetensors import Header
@@ -35,25 +36,6 @@ MAX_PROBLEMS = 200
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
-
-# transformers Conv1D (weight stored [in, out]) is used by these families for these leaves only.
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-CONV1D_ARCH_PREFIXES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
-CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
-
-OUTPUT_EMBEDDING_LEAVES = frozenset({"lm_head", "embed_out"})
-INPUT_EMBEDDING_SUFFIXES = (
-    "embed_tokens.weight",
-    "wte.weight",
-    "word_embeddings.weight",
-    "embed_in.weight",
-    "tok_embeddings.weight",
-    "shared.weight",
-)
-# 2-D embeddings that are not the vocabulary (all-linear leaves them out with the others)
-EMBEDDING_LEAVES = frozenset({"wpe", "position_embeddings", "token_type_embeddings", "embed_positions", "shared"})
-# tensors whose row count is the vocabulary: a saved copy may have more rows (resized tokenizer)
-VOCAB_LEAVES = OUTPUT_EMBEDDING_LEAVES | {s.split(".")[0] for s in INPUT_EMBEDDING_SUFFIXES}
 
 # transformers >= 5 renames some modules at load while checkpoints keep the old names; adapters saved by
 # PEFT on transformers 5 carry the new module paths. Both directions, first match wins.
@@ -168,6 +150,7 @@ class AdapterFacts:
     has_embedding: bool
     has_conv: bool
     has_trainable_tokens: bool
+    targets: list[str]  # leaf names of ``modules`` (q_proj, c_attn, …): what lookup by target matches
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,7 +161,7 @@ def _parse_keys(header: Header) -> tuple[dict[str, TensorKey], dict[str, TensorK
     bad: dict[str, TensorKeyError] = {}
     for key in sorted(header.tensors):
         try:
-            parsed[key] = peft.parse_tensor_key(key)
+            parsed[key] = lora.parse_tensor_key(key)
         except TensorKeyError as exc:
             bad[key] = exc
     return parsed, bad
@@ -194,19 +177,19 @@ def describe_adapter(config: AdapterConfig, header: Header) -> AdapterFacts:
     has_embedding = has_conv = has_tt = False
     for key, tk in parsed.items():
         shape = tuple(header.tensors[key].shape)
-        if tk.kind in (peft.LORA_A, peft.EMBEDDING_A) and shape:
+        if tk.kind in (lora.LORA_A, lora.EMBEDDING_A) and shape:
             ranks.add(shape[0])
-        if tk.kind in peft.LORA_KINDS:
+        if tk.kind in lora.LORA_KINDS:
             modules.add(tk.module)
-        if tk.kind in (peft.EMBEDDING_A, peft.EMBEDDING_B):
+        if tk.kind in (lora.EMBEDDING_A, lora.EMBEDDING_B):
             has_embedding = True
-        if tk.kind == peft.LORA_A and len(shape) >= 3:
+        if tk.kind == lora.LORA_A and len(shape) >= 3:
             has_conv = True
-        if tk.kind == peft.LORA_B_BIAS:
+        if tk.kind == lora.LORA_B_BIAS:
             has_bias = True
-        if tk.kind == peft.TRAINABLE_TOKENS:
+        if tk.kind == lora.TRAINABLE_TOKENS:
             has_tt = True
-        if tk.kind == peft.FULL and (tk.param == "weight" or ".modules_to_save." in key):
+        if tk.kind == lora.FULL and (tk.param == "weight" or ".modules_to_save." in key):
             saved.add(tk.module)
     infos = list(header.tensors.values())
     dtypes = sorted({i.dtype for i in infos})
@@ -234,6 +217,7 @@ def describe_adapter(config: AdapterConfig, header: Header) -> AdapterFacts:
         has_embedding=has_embedding,
         has_conv=has_conv,
         has_trainable_tokens=has_tt,
+        targets=lora.leaf_targets(modules),
     )
 
 
@@ -347,17 +331,6 @@ def _shape(header: Header, key: str) -> list[int]:
     return list(header.tensors[key].shape)
 
 
-def _is_conv1d(base: BaseLayout, base_module: str, config: AdapterConfig) -> bool:
-    gpt2_family = base.model_type in CONV1D_MODEL_TYPES or any(
-        a.startswith(CONV1D_ARCH_PREFIXES) for a in base.architectures
-    )
-    if gpt2_family:
-        return base_module.rsplit(".", 1)[-1] in CONV1D_LEAVES
-    if base.model_type is None and not base.architectures:
-        return config.fan_in_fan_out  # nothing else to go on
-    return False
-
-
 def _rename(model_type: str | None, module: str) -> str:
     for pattern, repl in _RENAMES.get(model_type or "", ()):
         new, n = pattern.subn(repl, module, count=1)
@@ -398,6 +371,21 @@ def _from_base(variant: str, model_type: str | None) -> Callable[[str], str | No
     return step
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """A module's LoRA factors and the base weight they change."""
+
+    module: str  # as the adapter names it
+    target: str  # the base module it maps to
+    layer: str  # lora.LINEAR | CONV1D | EMBEDDING | CONV
+    a: TensorKey
+    b: TensorKey
+    a_shape: list[int]
+    b_shape: list[int]
+    w_name: str
+    w_shape: list[int]
+
+
 class _Validator:
     def __init__(self, config: AdapterConfig, header: Header, base: BaseLayout):
         self.config = config
@@ -417,7 +405,7 @@ class _Validator:
 
     @functools.cached_property
     def input_embedding(self) -> str | None:
-        for suffix in INPUT_EMBEDDING_SUFFIXES:
+        for suffix in lora.INPUT_EMBEDDING_SUFFIXES:
             names = sorted((n for n in self.base.tensors if n == suffix or n.endswith("." + suffix)), key=len)
             if names:
                 return names[0]
@@ -429,7 +417,7 @@ class _Validator:
             return name
         if (
             param == "weight"
-            and module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDING_LEAVES
+            and lora.leaf(module) in lora.OUTPUT_EMBEDDING_LEAVES
             and self.base.tie_word_embeddings
         ):
             return self.input_embedding
@@ -516,39 +504,60 @@ class _Validator:
         return True
 
     def check_module(self, module: str, target: str, keys: list[TensorKey]) -> None:
-        problems, header = self.problems, self.header
+        """One module against the base: stored copies, trainable tokens, then its LoRA pair by layer kind
+        (``_LAYER_CHECKS``) and what every pair shares (rank, DoRA magnitude, lora_B bias)."""
+        by_kind, copies = self.sort_keys(keys)
+        w_name = self.locate(target, "weight")
+        b_name = f"{target}.bias" if f"{target}.bias" in self.base.tensors else None
+        w_shape = list(self.base.shape(w_name) or ()) if w_name else None
+        w_shape = self.check_copies(target, copies, w_name, b_name, w_shape)
+        if lora.TRAINABLE_TOKENS in by_kind:
+            self.check_trainable_tokens(module, by_kind[lora.TRAINABLE_TOKENS], w_name, w_shape)
+        pair = self.lora_pair(module, target, by_kind, w_name, w_shape)
+        if pair is None:
+            return
+        self.layer_types[module] = pair.layer
+        self.scalings[module] = self.config.scaling_for(module)
+        out = _LAYER_CHECKS[pair.layer](self, pair)
+        self.check_rank(pair)
+        self.check_magnitude(pair, by_kind.get(lora.MAGNITUDE), w_fits=out is not None)
+        if lora.LORA_B_BIAS in by_kind:
+            self.check_lora_bias(pair, by_kind[lora.LORA_B_BIAS], b_name, out)
+
+    def sort_keys(self, keys: list[TensorKey]) -> tuple[dict[str, TensorKey], list[TensorKey]]:
+        """A module's keys by kind, and its stored copies; a repeated (kind, param) is a problem."""
         seen: dict[tuple[str, str | None, bool], str] = {}
         by_kind: dict[str, TensorKey] = {}
-        full: list[TensorKey] = []
+        copies: list[TensorKey] = []
         for tk in keys:
             # bias="all" stores a module_to_save's bias twice: `m.bias` and `m.modules_to_save.bias`
             dup = (tk.kind, tk.param, ".modules_to_save." in tk.key)
             if dup in seen:
-                problems.add(tk.key, "DUPLICATE_TENSOR", f"{tk.key!r} repeats {seen[dup]!r}")
+                self.problems.add(tk.key, "DUPLICATE_TENSOR", f"{tk.key!r} repeats {seen[dup]!r}")
                 continue
             seen[dup] = tk.key
-            if tk.kind in (peft.BASE_LAYER, peft.FULL, peft.ORIGINAL_MODULE):
-                full.append(tk)
+            if tk.kind in lora.COPY_KINDS:
+                copies.append(tk)
             else:
                 by_kind[tk.kind] = tk
+        return by_kind, copies
 
-        w_name = self.locate(target, "weight")
-        b_name = f"{target}.bias" if f"{target}.bias" in self.base.tensors else None
-        w_shape = list(self.base.shape(w_name) or ()) if w_name else None
-        vocab_like = target.rsplit(".", 1)[-1] in VOCAB_LEAVES or (w_name is not None and w_name != f"{target}.weight")
-
-        # full tensors: modules_to_save copies, trained biases, base_layer copies
-        for tk in full:
-            if tk.kind == peft.ORIGINAL_MODULE:
+    def check_copies(self, target: str, copies: list[TensorKey], w_name: str | None, b_name: str | None,
+                     w_shape: list[int] | None) -> list[int] | None:
+        """Full tensors (modules_to_save copies, trained biases, base_layer copies) have the base's shapes,
+        or more vocabulary rows; returns the weight's shape the LoRA pair applies to (a resized base_layer)."""
+        vocab_like = lora.leaf(target) in lora.VOCAB_LEAVES or (w_name is not None and w_name != f"{target}.weight")
+        for tk in copies:
+            if tk.kind == lora.ORIGINAL_MODULE:
                 self.key_map[tk.key] = None
                 continue
             base_tensor = w_name if tk.param == "weight" else b_name
             if base_tensor is None:
-                problems.add(tk.key, "UNKNOWN_MODULE", f"{tk.key!r}: the base has no tensor {target}.{tk.param}",
-                             expected=f"{target}.{tk.param}")
+                self.problems.add(tk.key, "UNKNOWN_MODULE", f"{tk.key!r}: the base has no tensor {target}.{tk.param}",
+                                  expected=f"{target}.{tk.param}")
                 continue
             self.key_map[tk.key] = base_tensor
-            actual = _shape(header, tk.key)
+            actual = _shape(self.header, tk.key)
             expected = list(self.base.shape(base_tensor) or ())
             if actual == expected:
                 continue
@@ -557,114 +566,146 @@ class _Validator:
                     "code": "RESIZED_VOCAB", "key": tk.key, "expected": expected, "actual": actual,
                     "message": f"{tk.key!r} has {actual[0]} rows where the base has {expected[0]} (resized vocab)",
                 })
-                if tk.kind == peft.BASE_LAYER:
+                if tk.kind == lora.BASE_LAYER:
                     w_shape = actual
                 continue
-            problems.add(tk.key, "SHAPE_MISMATCH", f"expected {expected}, found {actual} (a copy of {base_tensor})",
-                         expected=expected, actual=actual)
+            self.problems.add(tk.key, "SHAPE_MISMATCH",
+                              f"expected {expected}, found {actual} (a copy of {base_tensor})",
+                              expected=expected, actual=actual)
+        return w_shape
 
-        if peft.TRAINABLE_TOKENS in by_kind:
-            self.check_trainable_tokens(module, by_kind[peft.TRAINABLE_TOKENS], w_name, w_shape)
-
-        lora = {k: by_kind[k] for k in (peft.LORA_A, peft.LORA_B, peft.EMBEDDING_A, peft.EMBEDDING_B) if k in by_kind}
-        extras = {k: by_kind[k] for k in (peft.MAGNITUDE, peft.LORA_B_BIAS) if k in by_kind}
-        if not lora:
-            for tk in extras.values():
+    def lora_pair(self, module: str, target: str, by_kind: dict[str, TensorKey], w_name: str | None,
+                  w_shape: list[int] | None) -> _Pair | None:
+        """The module's A/B pair and its layer kind; None (problems added, if any) when there is none to check."""
+        problems = self.problems
+        factors = {k: by_kind[k] for k in (lora.LORA_A, lora.LORA_B, lora.EMBEDDING_A, lora.EMBEDDING_B)
+                   if k in by_kind}
+        if not factors:
+            for tk in (by_kind[k] for k in (lora.MAGNITUDE, lora.LORA_B_BIAS) if k in by_kind):
                 problems.add(tk.key, "MISSING_TENSOR", f"{tk.key!r} has no lora_A/lora_B pair for {module}",
                              expected=[f"{module}.lora_A.weight", f"{module}.lora_B.weight"])
-            return
+            return None
         if w_name is None or w_shape is None:
-            for tk in lora.values():
+            for tk in factors.values():
                 problems.add(tk.key, "UNKNOWN_MODULE", f"{tk.key!r}: the base has no tensor {target}.weight",
                              expected=f"{target}.weight")
-            return
-        embedding = peft.EMBEDDING_A in lora or peft.EMBEDDING_B in lora
-        if embedding and (peft.LORA_A in lora or peft.LORA_B in lora):
-            for tk in lora.values():
+            return None
+        embedding = lora.EMBEDDING_A in factors or lora.EMBEDDING_B in factors
+        if embedding and (lora.LORA_A in factors or lora.LORA_B in factors):
+            for tk in factors.values():
                 problems.add(tk.key, "MIXED_LORA", f"{module} has both linear and embedding LoRA tensors")
-            return
-        a_kind, b_kind = (peft.EMBEDDING_A, peft.EMBEDDING_B) if embedding else (peft.LORA_A, peft.LORA_B)
+            return None
+        a_kind, b_kind = lora.factor_kinds(embedding)
         missing = False
         for have, want in ((a_kind, b_kind), (b_kind, a_kind)):
-            if have in lora and want not in lora:
-                tk = lora[have]
-                want_key = tk.key[: -len(_suffix(have))] + _suffix(want)
-                problems.add(want_key, "MISSING_TENSOR", f"{module} has {tk.key!r} but no {want_key!r}",
+            if have in factors and want not in factors:
+                want_key = lora.sibling_key(factors[have].key, have, want)
+                problems.add(want_key, "MISSING_TENSOR", f"{module} has {factors[have].key!r} but no {want_key!r}",
                              expected=want_key)
                 missing = True
         if missing:
-            return
-        a, b = lora[a_kind], lora[b_kind]
-        a_shape, b_shape = _shape(header, a.key), _shape(header, b.key)
+            return None
+        a, b = factors[a_kind], factors[b_kind]
+        a_shape, b_shape = _shape(self.header, a.key), _shape(self.header, b.key)
         for tk in (a, b):
             self.key_map[tk.key] = w_name
-        if embedding:
-            layer = "embedding"
-        elif len(a_shape) >= 3 or len(w_shape) >= 3:
-            layer = "conv"
-        elif _is_conv1d(self.base, target, self.config):
-            layer = "conv1d"
-        else:
-            layer = "linear"
-        self.layer_types[module] = layer
-        self.scalings[module] = self.config.scaling_for(module)
-        if self.config.fan_in_fan_out != (layer == "conv1d") and layer in ("linear", "conv1d"):
+        conv1d = lora.is_conv1d(target, self.base.model_type, self.base.architectures, self.config.fan_in_fan_out)
+        layer = lora.layer_kind(embedding, a_shape, w_shape, conv1d)
+        return _Pair(module, target, layer, a, b, a_shape, b_shape, w_name, w_shape)
+
+    # -- one check per layer kind: A and B against W; each returns the layer's output size ------------
+
+    def check_dense(self, pair: _Pair) -> int | None:
+        """nn.Linear (W [out, in]) and Conv1D (W [in, out]): the layer type decides, not the saved flag."""
+        if self.config.fan_in_fan_out != (pair.layer == lora.CONV1D):
             self.warnings.append({
-                "code": "FAN_IN_FAN_OUT_IGNORED", "module": module, "layer": layer,
-                "message": f"fan_in_fan_out={self.config.fan_in_fan_out} in the config, but {w_name} is "
-                           f"{'a Conv1D' if layer == 'conv1d' else 'not a Conv1D'} weight; the layer type decides",
+                "code": "FAN_IN_FAN_OUT_IGNORED", "module": pair.module, "layer": pair.layer,
+                "message": f"fan_in_fan_out={self.config.fan_in_fan_out} in the config, but {pair.w_name} is "
+                           f"{'a Conv1D' if pair.layer == lora.CONV1D else 'not a Conv1D'} weight; "
+                           "the layer type decides",
             })
+        return self.check_factors(pair)
 
-        r_a = a_shape[0] if a_shape else 0
-        r_b = b_shape[1] if len(b_shape) >= 2 else 0
-        out = self.check_pair(module, layer, a.key, a_shape, b.key, b_shape, w_name, w_shape)
-        r_res = self.config.rank_for(module)
+    def check_embedding(self, pair: _Pair) -> int | None:
+        """nn.Embedding (W [vocab, dim]): lora_embedding_A [r, vocab], lora_embedding_B [dim, r]."""
+        return self.check_factors(pair)
+
+    def check_conv(self, pair: _Pair) -> int | None:
+        """ConvNd (W [out, in, *kernel]): A [r, in, *kernel], B [out, r, 1, ...]; groups > 1 cannot merge."""
+        a, w = pair.a_shape, pair.w_shape
+        if len(w) < 3:
+            r_a, _ = lora.factor_ranks(a, pair.b_shape)
+            self.problems.add(pair.a.key, "SHAPE_MISMATCH", f"a convolution LoRA, but base {pair.w_name} is {w}",
+                              expected=[r_a, *w[1:]], actual=a)
+            return None
+        grouped = len(a) > 1 and bool(w[1]) and a[1] != w[1] and a[1] % w[1] == 0
+        hint = " (grouped convolution: LoRA on conv groups > 1 cannot be merged)" if grouped else ""
+        return self.check_factors(pair, a_hint=hint)
+
+    def check_factors(self, pair: _Pair, a_hint: str = "") -> int | None:
+        """A and B have the shapes lora.factor_shapes gives for W (ranks are checked by check_rank)."""
+        r_a, r_b = lora.factor_ranks(pair.a_shape, pair.b_shape)
+        expected = lora.factor_shapes(pair.layer, pair.w_shape, r_a, r_b)
+        if expected is None:
+            self.problems.add(pair.a.key, "SHAPE_MISMATCH", f"a {pair.layer} LoRA, but base {pair.w_name} is "
+                              f"{pair.w_shape}", expected=[r_a, "?"], actual=pair.a_shape)
+            return None
+        for tk, actual, want, hint in ((pair.a, pair.a_shape, expected.a, a_hint),
+                                       (pair.b, pair.b_shape, expected.b, "")):
+            if actual != want:
+                self.problems.add(tk.key, "SHAPE_MISMATCH", f"expected {want}, found {actual}{hint}",
+                                  expected=want, actual=actual)
+        return expected.out
+
+    # -- what every LoRA pair shares ------------------------------------------------------------------
+
+    def check_rank(self, pair: _Pair) -> None:
+        r_res = self.config.rank_for(pair.module)
         via = "rank_pattern" if self.config.rank_pattern and r_res != self.config.r else "r"
-        if r_a != r_res or r_b != r_res:
-            for tk, r in ((a, r_a), (b, r_b)):
-                if r != r_res:
-                    problems.add(tk.key, "RANK_MISMATCH",
-                                 f"{tk.key!r} has rank {r}; the config's {via} gives {r_res} for {module}",
-                                 expected=[r_res], actual=[r])
+        r_a, r_b = lora.factor_ranks(pair.a_shape, pair.b_shape)
+        for tk, r in ((pair.a, r_a), (pair.b, r_b)):
+            if r != r_res:
+                self.problems.add(tk.key, "RANK_MISMATCH",
+                                  f"{tk.key!r} has rank {r}; the config's {via} gives {r_res} for {pair.module}",
+                                  expected=[r_res], actual=[r])
 
-        if peft.MAGNITUDE in extras:
-            tk = extras[peft.MAGNITUDE]
-            self.key_map[tk.key] = w_name
-            if not self.config.use_dora:
-                self.warnings.append({"code": "MAGNITUDE_IGNORED", "key": tk.key,
-                                      "message": f"{tk.key!r} is stored but use_dora is false; PEFT ignores it"})
-            if layer == "conv":
-                expected = [1, w_shape[0]] + [1] * (len(w_shape) - 2)
-            elif layer == "linear":
-                expected = [w_shape[0]]
-            else:  # conv1d [in, out] and embedding [num, dim]: the second axis
-                expected = [w_shape[1]]
-            actual = _shape(header, tk.key)
-            if actual != expected:
-                problems.add(tk.key, "SHAPE_MISMATCH", f"expected {expected}, found {actual} (DoRA magnitude of "
-                             f"{w_name})", expected=expected, actual=actual)
-        elif self.config.use_dora:
-            want_key = a.key[: -len(_suffix(a_kind))] + _suffix(peft.MAGNITUDE)
-            problems.add(want_key, "MISSING_TENSOR", f"use_dora is true but {module} has no lora_magnitude_vector",
-                         expected=want_key)
+    def check_magnitude(self, pair: _Pair, tk: TensorKey | None, w_fits: bool) -> None:
+        """DoRA's magnitude is present exactly with use_dora, one entry per output unit of W (when W's
+        dims fit the layer kind at all: the layer check reported it otherwise)."""
+        if tk is None:
+            if self.config.use_dora:
+                want_key = lora.sibling_key(pair.a.key, pair.a.kind, lora.MAGNITUDE)
+                self.problems.add(want_key, "MISSING_TENSOR",
+                                  f"use_dora is true but {pair.module} has no lora_magnitude_vector", expected=want_key)
+            return
+        self.key_map[tk.key] = pair.w_name
+        if not self.config.use_dora:
+            self.warnings.append({"code": "MAGNITUDE_IGNORED", "key": tk.key,
+                                  "message": f"{tk.key!r} is stored but use_dora is false; PEFT ignores it"})
+        if not w_fits:
+            return
+        expected = list(lora.magnitude_shape(pair.layer, pair.w_shape))
+        actual = _shape(self.header, tk.key)
+        if actual != expected:
+            self.problems.add(tk.key, "SHAPE_MISMATCH", f"expected {expected}, found {actual} (DoRA magnitude of "
+                              f"{pair.w_name})", expected=expected, actual=actual)
 
-        if peft.LORA_B_BIAS in extras:
-            tk = extras[peft.LORA_B_BIAS]
-            if b_name is None:
-                problems.add(tk.key, "BASE_BIAS_MISSING", f"{tk.key!r} needs a bias in the base, "
-                             f"and {target}.bias does not exist", expected=f"{target}.bias")
-            else:
-                self.key_map[tk.key] = b_name
-                actual = _shape(header, tk.key)
-                if out is not None and actual != [out]:
-                    problems.add(tk.key, "SHAPE_MISMATCH", f"expected {[out]}, found {actual} ({module} has {out} "
-                                 "outputs)", expected=[out], actual=actual)
+    def check_lora_bias(self, pair: _Pair, tk: TensorKey, b_name: str | None, out: int | None) -> None:
+        if b_name is None:
+            self.problems.add(tk.key, "BASE_BIAS_MISSING", f"{tk.key!r} needs a bias in the base, "
+                              f"and {pair.target}.bias does not exist", expected=f"{pair.target}.bias")
+            return
+        self.key_map[tk.key] = b_name
+        actual = _shape(self.header, tk.key)
+        if out is not None and actual != [out]:
+            self.problems.add(tk.key, "SHAPE_MISMATCH", f"expected {[out]}, found {actual} ({pair.module} has {out} "
+                              "outputs)", expected=[out], actual=actual)
 
     def check_targets(self, groups: dict[str, list[TensorKey]], located: dict[str, str]) -> None:
         """The config must select exactly the modules whose LoRA tensors are stored, as PEFT selects them."""
         if self.selector is None:
             return  # PEFT falls back to its per-architecture default table, which loreg does not keep
-        held = {m for m in located if any(tk.kind in peft.LORA_KINDS for tk in groups[m])}
+        held = {m for m in located if any(tk.kind in lora.LORA_KINDS for tk in groups[m])}
         to_peft = _from_base(self.variant, self.base.model_type)
         names: set[str] = set(held)
         for name in self.base.tensors:
@@ -675,8 +716,8 @@ class _Validator:
                     names.add(mapped)
         selector = self.selector
         targets = self.config.target_modules
-        if peft.is_all_linear(targets):
-            linear = [m for n in self.base.tensors if (m := self._linear_module(n)) is not None]
+        if lora.is_all_linear(targets):
+            linear = [m for n, (_, shape) in self.base.tensors.items() if (m := lora.all_linear_module(n, shape))]
             targets = sorted({m for n in linear if (m := to_peft(n))})
             selector = peft.TargetSelector(self.config, targets)
         tied: set[str] = set()
@@ -718,56 +759,11 @@ class _Validator:
         """PEFT's ensure_weight_tying through target_modules: a tied base, an embedding among the targets."""
         if self.config.raw.get("ensure_weight_tying") is not True or not self.base.tie_word_embeddings:
             return False
-        if any(m.rsplit(".", 1)[-1] in peft.EMBEDDING_LAYER_NAMES for m in self.config.modules_to_save or []):
+        if any(lora.is_embedding_target(m) for m in self.config.modules_to_save or []):
             return False  # tied through modules_to_save instead: no LoRA on the output embedding
         if isinstance(targets, str):
-            return any(self.selector is not None and self.selector.regex.fullmatch(n) for n in peft.EMBEDDING_LAYER_NAMES)
-        return any(t.rsplit(".", 1)[-1] in peft.EMBEDDING_LAYER_NAMES for t in targets)
-
-    def _linear_module(self, name: str) -> str | None:
-        """The module of a base weight that PEFT's all-linear takes (nn.Linear / Conv1D), judged by shape and name."""
-        if not name.endswith(".weight") or len(self.base.tensors[name][1]) != 2:
-            return None
-        module = name[: -len(".weight")]
-        leaf = module.rsplit(".", 1)[-1]
-        if leaf in VOCAB_LEAVES or leaf in EMBEDDING_LEAVES or "embed" in leaf:
-            return None
-        return module
-
-    def check_pair(
-        self, module: str, layer: str, a_key: str, a: list[int], b_key: str, b: list[int],
-        w_name: str, w: list[int],
-    ) -> int | None:
-        """Shape checks of A and B against W (ranks are checked by the caller); returns the output size."""
-        problems = self.problems
-        r_a = a[0] if a else 0
-        r_b = b[1] if len(b) >= 2 else 0
-        if layer == "conv":
-            if len(w) < 3:
-                problems.add(a_key, "SHAPE_MISMATCH", f"a convolution LoRA, but base {w_name} is {w}",
-                             expected=[r_a, *w[1:]], actual=a)
-                return None
-            exp_a = [r_a, *w[1:]]
-            exp_b = [w[0], r_b] + [1] * (len(w) - 2)
-            out = w[0]
-        elif len(w) != 2:
-            problems.add(a_key, "SHAPE_MISMATCH", f"a {layer} LoRA, but base {w_name} is {w}",
-                         expected=[r_a, "?"], actual=a)
-            return None
-        elif layer == "embedding":
-            exp_a, exp_b, out = [r_a, w[0]], [w[1], r_b], w[1]
-        elif layer == "conv1d":
-            exp_a, exp_b, out = [r_a, w[0]], [w[1], r_b], w[1]
-        else:
-            exp_a, exp_b, out = [r_a, w[1]], [w[0], r_b], w[0]
-        for key, actual, expected in ((a_key, a, exp_a), (b_key, b, exp_b)):
-            if actual != expected:
-                hint = ""
-                if layer == "conv" and key == a_key and len(a) > 1 and w[1] and a[1] != w[1] and a[1] % w[1] == 0:
-                    hint = " (grouped convolution: LoRA on conv groups > 1 cannot be merged)"
-                problems.add(key, "SHAPE_MISMATCH", f"expected {expected}, found {actual}{hint}",
-                             expected=expected, actual=actual)
-        return out
+            return any(self.selector is not None and self.selector.regex.fullmatch(n) for n in lora.EMBEDDING_LAYER_NAMES)
+        return any(lora.is_embedding_target(t) for t in targets)
 
     def check_trainable_tokens(self, module: str, tk: TensorKey, w_name: str | None, w: list[int] | None) -> None:
         problems = self.problems
@@ -776,19 +772,17 @@ class _Validator:
                          expected=f"{module}.weight")
             return
         self.key_map[tk.key] = w_name
-        indices = self.config.trainable_token_indices
-        if isinstance(indices, dict):
-            indices = next((v for k, v in indices.items() if peft.target_module_matches(k, module)), None)
+        indices = lora.token_indices(self.config.trainable_token_indices, module)
         if indices is None:
             problems.add(tk.key, "MISSING_CONFIG", f"{tk.key!r} is stored but trainable_token_indices does not "
                          f"name {module}", expected="trainable_token_indices")
             return
         actual = _shape(self.header, tk.key)
-        expected = [len(indices), w[1]]
+        expected = lora.token_rows_shape(indices, w)
         if actual != expected:
             problems.add(tk.key, "SHAPE_MISMATCH", f"expected {expected}, found {actual} ({len(indices)} token "
                          f"rows of {w_name} {w})", expected=expected, actual=actual)
-        out_of_range = sorted({i for i in indices if not 0 <= i < w[0]})
+        out_of_range = lora.tokens_out_of_range(indices, w[0])
         if out_of_range:
             problems.add(tk.key, "INDEX_OUT_OF_RANGE", f"trainable_token_indices {out_of_range[:10]} are outside "
                          f"the vocabulary of {w_name} ({w[0]} rows)", expected=[0, w[0] - 1], actual=out_of_range[:50])
@@ -796,10 +790,10 @@ class _Validator:
     def collect_warnings(self, groups: dict[str, list[TensorKey]], base_name: str | None,
                          base_revision: str | None) -> None:
         config = self.config
-        lora_modules = sorted(m for m, keys in groups.items() if any(tk.kind in peft.LORA_KINDS for tk in keys))
+        adapted = lora.lora_modules(tk for keys in groups.values() for tk in keys)
         if isinstance(config.target_modules, list):
             for target in config.target_modules:
-                if not any(peft.target_module_matches(target, m) for m in lora_modules):
+                if not any(lora.target_module_matches(target, m) for m in adapted):
                     self.warnings.append({
                         "code": "TARGET_MODULE_UNUSED", "target": target,
                         "message": f"target_modules lists {target!r} but no tensor adapts it",
@@ -822,19 +816,17 @@ class _Validator:
                 "message": f"init_lora_weights={init!r} changes the base at init; this adapter is only right on "
                            "that residual base unless it was converted when saved",
             })
-        if config.lora_bias and not any(tk.kind == peft.LORA_B_BIAS for keys in groups.values() for tk in keys):
+        if config.lora_bias and not any(tk.kind == lora.LORA_B_BIAS for keys in groups.values() for tk in keys):
             self.warnings.append({"code": "LORA_BIAS_MISSING",
                                   "message": "lora_bias is true but no lora_B.bias tensor is stored"})
 
 
-def _suffix(kind: str) -> str:
-    return {
-        peft.LORA_A: ".lora_A.weight",
-        peft.LORA_B: ".lora_B.weight",
-        peft.EMBEDDING_A: ".lora_embedding_A",
-        peft.EMBEDDING_B: ".lora_embedding_B",
-        peft.MAGNITUDE: ".lora_magnitude_vector",
-    }[kind]
+_LAYER_CHECKS: dict[str, Callable[[_Validator, _Pair], int | None]] = {
+    lora.LINEAR: _Validator.check_dense,
+    lora.CONV1D: _Validator.check_dense,
+    lora.EMBEDDING: _Validator.check_embedding,
+    lora.CONV: _Validator.check_conv,
+}
 
 
 def validate_adapter(

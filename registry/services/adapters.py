@@ -57,7 +57,7 @@ from loreg.registry.errors import (
     VersionNotFoundError,
 )
 from loreg.registry.faults import crash_point
-from loreg.registry.formats import names, peft, safetensors
+from loreg.registry.formats import lora, names, peft, safetensors
 from loreg.registry.formats.fingerprint import manifest_digest
 from loreg.registry.services.context import Registry
 
@@ -356,7 +356,7 @@ class AdapterService:
         if facts is not None and facts[0] == header.header_size:
             # scanned while the upload streamed through: no second read of the file
             bad = [{"key": k, "nonfinite": n} for k, n in facts[1].items()]
-            zero_b = [k for k in facts[2] if ".lora_B." in k or k.endswith(".lora_embedding_B")]
+            zero_b = [k for k in facts[2] if lora.is_b_factor(k)]
         else:
             bad, zero_b = self._read_and_scan(digest, header)
         return self._value_verdict(header, bad, zero_b)
@@ -377,7 +377,7 @@ class AdapterService:
                 position = tensor.end
                 if stats.nonfinite:
                     bad.append({"key": tensor.name, "nonfinite": stats.nonfinite})
-                elif stats.all_zero and (".lora_B." in tensor.name or tensor.name.endswith(".lora_embedding_B")):
+                elif stats.all_zero and lora.is_b_factor(tensor.name):
                     zero_b.append(tensor.name)
         return bad, zero_b
 
@@ -391,9 +391,7 @@ class AdapterService:
                 hint="the training diverged; push a checkpoint from before the loss became NaN",
             )
         warnings: list[dict[str, Any]] = []
-        if zero_b and len(zero_b) == sum(
-            1 for t in header.tensors if ".lora_B." in t or t.endswith(".lora_embedding_B")
-        ):
+        if zero_b and len(zero_b) == sum(1 for t in header.tensors if lora.is_b_factor(t)):
             warnings.append(
                 {
                     "code": "ZERO_LORA_B",
@@ -903,11 +901,4 @@ def peft_facts(config: peft.AdapterConfig, header: safetensors.Header) -> dict[s
     """The derived facts stored with a version (JSON-able)."""
     from loreg.registry.formats import validate
 
-    facts = validate.describe_adapter(config, header).to_dict()
-    return with_targets(facts)
-
-
-def with_targets(facts: dict[str, Any]) -> dict[str, Any]:
-    """Add ``targets``: the leaf names of the adapted modules (q_proj, c_attn, …), for lookup."""
-    facts["targets"] = peft.leaf_targets(facts.get("modules", []))
-    return facts
+    return validate.describe_adapter(config, header).to_dict()

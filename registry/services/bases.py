@@ -301,9 +301,6 @@ class BaseService:
             expected_name = ref if not ref.startswith("sha256:") else (base_labels[0] if base_labels else None)
         report = validate.validate_adapter(config, header, layout, base_name=expected_name.split("@")[0] if expected_name else None)
         out = report.to_dict()
-        from loreg.registry.services.adapters import with_targets
-
-        out["facts"] = with_targets(out["facts"])
         out["facts"]["base_source"] = source
         out["facts"]["serving"] = report.serving
         out["mapping"] = {"variant": report.variant, "modules": report.mapping, "layer_types": report.layer_types}

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from loreg.registry.db.models import Adapter, Version, VersionFile
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.errors import MergeUnsupportedError
-from loreg.registry.formats import peft, safetensors
+from loreg.registry.formats import lora, peft, safetensors
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.context import Registry
 
@@ -90,12 +90,12 @@ class InspectService:
         pairs: dict[str, dict[str, Any]] = {}
         for key, info in header.tensors.items():
             try:
-                tk = peft.parse_tensor_key(key)
-            except Exception:  # noqa: BLE001 - validated at push; anything else is not a LoRA factor
+                tk = lora.parse_tensor_key(key)
+            except lora.TensorKeyError:  # validated at push; anything else is not a LoRA factor
                 continue
-            if tk.kind in (peft.LORA_A, peft.EMBEDDING_A):
+            if tk.kind in (lora.LORA_A, lora.EMBEDDING_A):
                 pairs.setdefault(tk.module, {})["A"] = info
-            elif tk.kind in (peft.LORA_B, peft.EMBEDDING_B):
+            elif tk.kind in (lora.LORA_B, lora.EMBEDDING_B):
                 pairs.setdefault(tk.module, {})["B"] = info
         modules = []
         for module, pair in sorted(pairs.items()):

@@ -10,13 +10,9 @@ from pathlib import Path
 import pytest
 
 from loreg.registry.errors import AdapterInvalidError, ConfigInvalidError, ConfigTooLargeError
-from loreg.registry.formats import peft
-from loreg.registry.formats.peft import (
-    TensorKeyError,
-    parse_adapter_config,
-    parse_tensor_key,
-    scaling,
-)
+from loreg.registry.formats import lora
+from loreg.registry.formats.lora import TensorKeyError, parse_tensor_key, scaling
+from loreg.registry.formats.peft import parse_adapter_config
 from loreg.registry.formats.safetensors import read_header_from_file
 from tests import factories
 
@@ -225,7 +221,7 @@ def test_real_adapter_rank_pattern_matches_its_tensors(adapters: dict[str, Path]
     seen = set()
     for key, info in header.tensors.items():
         tk = parse_tensor_key(key)
-        if tk.kind == peft.LORA_A:
+        if tk.kind == lora.LORA_A:
             assert info.shape[0] == config.rank_for(tk.module), key
             seen.add(info.shape[0])
     assert seen == {4, 8, 16}
@@ -296,20 +292,20 @@ def test_regex_target_modules_is_stored_not_compiled(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(
     ("suffix", "kind", "param"),
     [
-        (".lora_A.weight", peft.LORA_A, None),
-        (".lora_B.weight", peft.LORA_B, None),
-        (".lora_B.bias", peft.LORA_B_BIAS, "bias"),
-        (".lora_embedding_A", peft.EMBEDDING_A, None),
-        (".lora_embedding_B", peft.EMBEDDING_B, None),
-        (".lora_magnitude_vector", peft.MAGNITUDE, None),
-        (".base_layer.weight", peft.BASE_LAYER, "weight"),
-        (".base_layer.bias", peft.BASE_LAYER, "bias"),
-        (".weight", peft.FULL, "weight"),
-        (".bias", peft.FULL, "bias"),
-        (".modules_to_save.bias", peft.FULL, "bias"),
-        (".modules_to_save.weight", peft.FULL, "weight"),
-        (".original_module.bias", peft.ORIGINAL_MODULE, "bias"),
-        (".token_adapter.trainable_tokens_delta", peft.TRAINABLE_TOKENS, None),
+        (".lora_A.weight", lora.LORA_A, None),
+        (".lora_B.weight", lora.LORA_B, None),
+        (".lora_B.bias", lora.LORA_B_BIAS, "bias"),
+        (".lora_embedding_A", lora.EMBEDDING_A, None),
+        (".lora_embedding_B", lora.EMBEDDING_B, None),
+        (".lora_magnitude_vector", lora.MAGNITUDE, None),
+        (".base_layer.weight", lora.BASE_LAYER, "weight"),
+        (".base_layer.bias", lora.BASE_LAYER, "bias"),
+        (".weight", lora.FULL, "weight"),
+        (".bias", lora.FULL, "bias"),
+        (".modules_to_save.bias", lora.FULL, "bias"),
+        (".modules_to_save.weight", lora.FULL, "weight"),
+        (".original_module.bias", lora.ORIGINAL_MODULE, "bias"),
+        (".token_adapter.trainable_tokens_delta", lora.TRAINABLE_TOKENS, None),
     ],
 )
 @pytest.mark.parametrize("prefix", ["base_model.model.", ""])
@@ -343,18 +339,18 @@ def test_unknown_tensor_keys_are_refused_with_detail(key: str) -> None:
 def test_every_key_of_real_adapters_parses(adapters: dict[str, Path], name: str) -> None:
     header = read_header_from_file(adapters[name] / "adapter_model.safetensors")
     kinds = {parse_tensor_key(key).kind for key in header.tensors}
-    assert {peft.LORA_A, peft.LORA_B} <= kinds
+    assert {lora.LORA_A, lora.LORA_B} <= kinds
     if name == "everything":
-        assert {peft.FULL, peft.ORIGINAL_MODULE, peft.BASE_LAYER, peft.TRAINABLE_TOKENS} <= kinds
+        assert {lora.FULL, lora.ORIGINAL_MODULE, lora.BASE_LAYER, lora.TRAINABLE_TOKENS} <= kinds
     if name == "dora":
-        assert peft.MAGNITUDE in kinds
+        assert lora.MAGNITUDE in kinds
     if name == "lora_bias":
-        assert peft.LORA_B_BIAS in kinds
+        assert lora.LORA_B_BIAS in kinds
 
 
 def test_target_module_list_rule() -> None:
-    assert peft.target_module_matches("q_proj", LLAMA_Q)
-    assert peft.target_module_matches(LLAMA_Q, LLAMA_Q)
-    assert peft.target_module_matches("self_attn.q_proj", LLAMA_Q)
-    assert not peft.target_module_matches("_proj", LLAMA_Q)
-    assert not peft.target_module_matches("proj", LLAMA_Q)
+    assert lora.target_module_matches("q_proj", LLAMA_Q)
+    assert lora.target_module_matches(LLAMA_Q, LLAMA_Q)
+    assert lora.target_module_matches("self_attn.q_proj", LLAMA_Q)
+    assert not lora.target_module_matches("_proj", LLAMA_Q)
+    assert not lora.target_module_matches("proj", LLAMA_Q)

@@ -411,6 +411,21 @@ def test_dora_magnitude_missing_or_misshapen(tmp_path: Path, bases: Bases, layou
     assert [(p["key"], p["expected"], p["actual"]) for p in problems] == [(key, [32], [16])]
 
 
+def test_dora_factors_on_a_base_weight_without_an_output_axis_are_a_shape_mismatch(
+    tmp_path: Path, bases: Bases, layouts: Layouts
+) -> None:
+    # embedding factors on the 1-D model.norm.weight: the magnitude's shape cannot be read off W (was an IndexError)
+    adapter = factories.make_adapter(tmp_path / "ad", "llama", base_dir=bases["llama"], use_dora=True)
+    norm = P + "model.norm"
+    bad = edit(adapter, tmp_path / "bad", lambda t: {
+        **t, norm + ".lora_embedding_A": torch.ones(8, 32), norm + ".lora_embedding_B": torch.ones(32, 8),
+        norm + ".lora_magnitude_vector": torch.ones(32),
+    })
+    problems = refused(bad, layouts["llama"], ShapeMismatchError)
+    assert [(p["key"], p["code"]) for p in problems] == [(norm + ".lora_embedding_A", "SHAPE_MISMATCH")]
+    assert "a embedding LoRA, but base model.norm.weight is [32]" in problems[0]["message"]
+
+
 def test_trainable_token_index_beyond_vocab(tmp_path: Path, bases: Bases, layouts: Layouts) -> None:
     adapter = factories.make_adapter(
         tmp_path / "ad", "llama", base_dir=bases["llama"], trainable_token_indices=[1, 5, 7]
@@ -626,6 +641,7 @@ def test_facts_describe_the_adapter_without_a_base(llama_adapter: Path) -> None:
     assert (facts.dtype, facts.dtypes, facts.ranks, facts.tensor_count) == ("F32", ["F32"], [8], 8)
     assert (facts.use_dora, facts.use_rslora, facts.bias, facts.task_type) == (False, False, "none", None)
     assert facts.base_model_name_or_path == "loreg-test/tiny-llama"
+    assert facts.targets == ["q_proj", "v_proj"]  # what lookup by target matches, same on server and client
     assert json.loads(canonical_json(facts.to_dict()))["r"] == 8
 
 
