@@ -25,7 +25,7 @@ from sqlalchemy import select
 from loreg.registry.db.models import Adapter, VersionFile
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.errors import BaseMismatchError, ShapeMismatchError
-from loreg.registry.formats import names, peft, safetensors
+from loreg.registry.formats import lora, names, peft, safetensors
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.inspect import MAX_FACTOR_BYTES, to_float32
 from loreg.registry.services.tokens import Principal
@@ -228,14 +228,14 @@ def _load(adapters: AdapterService, ref: names.Reference) -> _Loaded:
     magnitudes: set[str] = set()
     for key, info in header.tensors.items():
         try:
-            tk = peft.parse_tensor_key(key)
-        except Exception:  # noqa: BLE001 - validated at push; anything else is not a LoRA factor
+            tk = lora.parse_tensor_key(key)
+        except lora.TensorKeyError:  # validated at push; anything else is not a LoRA factor
             continue
-        if tk.kind in (peft.LORA_A, peft.EMBEDDING_A):
+        if tk.kind in (lora.LORA_A, lora.EMBEDDING_A):
             pairs.setdefault(tk.module, {})["A"] = info
-        elif tk.kind in (peft.LORA_B, peft.EMBEDDING_B):
+        elif tk.kind in (lora.LORA_B, lora.EMBEDDING_B):
             pairs.setdefault(tk.module, {})["B"] = info
-        elif tk.kind == peft.MAGNITUDE:
+        elif tk.kind == lora.MAGNITUDE:
             magnitudes.add(tk.module)
     factors: dict[str, tuple[np.ndarray, np.ndarray, float, bool]] = {}
     skipped = []
