@@ -126,8 +126,9 @@ def test_combination_matches_peft_add_weighted_adapter(fam: Family, method: str,
             assert ours[key].shape == expected[key].shape, key
             assert _rel(ours[key], expected[key]) < 1e-5 if expected[key].norm() > 0 else torch.equal(ours[key], expected[key])
     assert result.rank == {"cat": 16}.get(method, 8) and result.method == method
-    config = (tmp_path / "out" / "adapter_config.json").read_text()
-    assert parse_adapter_config(config.encode()).r == result.rank
+    config = parse_adapter_config((tmp_path / "out" / "adapter_config.json").read_bytes())
+    assert config.r == config.lora_alpha == result.rank
+    assert config.target_modules == sorted(set(TARGETS[fam.family][0]) | set(TARGETS[fam.family][1]))
     torch.testing.assert_close(fam.our_merged_logits(tmp_path / "out"), fam.peft_merged_logits(name), rtol=1e-4, atol=1e-5)
 
 
@@ -276,3 +277,37 @@ def test_one_input_combines_linearly_like_peft(llama: Family, tmp_path: Path) ->
     assert result.method == "linear"
     name, _ = llama.peft_combined(["default"], (0.5,), "svd")
     torch.testing.assert_close(llama.our_merged_logits(tmp_path), llama.peft_merged_logits(name), rtol=1e-4, atol=1e-5)
+
+
+def test_rslora_inputs_keep_their_meaning(llama: Family, tmp_path: Path) -> None:
+    # PEFT keeps use_rslora with r = alpha = rank: its result is scaled by sqrt(rank); ours is not
+    rs = factories.make_adapter(tmp_path / "rs", "llama", base_dir=llama.base, seed=21, use_rslora=True)
+    zero = factories.make_adapter(tmp_path / "zero", "llama", base_dir=llama.base, seed=22)
+    combine.combine_to_dir(llama.inputs([rs, zero]), CombineParams("cat", (1.0, 0.0)), tmp_path / "out", device="cpu")
+    assert parse_adapter_config((tmp_path / "out" / "adapter_config.json").read_bytes()).use_rslora is False
+    expected = factories.load_adapter_model(llama.base, rs).merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(llama.our_merged_logits(tmp_path / "out"), _logits(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_inputs_that_narrow_their_targets_differently_name_the_exact_modules(llama: Family, tmp_path: Path) -> None:
+    layer0 = factories.make_adapter(tmp_path / "l0", "llama", base_dir=llama.base, seed=23, layers_to_transform=[0])
+    combine.combine_to_dir(llama.inputs([layer0, llama.adapters[2]]), CombineParams("cat", (1.0, 1.0)),
+                           tmp_path / "out", device="cpu")
+    config = parse_adapter_config((tmp_path / "out" / "adapter_config.json").read_bytes())
+    assert config.layers_to_transform is None
+    assert config.target_modules == [
+        "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj",
+    ]
+    llama.our_merged_logits(tmp_path / "out")  # the exact paths load in PeftModel.from_pretrained
+
+
+def test_importing_combine_loads_no_torch_and_no_web_stack() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, loreg.registry.merge.combine; "
+            "print(sorted(m for m in ('torch', 'pydantic', 're2', 'fastapi', 'sqlalchemy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
