@@ -23,6 +23,7 @@ TARGETS = {
     "gpt2": (["c_attn"], ["c_attn", "c_fc"]),  # Conv1D: fan_in_fan_out
     "bert": (["query", "value"], ["query", "value", "key"]),
 }
+CONV_TARGETS = (["q_proj", "projection"], ["projection", "v_proj"])  # ViT (test_conv2d_*)
 WEIGHTS = (0.7, -0.4)
 # density 1 keeps DARE deterministic in PEFT too (PEFT cannot be seeded per module; see test_dare_* below)
 PARAMS: dict[str, dict[str, Any]] = {
@@ -40,7 +41,7 @@ class Family:
     def __init__(self, root: Path, family: str):
         self.family = family
         self.base = factories.make_base(root / "base", family)
-        first, second = TARGETS[family]
+        first, second = CONV_TARGETS if family == "vit" else TARGETS[family]
         self.adapters = [
             factories.make_adapter(root / "a0", family, base_dir=self.base, seed=11, target_modules=first),
             factories.make_adapter(root / "a1", family, base_dir=self.base, seed=12, target_modules=second,
@@ -83,8 +84,9 @@ class Family:
 
 
 def _logits(model: Any) -> Any:
-    out = model(input_ids=torch.tensor(PROMPT))
-    return out.logits
+    if model.config.model_type == "vit":
+        return model(pixel_values=torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)).logits
+    return model(input_ids=torch.tensor(PROMPT)).logits
 
 
 @pytest.fixture(scope="module", params=sorted(TARGETS))
@@ -130,6 +132,30 @@ def test_combination_matches_peft_add_weighted_adapter(fam: Family, method: str,
     assert config.r == config.lora_alpha == result.rank
     assert config.target_modules == sorted(set(TARGETS[fam.family][0]) | set(TARGETS[fam.family][1]))
     torch.testing.assert_close(fam.our_merged_logits(tmp_path / "out"), fam.peft_merged_logits(name), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return Family(tmp_path_factory.mktemp("vit"), "vit")
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "ties_svd", "ties"])
+def test_conv2d_lora_combines_like_peft(vit: Family, method: str, tmp_path: Path) -> None:
+    # ViT's patch embedding is a Conv2d with an 8x8 kernel: A is [r, 3, 8, 8], B [32, r, 1, 1]
+    from safetensors.torch import load_file
+
+    kw = PARAMS[method]
+    combine.combine_to_dir(vit.inputs(), CombineParams(method, WEIGHTS, **kw), tmp_path, device="cpu")
+    name, expected = vit.peft_combined(["default", "a1"], WEIGHTS, method, **kw)
+    ours = load_file(tmp_path / "adapter_model.safetensors")
+    conv = "base_model.model.vit.embeddings.patch_embeddings.projection"
+    assert ours[f"{conv}.lora_A.weight"].shape == expected[f"{conv}.lora_A.weight"].shape
+    theirs = _products({k: v.flatten(1) if v.dim() == 4 else v for k, v in expected.items()})
+    got = _products({k: v.flatten(1) if v.dim() == 4 else v for k, v in ours.items()})
+    assert set(got) == set(theirs) and f"{conv}" in got
+    for key in theirs:
+        assert _rel(got[key], theirs[key]) < 1e-5, key
+    torch.testing.assert_close(vit.our_merged_logits(tmp_path), vit.peft_merged_logits(name), rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
