@@ -92,6 +92,9 @@ BaseUnknownError = _error("BaseUnknownError", "BASE_UNKNOWN", 422, "The adapter'
 BaseMismatchError = _error("BaseMismatchError", "BASE_MISMATCH", 422, "Two versions are not on the same base model.")
 BlobMissingError = _error("BlobMissingError", "BLOB_MISSING", 422, "A manifest names a blob not stored.")
 MergeUnsupportedError = _error("MergeUnsupportedError", "MERGE_UNSUPPORTED", 422, "This merge cannot be done.")
+CombinationInvalidError = _error(
+    "CombinationInvalidError", "COMBINATION_INVALID", 422, "A combination method or parameter is invalid."
+)
 # 429 / 5xx
 TooManyRequestsError = _error("TooManyRequestsError", "TOOMANYREQUESTS", 429, "Rate limited.")
 InternalError = _error("InternalError", "INTERNAL", 500, "An unexpected error.")
