@@ -68,6 +68,7 @@ from loreg.registry.errors import (
     RankMismatchError,
     ShapeMismatchError,
 )
+from loreg.registry.formats import lora
 from loreg.registry.formats.safetensors import Header, TensorInfo, read_header_from_file
 
 METHODS = (
@@ -83,20 +84,14 @@ SIGN_RULES = ("total", "frequency")
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
-_PEFT_PREFIX = "base_model.model."
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-# What each key suffix holds: a factor (A/B, embedding or not), a base copy carried over, or something
-# that add_weighted_adapter cannot combine (named in the refusal).
-_FACTORS = {
-    ".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
-    ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True),
-}
+# What add_weighted_adapter cannot combine, by the rules module's tensor kind (named in the refusal).
 _UNCOMBINABLE = {
-    ".lora_magnitude_vector": "a DoRA magnitude vector", ".lora_magnitude_vector.weight": "a DoRA magnitude vector",
-    ".lora_B.bias": "a lora_B bias (lora_bias=true)",
-    ".token_adapter.trainable_tokens_delta": "trainable token rows",
-    ".modules_to_save.weight": "a modules_to_save copy", ".modules_to_save.bias": "a modules_to_save copy",
+    lora.MAGNITUDE: "a DoRA magnitude vector",
+    lora.LORA_B_BIAS: "a lora_B bias (lora_bias=true)",
+    lora.TRAINABLE_TOKENS: "trainable token rows",
 }
+_FACTOR_SIDES = {lora.LORA_A: "A", lora.LORA_B: "B", lora.EMBEDDING_A: "A_emb", lora.EMBEDDING_B: "B_emb"}
 _BASE_COPY = ".base_layer.weight"  # PEFT saves the embedding's base weights with embedding LoRA (vocab check)
 
 
@@ -402,16 +397,20 @@ def _check_config(inp: CombineInput) -> None:
 
 def _split(key: str) -> tuple[str, str, str]:
     """(module, suffix, what): what is "A"/"B"/"A_emb"/"B_emb", "copy" or a description of what cannot combine."""
-    rest = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-    for suffix, (side, emb) in _FACTORS.items():
-        if rest.endswith(suffix):
-            return rest[: -len(suffix)], suffix, side + ("_emb" if emb else "")
-    for suffix, what in _UNCOMBINABLE.items():
-        if rest.endswith(suffix):
-            return rest[: -len(suffix)], suffix, what
-    if rest.endswith(_BASE_COPY):
-        return rest[: -len(_BASE_COPY)], _BASE_COPY, "copy"
-    return rest, "", "a full tensor (modules_to_save or a trained bias)"
+    full = "a full tensor (modules_to_save or a trained bias)"
+    try:
+        tk = lora.parse_tensor_key(key)
+    except lora.TensorKeyError:
+        return key, "", full
+    if tk.kind in _FACTOR_SIDES:
+        return tk.module, "", _FACTOR_SIDES[tk.kind]
+    if tk.kind in _UNCOMBINABLE:
+        return tk.module, "", _UNCOMBINABLE[tk.kind]
+    if tk.kind == lora.BASE_LAYER and tk.param == "weight":
+        return tk.module, _BASE_COPY, "copy"
+    if ".modules_to_save." in key:
+        return tk.module, "", "a modules_to_save copy"
+    return tk.module, "", full
 
 
 def _max_rank(config: Any) -> int:
@@ -427,7 +426,7 @@ def _collect(inputs: Sequence[CombineInput], headers: Sequence[Header]) -> tuple
         for key, info in header.tensors.items():
             module, suffix, what = _split(key)
             if what == "copy":
-                copies.setdefault(_PEFT_PREFIX + module + suffix, []).append((i, info))
+                copies.setdefault(lora.PEFT_PREFIX + module + suffix, []).append((i, info))
             elif what in ("A", "B", "A_emb", "B_emb"):
                 if info.dtype not in _TORCH_DTYPES:
                     raise DtypeUnsupportedError(f"adapter {inp.name!r}: tensor {key!r} is {info.dtype}",
@@ -528,8 +527,8 @@ def _header_bytes(entries: Sequence[tuple[str, tuple[int, ...]]]) -> bytes:
 
 def _factor_keys(module: _Module) -> tuple[str, str]:
     if module.embedding:
-        return f"{_PEFT_PREFIX}{module.name}.lora_embedding_A", f"{_PEFT_PREFIX}{module.name}.lora_embedding_B"
-    return f"{_PEFT_PREFIX}{module.name}.lora_A.weight", f"{_PEFT_PREFIX}{module.name}.lora_B.weight"
+        return f"{lora.PEFT_PREFIX}{module.name}.lora_embedding_A", f"{lora.PEFT_PREFIX}{module.name}.lora_embedding_B"
+    return f"{lora.PEFT_PREFIX}{module.name}.lora_A.weight", f"{lora.PEFT_PREFIX}{module.name}.lora_B.weight"
 
 
 def plan_combination(inputs: Sequence[CombineInput], params: CombineParams) -> CombinePlan:
