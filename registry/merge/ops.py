@@ -229,14 +229,14 @@ def merge_tensor(torch: Any, t: PlannedTensor, base_buf: Any, loaded: Loaded, de
         for src in ops.replace:
             if not torch.equal(get(src), w):
                 raise refuse(f"adapter {src.adapter}: {src.key!r} replaces {t.name} with different values, and a "
-                              "replaced tensor can only be merged from a single adapter with weight 1.0",
-                              tensor=t.name, adapter=src.adapter, key=src.key)
+                             "replaced tensor can only be merged from a single adapter with weight 1.0",
+                             tensor=t.name, adapter=src.adapter, key=src.key)
     elif ops.replace:
         first = get(ops.replace[0])
         for other in ops.replace[1:]:
             if not torch.equal(get(other), first):
                 raise refuse(f"adapter {other.adapter} holds two different stored copies of {t.name}",
-                              tensor=t.name, keys=[s.key for s in ops.replace])
+                             tensor=t.name, keys=[s.key for s in ops.replace])
         w = first.clone()
     for op in ops.lora:
         d = _delta(torch, op, get(op.a), get(op.b), shape, scratch)
