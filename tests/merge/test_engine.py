@@ -229,12 +229,12 @@ def test_row_blocked_linear_merge_is_bit_identical_to_the_whole_tensor_merge(
 ) -> None:
     """The CPU path merges big Linear weights in blocks of rows; on the tiny models the 64-row MLP
     weights take it only when the block is forced down to ROW_TAIL rows."""
-    import loreg.registry.merge.engine as engine
+    import loreg.registry.merge.ops as ops
 
     adapter = cache.adapter(f"rows-{base}", "llama", base, target_modules="all-linear")
-    monkeypatch.setattr(engine, "ROW_BLOCK", 1)  # blocks of ROW_TAIL (32) rows: 2 blocks per MLP weight
+    monkeypatch.setattr(ops, "ROW_BLOCK", 1)  # blocks of ROW_TAIL (32) rows: 2 blocks per MLP weight
     blocked = merge(cache.bases[base], [adapter], root / f"rows-blocked-{base}")
-    monkeypatch.setattr(engine, "ROW_TAIL", 1 << 30)  # the whole-tensor path for every weight
+    monkeypatch.setattr(ops, "ROW_TAIL", 1 << 30)  # the whole-tensor path for every weight
     whole = merge(cache.bases[base], [adapter], root / f"rows-whole-{base}")
     assert blocked.touched == whole.touched and any("mlp" in t for t in blocked.touched)
     for a, b in zip(sorted(blocked.out_dir.glob("*.safetensors")), sorted(whole.out_dir.glob("*.safetensors"))):
@@ -499,12 +499,12 @@ def test_empty_shards_zero_size_and_integer_tensors_survive_a_dtype_change(root:
 
 
 def _merge_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    import loreg.registry.merge.engine as engine
+    import loreg.registry.merge.ops as ops
 
     if path == "whole":  # the whole-tensor path for every weight (CPU Linear weights take the row path by default)
-        monkeypatch.setattr(engine, "ROW_TAIL", 1 << 30)
+        monkeypatch.setattr(ops, "ROW_TAIL", 1 << 30)
     else:
-        monkeypatch.setattr(engine, "ROW_BLOCK", 1)  # several blocks of rows per weight
+        monkeypatch.setattr(ops, "ROW_BLOCK", 1)  # several blocks of rows per weight
 
 
 @pytest.mark.parametrize("path", ["rows", "whole"])

@@ -1,4 +1,4 @@
-"""The merge writer's output files (engine._OutFile): exact bytes, size and digest whether the bytes go out
+"""The merge writer's output files (outfile.OutFile): exact bytes, size and digest whether the bytes go out
 with O_DIRECT, through the page cache, or through the page cache after a file system refused an O_DIRECT write."""
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from loreg.registry.merge import engine
+from loreg.registry.merge import outfile
 
 STAGE = 64 << 10  # a small staging buffer, so that pieces cross it many times
 SIZES = [0, 1, 7, 4095, 4096, 4097, STAGE - 1, STAGE, STAGE + 1, 3 * STAGE + 4099, 12345, 8]
 
 
 def _direct_supported(folder: Path) -> bool:
-    if not engine._O_DIRECT:
+    if not outfile.O_DIRECT:
         return False
     try:
-        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | engine._O_DIRECT, 0o644)
+        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | outfile.O_DIRECT, 0o644)
     except OSError:
         return False
     os.close(fd)
@@ -33,8 +33,8 @@ def _write(path: Path, seed: int) -> tuple[bytes, str, bool]:
     g = torch.Generator().manual_seed(seed)
     header = b'{"__metadata__":{"format":"pt"}}' + b" " * 5
     expected = bytearray(header)
-    staging = engine._Staging(torch)
-    f = engine._OutFile(path, staging)
+    staging = outfile.Staging(torch)
+    f = outfile.OutFile(path, staging)
     try:
         f.write(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         for n in SIZES:
@@ -51,7 +51,7 @@ def _write(path: Path, seed: int) -> tuple[bytes, str, bool]:
 
 @pytest.fixture(autouse=True)
 def small_stage(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "STAGE_SIZE", STAGE)
+    monkeypatch.setattr(outfile, "STAGE_SIZE", STAGE)
 
 
 def test_o_direct_output_has_the_exact_bytes_size_and_digest(tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ def test_o_direct_output_has_the_exact_bytes_size_and_digest(tmp_path: Path) -> 
 
 
 def test_page_cache_output_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "_O_DIRECT", 0)  # as on macOS
+    monkeypatch.setattr(outfile, "O_DIRECT", 0)  # as on macOS
     expected, digest, direct = _write(tmp_path / "out", 2)
     assert not direct
     assert (tmp_path / "out").read_bytes() == expected
@@ -76,7 +76,7 @@ def test_a_refused_o_direct_write_falls_back_to_the_page_cache(tmp_path: Path, m
     real = os.pwrite
 
     def pwrite(fd: int, data: memoryview, offset: int) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & engine._O_DIRECT:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & outfile.O_DIRECT:
             refused.append(offset)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, data, offset)
@@ -106,7 +106,7 @@ def test_a_refusal_at_the_padded_last_piece_still_leaves_the_exact_size(
     real = os.pwrite
 
     def pwrite(fd: int, data: memoryview, offset: int) -> int:
-        if len(data) != STAGE and fcntl.fcntl(fd, fcntl.F_GETFL) & engine._O_DIRECT:
+        if len(data) != STAGE and fcntl.fcntl(fd, fcntl.F_GETFL) & outfile.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")  # only the zero-padded last piece
         return real(fd, data, offset)
 

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from loreg.registry.formats.safetensors import read_header_from_file
-from loreg.registry.merge import engine
+from loreg.registry.merge import engine, pipeline
 
 PAGE = 4096
-pytestmark = pytest.mark.skipif(not engine._RWF_NOWAIT, reason="RWF_NOWAIT is Linux-only")
+pytestmark = pytest.mark.skipif(not pipeline.RWF_NOWAIT, reason="RWF_NOWAIT is Linux-only")
 
 
 def cached_fraction(path: Path) -> float:
