@@ -1,4 +1,4 @@
-"""Strict safetensors header parser and streamed value check (pure: bytes in, dataclasses or errors out).
+"""Strict safetensors header parser (pure, standard library only: bytes in, dataclasses or errors out).
 
 File layout: 8-byte little-endian N, N bytes of UTF-8 JSON (an object, optionally followed by 0x20
 padding), then the data section, covered exactly by the tensors' ``data_offsets``.
@@ -13,19 +13,17 @@ refused with DtypeUnsupportedError, so every parsed dtype is a key of ``DTYPE_SI
 
 Public: ``MAX_HEADER_SIZE_DEFAULT``, ``DTYPE_SIZES``, ``FLOAT_DTYPES``, ``SUBBYTE_DTYPES``,
 ``TensorInfo``, ``Header``, ``header_length``, ``parse_header``, ``read_header``,
-``read_header_from_file``, ``ValueStats``, ``scan_values``, ``iter_tensor_chunks``, ``sniff_length``,
-``refused_format``.
+``read_header_from_file``, ``iter_tensor_chunks``, ``sniff_length``, ``refused_format``. The value scan
+(numpy) is formats/values.py, so that the merge engine's parser needs nothing outside the standard library.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from loreg.registry.errors import (
     DtypeUnknownError,
@@ -118,13 +116,8 @@ class Header:
         return self.data_offset + self.data_size
 
 
-@dataclass(frozen=True)
-class ValueStats:
-    nonfinite: int  # NaN and ±inf elements
-    all_zero: bool  # every element is ±0 (vacuously true for no elements)
-
-
-def _show(text: str) -> str:
+def shown_text(text: str) -> str:
+    """A user string cut to a length fit for an error message."""
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
 
 
@@ -144,7 +137,7 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if isinstance(value, str):
             _check_text(value)
         if key in obj:
-            raise DuplicateKeyError(f"header repeats the key {_show(key)!r}", detail={"key": _show(key)})
+            raise DuplicateKeyError(f"header repeats the key {shown_text(key)!r}", detail={"key": shown_text(key)})
         obj[key] = value
     return obj
 
@@ -160,7 +153,7 @@ def _parse_int(literal: str) -> int:
 
 
 def _refuse_float(literal: str) -> Any:
-    raise HeaderInvalidError(f"header holds a float literal {_show(literal)!r}; only integers are allowed")
+    raise HeaderInvalidError(f"header holds a float literal {shown_text(literal)!r}; only integers are allowed")
 
 
 def _refuse_constant(literal: str) -> Any:
@@ -267,7 +260,7 @@ def _int_list(value: Any) -> bool:
 
 
 def _tensor_entry(name: str, entry: Any) -> TensorInfo:
-    shown = _show(name)
+    shown = shown_text(name)
     if not isinstance(entry, dict):
         raise HeaderInvalidError(f"entry for tensor {shown!r} is not an object", detail={"tensor": shown})
     keys = set(entry)
@@ -277,7 +270,7 @@ def _tensor_entry(name: str, entry: Any) -> TensorInfo:
             detail={
                 "tensor": shown,
                 "missing": sorted(_FIELDS - keys),
-                "unexpected": sorted(_show(k) for k in keys - _FIELDS)[:16],
+                "unexpected": sorted(shown_text(k) for k in keys - _FIELDS)[:16],
             },
         )
 
@@ -291,7 +284,7 @@ def _tensor_entry(name: str, entry: Any) -> TensorInfo:
         )
     if dtype not in DTYPE_SIZES:
         raise DtypeUnknownError(
-            f"tensor {shown!r} has an unknown dtype {_show(dtype)!r}", detail={"tensor": shown, "dtype": _show(dtype)}
+            f"tensor {shown!r} has an unknown dtype {shown_text(dtype)!r}", detail={"tensor": shown, "dtype": shown_text(dtype)}
         )
 
     shape = entry["shape"]
@@ -352,7 +345,7 @@ def parse_header(header_json: bytes, *, file_size: int | None = None) -> Header:
             for mkey, mvalue in value.items():
                 if not isinstance(mvalue, str):
                     raise HeaderInvalidError(
-                        f"__metadata__ value for {_show(mkey)!r} is not a string", detail={"key": _show(mkey)}
+                        f"__metadata__ value for {shown_text(mkey)!r} is not a string", detail={"key": shown_text(mkey)}
                     )
             metadata = dict(value)
         else:
@@ -365,8 +358,8 @@ def parse_header(header_json: bytes, *, file_size: int | None = None) -> Header:
         if info.start != position:
             kind = "overlaps the previous tensor" if info.start < position else "leaves a gap"
             raise OffsetInvalidError(
-                f"tensor {_show(info.name)!r} starts at {info.start}, expected {position}: it {kind}",
-                detail={"tensor": _show(info.name), "start": info.start, "expected_start": position},
+                f"tensor {shown_text(info.name)!r} starts at {info.start}, expected {position}: it {kind}",
+                detail={"tensor": shown_text(info.name), "start": info.start, "expected_start": position},
             )
         position = info.end
     header = Header(tensors={t.name: t for t in infos}, metadata=metadata, header_size=header_size)
@@ -386,8 +379,8 @@ def parse_header(header_json: bytes, *, file_size: int | None = None) -> Header:
             available = file_size - header.data_offset
             short = next(t for t in infos if t.end > available)
             raise SizeMismatchError(
-                f"data section is {header.file_size - file_size} bytes short; tensor {_show(short.name)!r} is cut",
-                detail={"tensor": _show(short.name), "missing_bytes": header.file_size - file_size},
+                f"data section is {header.file_size - file_size} bytes short; tensor {shown_text(short.name)!r} is cut",
+                detail={"tensor": shown_text(short.name), "missing_bytes": header.file_size - file_size},
             )
     return header
 
@@ -444,204 +437,3 @@ def iter_tensor_chunks(
         stop = min(position + chunk_size, end)
         yield _read_exact(read_range, position, stop)
         position = stop
-
-
-# Each scanner gets whole elements and answers (count of non-finite, whether any element is nonzero).
-def _scan_numpy(np_dtype: str) -> Callable[[memoryview, bool], tuple[int, bool]]:
-    def scan(buf: memoryview, want_nonzero: bool) -> tuple[int, bool]:
-        values = np.frombuffer(buf, dtype=np_dtype)
-        nonfinite = values.size - int(np.count_nonzero(np.isfinite(values)))
-        return nonfinite, want_nonzero and bool(np.count_nonzero(values))  # NaN counts as nonzero, -0 as zero
-
-    return scan
-
-
-def _scan_bits(
-    uint_dtype: str, nonfinite: Callable[[np.ndarray], np.ndarray], nonzero: Callable[[np.ndarray], np.ndarray]
-) -> Callable[[memoryview, bool], tuple[int, bool]]:
-    def scan(buf: memoryview, want_nonzero: bool) -> tuple[int, bool]:
-        bits = np.frombuffer(buf, dtype=uint_dtype)
-        return int(np.count_nonzero(nonfinite(bits))), want_nonzero and bool(np.any(nonzero(bits)))
-
-    return scan
-
-
-def _no_nonfinite(bits: np.ndarray) -> np.ndarray:
-    return np.zeros(0, dtype=bool)
-
-
-_SCANNERS: dict[str, Callable[[memoryview, bool], tuple[int, bool]]] = {
-    "F16": _scan_numpy("<f2"),
-    "F32": _scan_numpy("<f4"),
-    "F64": _scan_numpy("<f8"),
-    "C64": _scan_numpy("<c8"),
-    # bfloat16: exponent all ones is inf or NaN.
-    "BF16": _scan_bits("<u2", lambda b: (b & 0x7F80) == 0x7F80, lambda b: (b & 0x7FFF) != 0),
-    # e4m3fn: no inf, NaN is S.1111.111.
-    "F8_E4M3": _scan_bits("u1", lambda b: (b & 0x7F) == 0x7F, lambda b: (b & 0x7F) != 0),
-    # e5m2: IEEE-like, exponent all ones is inf or NaN.
-    "F8_E5M2": _scan_bits("u1", lambda b: (b & 0x7C) == 0x7C, lambda b: (b & 0x7F) != 0),
-    # fnuz variants: 0x80 (the would-be -0) is the only NaN, no inf.
-    "F8_E4M3FNUZ": _scan_bits("u1", lambda b: b == 0x80, lambda b: b != 0),
-    "F8_E5M2FNUZ": _scan_bits("u1", lambda b: b == 0x80, lambda b: b != 0),
-    # e8m0: unsigned exponent only; 0xFF is NaN and no value is zero.
-    "F8_E8M0": _scan_bits("u1", lambda b: b == 0xFF, lambda b: np.ones(b.shape, dtype=bool)),
-}
-for _int_dtype in ("BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"):
-    _SCANNERS[_int_dtype] = _scan_bits("u1", _no_nonfinite, lambda b: b != 0)
-
-
-def scan_values(chunks: Iterable[bytes], dtype: str) -> ValueStats:
-    """Count non-finite values and check for all-zero over a tensor's bytes given in pieces of any size.
-
-    Memory stays at one piece: an element split across pieces is completed from the next one.
-    """
-    if dtype in SUBBYTE_DTYPES:
-        raise DtypeUnsupportedError(f"cannot scan the sub-byte dtype {dtype}", detail={"dtype": dtype})
-    if dtype not in DTYPE_SIZES:
-        raise DtypeUnknownError(f"unknown dtype {_show(str(dtype))!r}", detail={"dtype": _show(str(dtype))})
-    scan, size = _SCANNERS[dtype], DTYPE_SIZES[dtype]
-    nonfinite, any_nonzero = 0, False
-    carry = b""
-    for chunk in chunks:
-        view = memoryview(chunk).cast("B")
-        if carry:
-            need = size - len(carry)
-            carry += bytes(view[:need])
-            view = view[need:]
-            if len(carry) < size:
-                continue
-            bad, nz = scan(memoryview(carry), not any_nonzero)
-            nonfinite, any_nonzero, carry = nonfinite + bad, any_nonzero or nz, b""
-        whole = len(view) - len(view) % size
-        if whole:
-            bad, nz = scan(view[:whole], not any_nonzero)
-            nonfinite, any_nonzero = nonfinite + bad, any_nonzero or nz
-        carry = bytes(view[whole:])
-    if carry:
-        raise SizeMismatchError(
-            f"{dtype} data ends with {len(carry)} bytes of a partial element",
-            detail={"dtype": dtype, "trailing_bytes": len(carry)},
-        )
-    return ValueStats(nonfinite=nonfinite, all_zero=not any_nonzero)
-
-
-@dataclass(frozen=True)
-class StreamScan:
-    """Value facts of every tensor of a safetensors file, gathered while its bytes streamed past."""
-
-    header_size: int
-    nonfinite: dict[str, int]  # tensor -> count of NaN/inf values (only tensors that have any)
-    zero: list[str]  # tensors whose values are all zero
-
-
-class StreamScanner:
-    """Scans a safetensors file as it streams (e.g. during an upload), in one pass, bounded memory.
-
-    ``feed`` the bytes in order, then ``finish()``: a StreamScan if the bytes were a strict
-    safetensors file of exactly the header's size, else None (the caller falls back to reading the
-    stored file, and the strict parser then says what is wrong). Never raises on bad input.
-    """
-
-    def __init__(self, *, max_header_size: int = MAX_HEADER_SIZE_DEFAULT):
-        self._max = max_header_size
-        self._buf = bytearray()
-        self._header: Header | None = None
-        self._failed = False
-        self._pos = 0  # bytes of the data section seen
-        self._spans: list[TensorInfo] = []
-        self._idx = 0
-        self._carry = b""
-        self._nonfinite = 0
-        self._nonzero = False
-        self._stats: dict[str, tuple[int, bool]] = {}
-
-    def feed(self, chunk: bytes | memoryview) -> None:
-        if self._failed or not chunk:
-            return
-        view = memoryview(chunk).cast("B")
-        try:
-            if self._header is None:
-                view = self._feed_header(view)
-                if self._header is None or not view:
-                    return
-            self._feed_data(view)
-        except LoregError:
-            self._failed = True
-
-    def _feed_header(self, view: memoryview) -> memoryview:
-        need = 8 if len(self._buf) < 8 else 8 + header_length(bytes(self._buf[:8]), max_header_size=self._max)
-        while True:
-            take = min(len(view), need - len(self._buf))
-            self._buf += view[:take]
-            view = view[take:]
-            if len(self._buf) < need:
-                return view
-            if need == 8:
-                need = 8 + header_length(bytes(self._buf), max_header_size=self._max)
-                continue
-            self._header = parse_header(bytes(self._buf[8:]))
-            self._spans = [t for t in self._header.tensors.values()]
-            self._buf = bytearray()
-            return view
-
-    def _feed_data(self, view: memoryview) -> None:
-        assert self._header is not None
-        while view:
-            if self._idx >= len(self._spans):
-                self._failed = True  # bytes past the last tensor: the strict parser will refuse them
-                return
-            t = self._spans[self._idx]
-            if self._pos < t.start:  # a gap: the strict parser refuses it; stop scanning
-                self._failed = True
-                return
-            take = min(len(view), t.end - self._pos)
-            self._scan(t, view[:take])
-            view = view[take:]
-            self._pos += take
-            if self._pos == t.end:
-                self._close_tensor(t)
-
-    def _scan(self, t: TensorInfo, view: memoryview) -> None:
-        if t.dtype not in _SCANNERS:
-            return
-        size = DTYPE_SIZES[t.dtype]
-        scan = _SCANNERS[t.dtype]
-        if self._carry:
-            need = size - len(self._carry)
-            self._carry += bytes(view[:need])
-            view = view[need:]
-            if len(self._carry) < size:
-                return
-            bad, nz = scan(memoryview(self._carry), not self._nonzero)
-            self._nonfinite += bad
-            self._nonzero = self._nonzero or nz
-            self._carry = b""
-        whole = len(view) - len(view) % size
-        if whole:
-            bad, nz = scan(view[:whole], not self._nonzero)
-            self._nonfinite += bad
-            self._nonzero = self._nonzero or nz
-        self._carry = bytes(view[whole:])
-
-    def _close_tensor(self, t: TensorInfo) -> None:
-        self._stats[t.name] = (self._nonfinite, not self._nonzero)
-        self._nonfinite, self._nonzero, self._carry = 0, False, b""
-        self._idx += 1
-        while self._idx < len(self._spans) and self._spans[self._idx].start == self._spans[self._idx].end:
-            empty = self._spans[self._idx]
-            self._stats[empty.name] = (0, True)
-            self._idx += 1
-
-    def finish(self) -> StreamScan | None:
-        if self._failed or self._header is None:
-            return None
-        while self._idx < len(self._spans) and self._pos == self._spans[self._idx].start == self._spans[self._idx].end:
-            self._close_tensor(self._spans[self._idx])
-        if self._idx != len(self._spans) or self._pos != self._header.data_size:
-            return None
-        return StreamScan(
-            header_size=self._header.header_size,
-            nonfinite={k: v[0] for k, v in self._stats.items() if v[0]},
-            zero=[k for k, v in self._stats.items() if v[1]],
-        )

@@ -57,7 +57,7 @@ from loreg.registry.errors import (
     VersionNotFoundError,
 )
 from loreg.registry.faults import crash_point
-from loreg.registry.formats import lora, names, peft, safetensors
+from loreg.registry.formats import lora, names, peft, safetensors, values
 from loreg.registry.formats.fingerprint import manifest_digest
 from loreg.registry.services.context import Registry
 
@@ -373,7 +373,7 @@ class AdapterService:
                     position = tensor.start
                 if tensor.dtype not in safetensors.FLOAT_DTYPES:
                     continue  # the validator refuses non-float LoRA tensors with a precise error
-                stats = safetensors.scan_values(_read_chunks(stream, tensor.end - tensor.start), tensor.dtype)
+                stats = values.scan_values(_read_chunks(stream, tensor.end - tensor.start), tensor.dtype)
                 position = tensor.end
                 if stats.nonfinite:
                     bad.append({"key": tensor.name, "nonfinite": stats.nonfinite})

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from loreg.registry.db.models import AdapterBlob, Blob, BlobScan
 from loreg.registry.errors import BlobNotFoundError, ConflictError, TooLargeError, UnsupportedFormatError
 from loreg.registry.faults import crash_point
-from loreg.registry.formats import safetensors
+from loreg.registry.formats import safetensors, values
 from loreg.registry.services.context import Registry
 from loreg.registry.storage.base import HashingReader, check_digest
 
@@ -64,7 +64,7 @@ class GuardedStream(io.RawIOBase):
 class ScanningStream(io.RawIOBase):
     """Passes an upload through while a StreamScanner looks at every byte (one pass, no re-read)."""
 
-    def __init__(self, raw: io.RawIOBase, scanner: safetensors.StreamScanner):
+    def __init__(self, raw: io.RawIOBase, scanner: values.StreamScanner):
         self._raw = raw
         self.scanner = scanner
 
@@ -136,7 +136,7 @@ class BlobService:
         limit = self.registry.settings.max_file_size
         if size is not None and size > limit:
             raise TooLargeError(f"upload of {size} bytes is over the limit of {limit}", detail={"limit": limit})
-        scanner = safetensors.StreamScanner(max_header_size=self.registry.settings.max_header_size)
+        scanner = values.StreamScanner(max_header_size=self.registry.settings.max_header_size)
         guarded = GuardedStream(stream, limit=limit, max_header_size=self.registry.settings.max_header_size)
         tapped = io.BufferedReader(ScanningStream(guarded, scanner), buffer_size=1 << 20)
         if self._stored(digest):
@@ -171,7 +171,7 @@ class BlobService:
         return size
 
     def _record(
-        self, digest: str, size: int, scan: safetensors.StreamScan | None = None, *, link: tuple[str, str] | None = None
+        self, digest: str, size: int, scan: values.StreamScan | None = None, *, link: tuple[str, str] | None = None
     ) -> None:
         now = datetime.now(UTC)
         for _attempt in range(3):

@@ -19,6 +19,7 @@ from hypothesis import strategies as hs
 
 from loreg.registry import errors
 from loreg.registry.formats import safetensors as st
+from loreg.registry.formats import values as sv
 
 CAP = st.MAX_HEADER_SIZE_DEFAULT
 NUMPY_DTYPES = {"F64", "F32", "F16", "I64", "U64", "I32", "U32", "I16", "U16", "I8", "U8", "BOOL", "C64"}
@@ -496,13 +497,13 @@ def torch_bytes(values: list[float], dtype: torch.dtype) -> bytes:
 )
 def test_scan_counts_nan_and_inf(dtype, torch_dtype):
     data = torch_bytes([1.0, float("nan"), 0.0, float("inf"), -float("inf"), -2.0], torch_dtype)
-    assert st.scan_values([data], dtype) == st.ValueStats(nonfinite=3, all_zero=False)
+    assert sv.scan_values([data], dtype) == sv.ValueStats(nonfinite=3, all_zero=False)
 
 
 @pytest.mark.parametrize(("dtype", "torch_dtype"), [("F8_E4M3", torch.float8_e4m3fn)])
 def test_scan_counts_nan_in_formats_without_inf(dtype, torch_dtype):
     data = torch_bytes([1.0, float("nan"), 0.0], torch_dtype)
-    assert st.scan_values([data], dtype).nonfinite == 1
+    assert sv.scan_values([data], dtype).nonfinite == 1
 
 
 @pytest.mark.parametrize("dtype", sorted(F8_TORCH))
@@ -510,8 +511,8 @@ def test_scan_agrees_with_torch_on_every_float8_bit_pattern(dtype):
     as_float = torch.arange(256, dtype=torch.uint8).view(F8_TORCH[dtype]).float()
     for byte in range(256):
         value = as_float[byte].item()
-        expected = st.ValueStats(nonfinite=int(not np.isfinite(value)), all_zero=value == 0)
-        assert st.scan_values([bytes([byte])], dtype) == expected, (dtype, hex(byte), value)
+        expected = sv.ValueStats(nonfinite=int(not np.isfinite(value)), all_zero=value == 0)
+        assert sv.scan_values([bytes([byte])], dtype) == expected, (dtype, hex(byte), value)
 
 
 def test_scan_agrees_with_torch_on_every_bf16_bit_pattern():
@@ -519,28 +520,28 @@ def test_scan_agrees_with_torch_on_every_bf16_bit_pattern():
     as_float = bits.view(torch.bfloat16).float()
     data = bits.numpy().astype("<i2").tobytes()
     nonfinite = int((~torch.isfinite(as_float)).sum())
-    assert st.scan_values([data], "BF16").nonfinite == nonfinite
+    assert sv.scan_values([data], "BF16").nonfinite == nonfinite
     zeros = bits[as_float == 0].numpy().astype("<i2").tobytes()
     assert len(zeros) == 4  # +0 and -0
-    assert st.scan_values([zeros], "BF16").all_zero
+    assert sv.scan_values([zeros], "BF16").all_zero
 
 
 @pytest.mark.parametrize("dtype", ["F32", "F64", "F16", "BF16", "C64", "I32"])
 def test_scan_gives_the_same_answer_whatever_the_chunk_boundaries(dtype):
     rng = np.random.default_rng(1)
     data = rng.integers(0, 256, size=8 * 37, dtype=np.uint8).tobytes()
-    whole = st.scan_values([data], dtype)
+    whole = sv.scan_values([data], dtype)
     assert whole.nonfinite > 0 or dtype in {"I32", "F64"}
     for size in (1, 2, 3, 5, 7, 9, 64):
         chunks = [data[i : i + size] for i in range(0, len(data), size)]
-        assert st.scan_values(iter(chunks), dtype) == whole
+        assert sv.scan_values(iter(chunks), dtype) == whole
     uneven = [data[:3], b"", data[3:4], data[4:101], data[101:]]
-    assert st.scan_values(uneven, dtype) == whole
+    assert sv.scan_values(uneven, dtype) == whole
 
 
 def test_scan_finds_a_nan_split_across_chunks():
     data = np.array([0.0, np.nan, 0.0], dtype="<f4").tobytes()
-    assert st.scan_values([data[:6], data[6:]], "F32") == st.ValueStats(nonfinite=1, all_zero=False)
+    assert sv.scan_values([data[:6], data[6:]], "F32") == sv.ValueStats(nonfinite=1, all_zero=False)
 
 
 @pytest.mark.parametrize(
@@ -556,31 +557,31 @@ def test_scan_finds_a_nan_split_across_chunks():
     ],
 )
 def test_scan_counts_negative_zero_as_zero(dtype, data):
-    assert st.scan_values([data[:1], data[1:]], dtype) == st.ValueStats(nonfinite=0, all_zero=True)
+    assert sv.scan_values([data[:1], data[1:]], dtype) == sv.ValueStats(nonfinite=0, all_zero=True)
 
 
 def test_scan_sees_a_single_nonzero_element():
     data = np.zeros(1000, dtype="<f4")
     data[999] = 1e-45  # the smallest subnormal
-    assert st.scan_values([data.tobytes()], "F32").all_zero is False
-    assert st.scan_values([b"\x00\x00\x01\x00"], "BF16").all_zero is False
-    assert st.scan_values([b"\x00\x80"], "F8_E4M3FNUZ") == st.ValueStats(nonfinite=1, all_zero=False)
+    assert sv.scan_values([data.tobytes()], "F32").all_zero is False
+    assert sv.scan_values([b"\x00\x00\x01\x00"], "BF16").all_zero is False
+    assert sv.scan_values([b"\x00\x80"], "F8_E4M3FNUZ") == sv.ValueStats(nonfinite=1, all_zero=False)
 
 
 def test_scan_of_no_bytes_is_vacuously_all_zero():
-    assert st.scan_values([], "F32") == st.ValueStats(nonfinite=0, all_zero=True)
+    assert sv.scan_values([], "F32") == sv.ValueStats(nonfinite=0, all_zero=True)
 
 
 def test_scan_refuses_a_partial_trailing_element():
     with pytest.raises(errors.SizeMismatchError):
-        st.scan_values([b"\0\0", b"\0\0\0"], "F32")
+        sv.scan_values([b"\0\0", b"\0\0\0"], "F32")
 
 
 def test_scan_refuses_unknown_and_subbyte_dtypes():
     with pytest.raises(errors.DtypeUnknownError):
-        st.scan_values([b"\0"], "F128")
+        sv.scan_values([b"\0"], "F128")
     with pytest.raises(errors.DtypeUnsupportedError):
-        st.scan_values([b"\0"], "F4")
+        sv.scan_values([b"\0"], "F4")
 
 
 def test_tensor_chunks_stream_the_tensor_in_bounded_pieces():
@@ -593,8 +594,8 @@ def test_tensor_chunks_stream_the_tensor_in_bounded_pieces():
 
     assert all(len(c) <= 7 for c in chunks)
     assert b"".join(chunks) == values.tobytes()
-    stats = st.scan_values(st.iter_tensor_chunks(Reader(raw), header, "w", chunk_size=7), "F32")
-    assert stats == st.ValueStats(nonfinite=1, all_zero=False)
+    stats = sv.scan_values(st.iter_tensor_chunks(Reader(raw), header, "w", chunk_size=7), "F32")
+    assert stats == sv.ValueStats(nonfinite=1, all_zero=False)
     assert list(st.iter_tensor_chunks(Reader(raw), parse(build([("e", entry("F32", [0], 0, 0))], b"")), "e")) == []
 
 

@@ -91,8 +91,8 @@ def test_the_engine_and_what_it_reaches_in_loreg_import_only_what_a_bare_gpu_hos
     assert ALLOWED_LOREG <= seen  # the engine uses the rules module, not copies of its rules
 
 
-def test_the_lora_rules_and_the_error_table_import_nothing_outside_the_standard_library() -> None:
-    for module in (RULES, "loreg.registry.errors"):
+def test_the_lora_rules_the_safetensors_parser_and_the_error_table_import_only_the_standard_library() -> None:
+    for module in (RULES, "loreg.registry.formats.safetensors", "loreg.registry.errors"):
         path = _path(module)
         assert path is not None
         assert violations(path.read_text(), module, {"loreg.registry.errors"}, set()) == []
