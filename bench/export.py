@@ -377,11 +377,12 @@ def main() -> None:
 
         # 5. end to end, with the worker pool `loreg serve` runs in-process
         import torch  # noqa: F401 - a running server has imported it for its first export already
-        from loreg.registry.merge.worker import WorkerPool
+        from loreg.registry.merge.worker import ExportWorker
+        from loreg.registry.services.jobs import WorkerPool
 
-        pool = WorkerPool(registry, 1)
+        pool = WorkerPool(lambda: ExportWorker(registry), 1)
         pool.start()
-        app.state.exports.on_queued.append(pool.notify)
+        app.state.exports.jobs.on_queued.append(pool.notify)
         warm_cache([*stored, adapter_blob])
         settle(args.settle_s)
         t0 = time.perf_counter()
