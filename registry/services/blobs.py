@@ -180,7 +180,6 @@ class BlobService:
             self.registry.sessions,
             lambda session: register_blob(session, self.registry.store, digest, size, now=now, scan=scan, link=link),
             what="recording the blob",
-            attempts=3,
         )
 
 
