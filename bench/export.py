@@ -221,7 +221,7 @@ def merge_child(home: str, work_dir: str, pause: str) -> None:
     registry = open_registry(Settings(home=Path(home), export_worker="external", work_dir=Path(work_dir)))
     w = worker.ExportWorker(registry, device="cpu")
     times = {"engine_s": 0.0, "put_s": 0.0}
-    merge_to_dir, put = engine.merge_to_dir, registry.store.put
+    merge_to_dir, put_file = engine.merge_to_dir, registry.store.put_file
 
     def timed_merge(*a, **k):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
@@ -233,12 +233,12 @@ def merge_child(home: str, work_dir: str, pause: str) -> None:
     def timed_put(*a, **k):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
         try:
-            return put(*a, **k)
+            return put_file(*a, **k)
         finally:
             times["put_s"] += time.perf_counter() - t
 
     engine.merge_to_dir = timed_merge
-    registry.store.put = timed_put  # type: ignore[method-assign]
+    registry.store.put_file = timed_put  # type: ignore[method-assign]
     rss_imports = rss_now_kb()
     settle(float(pause))
     r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -377,11 +377,12 @@ def main() -> None:
 
         # 5. end to end, with the worker pool `loreg serve` runs in-process
         import torch  # noqa: F401 - a running server has imported it for its first export already
-        from loreg.registry.merge.worker import WorkerPool
+        from loreg.registry.merge.worker import ExportWorker
+        from loreg.registry.services.jobs import WorkerPool
 
-        pool = WorkerPool(registry, 1)
+        pool = WorkerPool(lambda: ExportWorker(registry), 1)
         pool.start()
-        app.state.exports.on_queued.append(pool.notify)
+        app.state.exports.jobs.on_queued.append(pool.notify)
         warm_cache([*stored, adapter_blob])
         settle(args.settle_s)
         t0 = time.perf_counter()
@@ -404,7 +405,7 @@ def main() -> None:
             other = m["run_s"] - m["engine_s"] - m["put_s"]
             job_s = f"{m['job_s']:.2f} s" if m["job_s"] is not None else "n/a"
             print(f"loreg merge {label} {m['run_s']:6.2f} s {total / MB / m['run_s']:7.0f} MB/s   "
-                  f"(engine {m['engine_s']:.2f} s, store puts {m['put_s']:.2f} s, claim/validate/fsync/commit "
+                  f"(engine {m['engine_s']:.2f} s, put_file (fsync + rename) {m['put_s']:.2f} s, claim/validate/commit "
                   f"{other:.2f} s; job started_at..finished_at {job_s}; cpu {m['user_s']:.1f} s user + "
                   f"{m['sys_s']:.1f} s sys, {m['minflt'] / 1e3:.0f}k page faults)")
         peak = max(m["peak_kb"] for m in merges.values())

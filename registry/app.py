@@ -38,11 +38,12 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = None
         if settings.export_worker == "inprocess" and importlib.util.find_spec("torch") is not None:
-            from loreg.registry.merge.worker import WorkerPool
+            from loreg.registry.merge.worker import ExportWorker
+            from loreg.registry.services.jobs import WorkerPool
 
-            pool = WorkerPool(reg, settings.export_concurrency)
+            pool = WorkerPool(lambda: ExportWorker(reg), settings.export_concurrency)
             pool.start()
-            app.state.exports.on_queued.append(pool.notify)
+            app.state.exports.jobs.on_queued.append(pool.notify)
         try:
             yield
         finally:

@@ -1,8 +1,8 @@
-"""Export workers: claim a queued job under a lease, merge, store the result's blobs, commit.
+"""Export workers: claim a queued export, merge it, hand the result's files to the job queue.
 
-Claiming uses ``SELECT … FOR UPDATE SKIP LOCKED`` on Postgres (several `loreg worker` processes,
-one per GPU); on SQLite, BEGIN IMMEDIATE serialises the claim (one process, worker threads).
-A running job whose lease expired (its worker died) is claimed again by the next worker.
+Every transition of the job (claim, lease renewal, finish, fail) is ``services/jobs.JobQueue``'s;
+this module knows only how an export's result is made: the base's and adapters' files fetched
+(or mmapped from the local store), the merge engine, the files of the merged model.
 """
 
 from __future__ import annotations
@@ -13,42 +13,29 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from loreg.registry.db.models import Blob, Export, ExportFile, ExportInput, Version, VersionFile
 from loreg.registry.db.models import BaseModel as BaseRow
-from loreg.registry.errors import ConflictError, InternalError, LoregError, MergeUnsupportedError
+from loreg.registry.db.models import Export, ExportFile, ExportInput, Version, VersionFile
+from loreg.registry.errors import InternalError, MergeUnsupportedError
 from loreg.registry.formats import peft, safetensors, validate
 from loreg.registry.services.context import Registry
+from loreg.registry.services.exports import adopt_stored_result
+from loreg.registry.services.jobs import Claim, JobQueue, Lease, ResultFile, utcnow, work_loop
 
 log = logging.getLogger("loreg.worker")
 COPY_CHUNK = 8 << 20
-DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass
-class Claim:
-    export_id: str
-    owner: str
-
-
-class LeaseLost(Exception):
-    """Another worker took the job over (this one was too slow to renew its lease)."""
 
 
 class ExportWorker:
+    """Runs export jobs: the merge and its result's files; the job's transitions are the queue's (services/jobs.py)."""
+
     def __init__(
         self,
         registry: Registry,
@@ -59,54 +46,14 @@ class ExportWorker:
         device: str | None = None,
     ):
         self.registry = registry
+        self.jobs = JobQueue(registry, Export, clock=clock)
         self.owner = owner or f"{os.uname().nodename[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_s = lease_s if lease_s is not None else registry.settings.export_lease_s
-        self.clock = clock
         self.device = device or registry.settings.export_device
 
-    # --- claiming -----------------------------------------------------------------------------
-
     def claim(self) -> Claim | None:
-        """Take the oldest queued job, or a running one whose lease expired."""
-        now = self.clock()
-        with self.registry.sessions.begin() as session:
-            row = session.scalar(
-                select(Export)
-                .where(
-                    or_(
-                        Export.state == "queued",
-                        (Export.state == "running") & (Export.lease_expires_at < now),
-                    )
-                )
-                .order_by(Export.created_at)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            )
-            if row is None:
-                return None
-            if row.state == "running":
-                log.warning("export %s: lease of %s expired, taking over", row.id, row.lease_owner)
-            row.state = "running"
-            row.lease_owner = self.owner
-            row.lease_expires_at = now + timedelta(seconds=self.lease_s)
-            row.attempts += 1
-            row.started_at = row.started_at or now
-            return Claim(export_id=row.id, owner=self.owner)
-
-    def renew(self, claim: Claim, progress: dict[str, Any] | None = None) -> None:
-        values: dict[str, Any] = {"lease_expires_at": self.clock() + timedelta(seconds=self.lease_s)}
-        if progress is not None:
-            values["progress"] = progress
-        with self.registry.sessions.begin() as session:
-            n = session.execute(
-                update(Export)
-                .where(Export.id == claim.export_id, Export.lease_owner == claim.owner, Export.state == "running")
-                .values(**values)
-            ).rowcount
-        if n != 1:
-            raise LeaseLost(claim.export_id)
-
-    # --- running ------------------------------------------------------------------------------
+        """Take the oldest queued export, or a running one whose lease expired."""
+        return self.jobs.claim(self.owner, self.lease_s)
 
     def run_once(self) -> str | None:
         """Claim and run one job. Returns its id, or None when the queue is empty."""
@@ -114,78 +61,21 @@ class ExportWorker:
         if claim is None:
             return None
         self.run(claim)
-        return claim.export_id
+        return claim.job_id
 
     def run_forever(self, stop: threading.Event, wake: threading.Event | None = None, poll_s: float = 2.0) -> None:
-        while not stop.is_set():
-            try:
-                ran = self.run_once()
-            except Exception:  # noqa: BLE001 - a worker keeps going; the job records its own failure
-                log.exception("export worker %s: unexpected error", self.owner)
-                ran = None
-            if ran is None:
-                if wake is not None:
-                    wake.wait(poll_s)
-                    wake.clear()
-                else:
-                    stop.wait(poll_s)
+        work_loop(self, stop, wake, poll_s)
 
     def run(self, claim: Claim) -> None:
-        if self._reuse(claim):
+        # requests of identical bytes queued before either finished meet here: no second merge
+        if self.jobs.settle(claim, adopt_stored_result):
+            log.info("export %s: answered from a stored result of the same content", claim.job_id)
             return
-        progress: dict[str, Any] = {"tensors_done": 0, "tensors_total": 0, "bytes_done": 0, "bytes_total": 0}
-        stop_beat = threading.Event()
-        lost = threading.Event()
-
-        def beat() -> None:
-            interval = max(0.2, min(self.lease_s / 3, 2.0))
-            while not stop_beat.wait(interval):
-                try:
-                    self.renew(claim, dict(progress))
-                except LeaseLost:
-                    lost.set()
-                    return
-                except Exception:  # noqa: BLE001 - a transient DB error: try again next beat
-                    log.warning("export %s: lease renewal failed", claim.export_id, exc_info=True)
-
-        heart = threading.Thread(target=beat, name=f"lease-{claim.export_id[:8]}", daemon=True)
-        heart.start()
         scratch = Path(tempfile.mkdtemp(prefix="loreg-export-", dir=self.registry.settings.work_dir))
         try:
-            files, device = self._merge(claim, scratch, progress, lost)
-            stop_beat.set()
-            heart.join()
-            if lost.is_set():
-                raise LeaseLost(claim.export_id)
-            self._finish(claim, files, progress, device)
-        except LeaseLost:
-            log.warning("export %s: lease lost; another worker finishes it", claim.export_id)
-        except Exception as exc:  # noqa: BLE001 - recorded on the job for the client
-            stop_beat.set()
-            heart.join()
-            err = exc if isinstance(exc, LoregError) else InternalError(f"merge failed: {type(exc).__name__}: {exc}")
-            if not isinstance(exc, LoregError):
-                log.exception("export %s failed", claim.export_id)
-            self._fail(claim, err)
+            self.jobs.execute(claim, self.lease_s, lambda lease: self._merge(claim, scratch, lease), _record_files)
         finally:
-            stop_beat.set()
             shutil.rmtree(scratch, ignore_errors=True)
-
-    def _reuse(self, claim: Claim) -> bool:
-        """Finish the job with the files of a finished record of the same content (no merge), if there is one.
-
-        Requests of identical bytes that were queued before either finished meet here.
-        """
-        from loreg.registry.services.exports import adopt_stored_result
-
-        with self.registry.sessions.begin() as session:
-            job = session.scalar(select(Export).where(Export.id == claim.export_id).with_for_update())
-            if job is None or job.lease_owner != claim.owner or job.state != "running":
-                return False
-            if not adopt_stored_result(session, job, self.clock()):
-                return False
-        log.info("export %s: answered from a stored result of the same content", claim.export_id)
-        return True
 
     def _local(self, digest: str, size: int, scratch: Path, name: str) -> Path:
         """A local path to a blob: the store's own file when it has one, else a verified download."""
@@ -201,13 +91,13 @@ class ExportWorker:
             raise InternalError(f"download of {name} is short")
         return dest
 
-    def _merge(
-        self, claim: Claim, scratch: Path, progress: dict[str, Any], lost: threading.Event
-    ) -> tuple[list[dict[str, Any]], str]:
+    def _merge(self, claim: Claim, scratch: Path, lease: Lease) -> tuple[list[ResultFile], str]:
         from loreg.registry.merge import engine
 
+        lease.progress.update(tensors_done=0, tensors_total=0, bytes_done=0, bytes_total=0)
+
         with self.registry.sessions.begin() as session:
-            job = session.get_one(Export, claim.export_id)
+            job = session.get_one(Export, claim.job_id)
             base = session.get_one(BaseRow, job.base_model_id)
             base_files = {f["path"]: dict(f) for f in base.files}
             base_config = dict(base.config)
@@ -244,16 +134,13 @@ class ExportWorker:
         out_dir.mkdir()
 
         def on_progress(t_done: int, t_total: int, b_done: int, b_total: int) -> None:
-            progress.update(tensors_done=t_done, tensors_total=t_total, bytes_done=b_done, bytes_total=b_total)
-            if lost.is_set():
-                raise LeaseLost(claim.export_id)
+            lease.progress.update(tensors_done=t_done, tensors_total=t_total, bytes_done=b_done, bytes_total=b_total)
+            lease.check()
 
         out_dtype = None if dtype == "auto" else dtype
         device = resolve_device(self.device)
         outputs = engine.merge_to_dir(shards, adapters, out_dir, dtype=out_dtype, device=device, progress=on_progress)
-        files: list[dict[str, Any]] = [
-            {"path": o.name, "size": o.size, "digest": o.digest, "local": out_dir / o.name} for o in outputs
-        ]
+        files = [ResultFile(o.name, o.size, o.digest, out_dir / o.name) for o in outputs]
         if "model.safetensors.index.json" in base_files:
             src = self._local(
                 base_files["model.safetensors.index.json"]["digest"],
@@ -262,7 +149,7 @@ class ExportWorker:
                 "model.safetensors.index.json",
             )
             index = engine.write_index(out_dir, outputs, Path(src).read_bytes())
-            files.append({"path": index.name, "size": index.size, "digest": index.digest, "local": out_dir / index.name})
+            files.append(ResultFile(index.name, index.size, index.digest, out_dir / index.name))
         for name, f in base_files.items():
             if name in shard_names or name == "model.safetensors.index.json":
                 continue
@@ -277,52 +164,8 @@ class ExportWorker:
                 path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
                 files.append(_file_entry(path))
             else:
-                files.append({"path": name, "size": f["size"], "digest": f["digest"], "local": None})
+                files.append(ResultFile(name, f["size"], f["digest"]))
         return files, device
-
-    def _finish(self, claim: Claim, files: list[dict[str, Any]], progress: dict[str, Any], device: str) -> None:
-        store = self.registry.store
-        now = self.clock()
-        for f in files:
-            if f["local"] is None or store.exists(f["digest"]):
-                continue
-            if _adopt_local(store, f):
-                continue
-            with open(f["local"], "rb") as stream:
-                store.put(stream, f["digest"], f["size"])
-        with self.registry.sessions.begin() as session:
-            job = session.scalar(select(Export).where(Export.id == claim.export_id).with_for_update())
-            if job is None or job.lease_owner != claim.owner or job.state != "running":
-                raise LeaseLost(claim.export_id)
-            for f in files:
-                touched = session.execute(
-                    update(Blob).where(Blob.digest == f["digest"]).values(last_seen_at=now)
-                ).rowcount
-                if not touched:
-                    session.add(Blob(digest=f["digest"], size=f["size"], created_at=now, last_seen_at=now))
-                    session.flush()
-                # GC deletes an object only while holding its row; this transaction holds it now
-                if not store.exists(f["digest"]):
-                    raise ConflictError(
-                        f"garbage collection removed {f['path']} while the export was stored; request it again",
-                        detail={"digest": f["digest"]},
-                    )
-            for f in files:
-                session.add(ExportFile(export_id=job.id, path=f["path"], size=f["size"], digest=f["digest"]))
-            job.state = "done"
-            job.progress = dict(progress)
-            job.device = device
-            job.finished_at = self.clock()  # after the blobs are stored: the job's time includes storing them
-            job.lease_owner = None
-            job.lease_expires_at = None
-
-    def _fail(self, claim: Claim, err: LoregError) -> None:
-        with self.registry.sessions.begin() as session:
-            session.execute(
-                update(Export)
-                .where(Export.id == claim.export_id, Export.lease_owner == claim.owner)
-                .values(state="failed", error=err.to_dict(), finished_at=self.clock(), lease_owner=None, lease_expires_at=None)
-            )
 
 
 def resolve_device(device: str) -> str:
@@ -333,44 +176,11 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _adopt_local(store: Any, f: dict[str, Any]) -> bool:
-    """Publish a merged file into a local blob folder by rename: no second copy and no second hash.
-
-    The engine hashed the bytes as it wrote them, so the digest is known; the file is fsynced, renamed
-    to its blob path and the folder fsynced, as LocalBlobStore.put does. False (the caller puts it
-    the usual way) for other stores or when the rename fails (another file system).
-    """
-    from loreg.registry.storage.base import blob_key
-    from loreg.registry.storage.local import LocalBlobStore
-
-    if not isinstance(store, LocalBlobStore):
-        return False
-    src = Path(f["local"])
-    final = store.root / blob_key(f["digest"])
-    try:
-        fd = os.open(src, os.O_RDONLY)
-        try:
-            if os.fstat(fd).st_size != f["size"]:
-                return False
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        created = not final.parent.is_dir()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, final)
-        for folder in (final.parent, final.parent.parent) if created else (final.parent,):
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except OSError:
-        log.debug("could not rename %s into the blob folder; copying it", src, exc_info=True)
-        return final.is_file() and final.stat().st_size == f["size"] and not src.exists()
-    return True
+def _record_files(session: Session, job: Export, files: list[ResultFile]) -> None:
+    session.add_all(ExportFile(export_id=job.id, path=f.path, size=f.size, digest=f.digest) for f in files)
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
+def _file_entry(path: Path) -> ResultFile:
     import hashlib
 
     h = hashlib.sha256()
@@ -379,32 +189,4 @@ def _file_entry(path: Path) -> dict[str, Any]:
         while chunk := f.read(COPY_CHUNK):
             h.update(chunk)
             size += len(chunk)
-    return {"path": path.name, "size": size, "digest": "sha256:" + h.hexdigest(), "local": path}
-
-
-class WorkerPool:
-    """In-process export workers for `loreg serve` on the embedded default (threads)."""
-
-    def __init__(self, registry: Registry, count: int):
-        self.registry = registry
-        self.count = max(1, count)
-        self.stop = threading.Event()
-        self.wake = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        for n in range(self.count):
-            worker = ExportWorker(self.registry)
-            t = threading.Thread(target=worker.run_forever, args=(self.stop, self.wake), name=f"export-worker-{n}", daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def notify(self) -> None:
-        self.wake.set()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        self.stop.set()
-        self.wake.set()
-        deadline = time.monotonic() + timeout
-        for t in self.threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+    return ResultFile(path.name, size, "sha256:" + h.hexdigest(), path)

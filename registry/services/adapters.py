@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from loreg.registry.api.schemas import (
@@ -48,7 +47,6 @@ from loreg.registry.errors import (
     BlobMissingError,
     BlobNotFoundError,
     ConfigTooLargeError,
-    ConflictError,
     DigestAmbiguousError,
     LoregError,
     ManifestInvalidError,
@@ -56,6 +54,7 @@ from loreg.registry.errors import (
     RequestInvalidError,
     VersionNotFoundError,
 )
+from loreg.registry.db.retry import in_transaction
 from loreg.registry.faults import crash_point
 from loreg.registry.formats import lora, names, peft, safetensors, values
 from loreg.registry.formats.fingerprint import manifest_digest
@@ -63,7 +62,6 @@ from loreg.registry.services.context import Registry
 
 log = logging.getLogger(__name__)
 
-COMMIT_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -217,64 +215,86 @@ class AdapterService:
             warnings.extend(report.get("warnings", []))
             base_mapping = report.get("mapping")
 
-        for attempt in range(COMMIT_ATTEMPTS):
-            try:
-                with self.registry.sessions.begin() as session:
-                    adapter = self._lock_adapter(session, namespace, name)
-                    existing = session.scalar(
-                        select(Version).where(Version.adapter_id == adapter.id, Version.manifest_digest == digest)
-                    )
-                    if existing is not None:
-                        for alias in aliases:
-                            self._move_alias(session, adapter, alias, existing, actor)
-                        created = False
-                        version_id = existing.id
-                    else:
-                        self._touch_blobs(session, [f.digest for f in files.values()], link=(namespace, name))
-                        adapter.last_number += 1
-                        version = Version(
-                            adapter_id=adapter.id,
-                            number=adapter.last_number,
-                            manifest_digest=digest,
-                            message=body.message,
-                            size=sum(f.size for f in files.values()),
-                            config=config.raw,
-                            facts=facts,
-                            warnings=warnings,
-                            rank_min=min(facts["ranks"]) if facts["ranks"] else 0,
-                            rank_max=max(facts["ranks"]) if facts["ranks"] else 0,
-                            use_dora=bool(facts.get("use_dora")),
-                            task_type=facts.get("task_type"),
-                            base_model_id=base_row_id,
-                            base_mapping=base_mapping,
-                        )
-                        session.add(version)
-                        session.flush()
-                        session.add_all(
-                            VersionFile(version_id=version.id, path=f.path, size=f.size, digest=f.digest)
-                            for f in files.values()
-                        )
-                        session.add_all(
-                            VersionTarget(version_id=version.id, target=t) for t in sorted(set(facts["targets"]))
-                        )
-                        session.add_all(Metric(version_id=version.id, key=k, value=v) for k, v in body.metrics.items())
-                        session.flush()
-                        for alias in aliases:
-                            self._move_alias(session, adapter, alias, version, actor)
-                        created = True
-                        version_id = version.id
-                break
-            except IntegrityError:
-                # the loser of an insert race (same adapter created, same manifest pushed) retries
-                # and then sees the winner's row
-                log.debug("push %s/%s: integrity race, attempt %d", namespace, name, attempt + 1)
-                if attempt == COMMIT_ATTEMPTS - 1:
-                    raise ConflictError("concurrent pushes kept conflicting; retry") from None
+        version_id, created = in_transaction(
+            self.registry.sessions,
+            lambda session: self._insert_version(
+                session, namespace, name, body, files, digest, aliases, actor,
+                config=config, facts=facts, warnings=warnings, base_row_id=base_row_id, base_mapping=base_mapping,
+            ),
+            what=f"push {namespace}/{name}",
+        )
         crash_point("after_commit")  # testing hook (registry/faults.py)
         with self.registry.sessions.begin() as session:
             out = self._public(session, session.get_one(Version, version_id))
         out.created = created
         return out
+
+    def _insert_version(
+        self,
+        session: Session,
+        namespace: str,
+        name: str,
+        body: VersionCreate,
+        files: dict[str, Any],
+        digest: str,
+        aliases: list[str],
+        actor: str | None,
+        *,
+        config: Any,
+        facts: dict[str, Any],
+        warnings: list[Any],
+        base_row_id: int | None,
+        base_mapping: dict[str, Any] | None,
+    ) -> tuple[int, bool]:
+        """The push's transaction: the existing version of this manifest, or a new one. Returns (id, created).
+
+        The loser of an insert race (same adapter created, same manifest pushed) raises IntegrityError
+        here; run again (db/retry.py), it sees the winner's row.
+        """
+        adapter = self._lock_adapter(session, namespace, name)
+        existing = session.scalar(
+            select(Version).where(Version.adapter_id == adapter.id, Version.manifest_digest == digest)
+        )
+        if existing is not None:
+            for alias in aliases:
+                self._move_alias(session, adapter, alias, existing, actor)
+            created = False
+            version_id = existing.id
+        else:
+            self._touch_blobs(session, [f.digest for f in files.values()], link=(namespace, name))
+            adapter.last_number += 1
+            version = Version(
+                adapter_id=adapter.id,
+                number=adapter.last_number,
+                manifest_digest=digest,
+                message=body.message,
+                size=sum(f.size for f in files.values()),
+                config=config.raw,
+                facts=facts,
+                warnings=warnings,
+                rank_min=min(facts["ranks"]) if facts["ranks"] else 0,
+                rank_max=max(facts["ranks"]) if facts["ranks"] else 0,
+                use_dora=bool(facts.get("use_dora")),
+                task_type=facts.get("task_type"),
+                base_model_id=base_row_id,
+                base_mapping=base_mapping,
+            )
+            session.add(version)
+            session.flush()
+            session.add_all(
+                VersionFile(version_id=version.id, path=f.path, size=f.size, digest=f.digest)
+                for f in files.values()
+            )
+            session.add_all(
+                VersionTarget(version_id=version.id, target=t) for t in sorted(set(facts["targets"]))
+            )
+            session.add_all(Metric(version_id=version.id, key=k, value=v) for k, v in body.metrics.items())
+            session.flush()
+            for alias in aliases:
+                self._move_alias(session, adapter, alias, version, actor)
+            created = True
+            version_id = version.id
+        return version_id, created
 
     def validate(
         self, namespace: str, name: str, config_bytes: bytes, header_prefix: bytes, file_size: int, base: str | None

@@ -6,12 +6,12 @@ import math
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from loreg.registry.api.schemas import BaseCreate, BaseLayoutPublic, BasePublic
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.db.models import BaseName, Blob
+from loreg.registry.db.retry import in_transaction
 from loreg.registry.errors import (
     BaseNotFoundError,
     BaseUnknownError,
@@ -86,44 +86,59 @@ class BaseService:
         layout = validate.base_layout({t[0]: (t[1], t[2]) for t in tensors}, body.config)
         model_type, archs = layout.model_type, list(layout.architectures)
         param_count = sum(math.prod(t[2]) for t in tensors)
-        cfg = body.config
-        created = False
-        for _attempt in range(5):
-            try:
-                with self.registry.sessions.begin() as session:
-                    row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == weights_digest).with_for_update())
-                    if row is None:
-                        row = BaseRow(
-                            weights_digest=weights_digest,
-                            layout_digest=layout_digest,
-                            model_type=model_type,
-                            architectures=archs,
-                            config=cfg,
-                            tensors=tensors,
-                            files=[{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files],
-                            weights_uploaded=body.weights_uploaded,
-                            parameter_count=param_count,
-                        )
-                        session.add(row)
-                        session.flush()
-                        created = True
-                    elif body.weights_uploaded and not row.weights_uploaded:
-                        row.files = [{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files]
-                        row.weights_uploaded = True
-                    exists = session.scalar(
-                        select(BaseName).where(
-                            BaseName.name == body.name, BaseName.revision == revision, BaseName.base_model_id == row.id
-                        )
-                    )
-                    if exists is None:
-                        session.add(BaseName(name=body.name, revision=revision, base_model_id=row.id))
-                    session.flush()
-                    out = self._public(session, row)
-                break
-            except IntegrityError:
-                continue
+        out, created = in_transaction(
+            self.registry.sessions,
+            lambda session: self._insert(
+                session, body, revision, tensors, weights_digest, layout_digest, model_type, archs, param_count
+            ),
+            what=f"registering base model {body.name}",
+        )
         out.created = created
         return out
+
+    def _insert(
+        self,
+        session: Session,
+        body: BaseCreate,
+        revision: str,
+        tensors: list[list[Any]],
+        weights_digest: str,
+        layout_digest: str,
+        model_type: str | None,
+        archs: list[str],
+        param_count: int,
+    ) -> tuple[BasePublic, bool]:
+        """The registration's transaction: the record of these weights (new, or given its uploaded
+        weights) and the name. Returns (base, created); an insert race raises IntegrityError (db/retry.py)."""
+        cfg = body.config
+        row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == weights_digest).with_for_update())
+        created = row is None
+        if row is None:
+            row = BaseRow(
+                weights_digest=weights_digest,
+                layout_digest=layout_digest,
+                model_type=model_type,
+                architectures=archs,
+                config=cfg,
+                tensors=tensors,
+                files=[{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files],
+                weights_uploaded=body.weights_uploaded,
+                parameter_count=param_count,
+            )
+            session.add(row)
+            session.flush()
+        elif body.weights_uploaded and not row.weights_uploaded:
+            row.files = [{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files]
+            row.weights_uploaded = True
+        exists = session.scalar(
+            select(BaseName).where(
+                BaseName.name == body.name, BaseName.revision == revision, BaseName.base_model_id == row.id
+            )
+        )
+        if exists is None:
+            session.add(BaseName(name=body.name, revision=revision, base_model_id=row.id))
+        session.flush()
+        return self._public(session, row), created
 
     def _check_uploaded(self, body: BaseCreate, tensors: list[list[Any]]) -> None:
         store = self.registry.store

@@ -8,14 +8,16 @@ from datetime import UTC, datetime
 from typing import BinaryIO
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from loreg.registry.db.models import AdapterBlob, Blob, BlobScan
+from loreg.registry.db.retry import in_transaction
 from loreg.registry.errors import BlobNotFoundError, ConflictError, TooLargeError, UnsupportedFormatError
 from loreg.registry.faults import crash_point
 from loreg.registry.formats import safetensors, values
 from loreg.registry.services.context import Registry
-from loreg.registry.storage.base import HashingReader, check_digest
+from loreg.registry.storage.base import BlobStore, HashingReader, check_digest
+
 
 class GuardedStream(io.RawIOBase):
     """Wraps an upload stream: refuses pickle/zip bytes (unless they open a safetensors header) and
@@ -174,32 +176,47 @@ class BlobService:
         self, digest: str, size: int, scan: values.StreamScan | None = None, *, link: tuple[str, str] | None = None
     ) -> None:
         now = datetime.now(UTC)
-        for _attempt in range(3):
-            try:
-                with self.registry.sessions.begin() as session:
-                    touched = session.execute(
-                        update(Blob).where(Blob.digest == digest).values(last_seen_at=now)
-                    ).rowcount
-                    if not touched:
-                        session.add(Blob(digest=digest, size=size, created_at=now, last_seen_at=now))
-                        session.flush()
-                    if scan is not None and session.get(BlobScan, digest) is None:
-                        session.add(
-                            BlobScan(
-                                digest=digest, header_size=scan.header_size, nonfinite=scan.nonfinite, zero=scan.zero
-                            )
-                        )
-                        session.flush()
-                    if link is not None and session.get(AdapterBlob, (link[0], link[1], digest)) is None:
-                        session.add(AdapterBlob(namespace=link[0], name=link[1], digest=digest, created_at=now))
-                        session.flush()
-                    # GC deletes an object only while its transaction holds the row (see
-                    # MaintenanceService): now that this one holds it, the object stays or is gone
-                    if not self.registry.store.exists(digest):
-                        raise ConflictError(
-                            "garbage collection removed this blob while it was being uploaded; upload it again",
-                            detail={"digest": digest},
-                        )
-                return
-            except IntegrityError:
-                continue  # a concurrent upload of the same bytes recorded it first: touch it instead
+        in_transaction(  # a concurrent upload of the same bytes may record it first: then this one touches it
+            self.registry.sessions,
+            lambda session: register_blob(session, self.registry.store, digest, size, now=now, scan=scan, link=link),
+            what="recording the blob",
+        )
+
+
+def register_blob(
+    session: Session,
+    store: BlobStore,
+    digest: str,
+    size: int,
+    *,
+    now: datetime,
+    scan: safetensors.StreamScan | None = None,
+    link: tuple[str, str] | None = None,
+    what: str = "this blob",
+    again: str = "upload it again",
+) -> None:
+    """Record a stored blob in ``session``'s transaction: insert its row or touch it (GC grace restarts),
+    keep its upload scan, link it to adapter ``link``; then check the object is still stored.
+
+    Used by uploads, mounts and job results. An insert race surfaces as IntegrityError at the flush
+    (run the transaction again: see db/retry.py).
+
+    Raises:
+        ConflictError: GC removed the object before this transaction held its row.
+    """
+    touched = session.execute(update(Blob).where(Blob.digest == digest).values(last_seen_at=now)).rowcount
+    if not touched:
+        session.add(Blob(digest=digest, size=size, created_at=now, last_seen_at=now))
+        session.flush()
+    if scan is not None and session.get(BlobScan, digest) is None:
+        session.add(BlobScan(digest=digest, header_size=scan.header_size, nonfinite=scan.nonfinite, zero=scan.zero))
+        session.flush()
+    if link is not None and session.get(AdapterBlob, (link[0], link[1], digest)) is None:
+        session.add(AdapterBlob(namespace=link[0], name=link[1], digest=digest, created_at=now))
+        session.flush()
+    # GC deletes an object only while its transaction holds the row (see MaintenanceService): now
+    # that this one holds it, the object stays or is gone
+    if not store.exists(digest):
+        raise ConflictError(
+            f"garbage collection removed {what} while it was being stored; {again}", detail={"digest": digest}
+        )

@@ -18,14 +18,14 @@ from __future__ import annotations
 import importlib.util
 import math
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from loreg.registry.api.schemas import ExportCreate, ExportInputPublic, ExportPublic, FilePublic
 from loreg.registry.db.models import Adapter, Export, ExportFile, ExportInput, Token
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.errors import (
@@ -38,6 +38,7 @@ from loreg.registry.errors import (
     VersionNotFoundError,
 )
 from loreg.registry.formats import fingerprint, names
+from loreg.registry.services import jobs
 from loreg.registry.services.adapters import AdapterService, base_ref
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.context import Registry
@@ -106,38 +107,102 @@ def adopt_stored_result(session: Session, row: Export, now: datetime) -> bool:
     if donor is None:
         return False
     session.add_all(ExportFile(export_id=row.id, path=f.path, size=f.size, digest=f.digest) for f in donor.files)
-    row.state, row.error = "done", None
-    row.progress = dict(donor.progress or {})
-    row.device = donor.device
+    jobs.mark_done(row, progress=donor.progress or {}, device=donor.device, now=now)
     row.loreg_version = donor.loreg_version  # the version that made these bytes
-    row.started_at = row.started_at or now
-    row.finished_at = now
-    row.lease_owner = row.lease_expires_at = None
     return True
 
 
+@dataclass(frozen=True)
+class WeightedRef:
+    """An input of an export: an adapter reference (``ns/name[:tag]``) and its weight."""
+
+    ref: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class ExportInputView:
+    name: str | None  # ``ns/name``; None for a version deleted before 0005 stored names
+    version: int | None
+    digest: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class ExportView:
+    """An export record as the service answers it (routes map it to ExportPublic)."""
+
+    id: str
+    state: str
+    request_digest: str
+    base: Any
+    adapters: list[ExportInputView]
+    dtype: str
+    progress: dict[str, Any]
+    error: dict[str, Any] | None
+    files: list[StoredFile]
+    device: str | None
+    attempts: int
+    loreg_version: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ExportRequested:
+    """What a request got: the record, and whether this request created it (else it was stored already)."""
+
+    export: ExportView
+    created: bool
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    base_id: int
+    inputs: list[tuple[int, str, str, float]]  # (version id, ns/name:N, manifest digest, weight)
+    canonical: dict[str, Any]
+    request_digest: str
+    content_digest: str
+
+
 class ExportService:
-    """Queue merges and read their state and results; workers (merge/worker.py) do the merging."""
+    """Queue merges and read their state and results; workers (merge/worker.py) do the merging and
+    the job queue (services/jobs.py) owns every transition of the job."""
 
     def __init__(self, registry: Registry, adapters: AdapterService, bases: BaseService):
         self.registry = registry
         self.adapters = adapters
         self.bases = bases
-        self.on_queued: list[Any] = []  # callbacks that wake in-process workers
+        self.jobs = jobs.JobQueue(registry, Export)
 
-    def request(self, body: ExportCreate, principal: Principal) -> tuple[ExportPublic, bool]:
-        """Queue an export, or answer it from what is stored. Returns (export, done_already).
-
-        The caller has checked that ``principal`` may read every adapter reference.
+    def request(
+        self, adapters: Sequence[WeightedRef], principal: Principal, *, base: str | None = None, dtype: str = "auto"
+    ) -> ExportRequested:
+        """Queue an export of ``adapters`` merged into ``base`` (default: the first adapter's), or answer it
+        from what is stored. The caller has checked that ``principal`` may read every adapter reference.
 
         Raises:
             VersionNotFoundError, BaseNotFoundError, MergeUnsupportedError (a weight out of bounds, a
-            base without weights), MergeUnavailableError, TooManyRequestsError (a read token's bound)
+            base without weights), MergeUnavailableError, TooManyRequestsError (a read token's bound),
+            ConflictError (concurrent requests kept conflicting)
         """
-        settings = self.registry.settings
         if principal is ANONYMOUS:  # anonymous read may not spend merge time
             raise UnauthorizedError("exports need a token", hint="run loreg login, or set LOREG_TOKEN")
-        for a in body.adapters:
+        self._check_request(adapters)
+        resolved = self._resolve(adapters, base, dtype)
+        return self.jobs.request(lambda session: self._record(session, resolved, dtype, principal), what="export request")
+
+    def _check_request(self, adapters: Sequence[WeightedRef]) -> None:
+        settings = self.registry.settings
+        for a in adapters:
             if not math.isfinite(a.weight) or abs(a.weight) > settings.max_export_weight:
                 raise MergeUnsupportedError(
                     f"the weight {a.weight!r} of {a.ref[:300]} is outside [-{settings.max_export_weight:g}, "
@@ -150,11 +215,14 @@ class ExportService:
                 "this server cannot merge: torch is not installed",
                 hint="install the merge extra on the server (pip install 'loreg[merge]'), or run `loreg worker` on a GPU host",
             )
-        refs = [names.parse_reference(a.ref) for a in body.adapters]
+
+    def _resolve(self, adapters: Sequence[WeightedRef], base_ref_: str | None, dtype: str) -> _Resolved:
+        """The versions and the base the request names, checked to fit together, and the request's keys."""
+        refs = [names.parse_reference(a.ref) for a in adapters]
         with self.registry.sessions.begin() as session:
             versions = [self.adapters._resolve(session, r.namespace, r.name, r.tag) for r in refs]
-            if body.base is not None:
-                base = self.bases._by_ref(session, body.base)
+            if base_ref_ is not None:
+                base = self.bases._by_ref(session, base_ref_)
             else:
                 first = versions[0]
                 if first.base_model_id is None:
@@ -174,56 +242,49 @@ class ExportService:
                     f"base model {label} has no stored weights to merge into",
                     hint=f"register it with its weights: loreg base register DIR --name {label} --upload-weights",
                 )
-            inputs = [  # (version id, ns/name:N, manifest digest, weight)
+            inputs = [
                 (v.id, f"{session.get_one(Adapter, v.adapter_id).full_name}:{v.number}", v.manifest_digest,
                  float(a.weight))
-                for v, a in zip(versions, body.adapters)
+                for v, a in zip(versions, adapters)
             ]
-            canonical, digest = request_key(base.weights_digest, [(n, md, w) for _, n, md, w in inputs], body.dtype)
-            content = content_key(base.weights_digest, [(md, w) for _, _, md, w in inputs], body.dtype)
-            base_id = base.id
-        for _attempt in range(5):
-            try:
-                with self.registry.sessions.begin() as session:
-                    row = session.scalar(select(Export).where(Export.request_digest == digest).with_for_update())
-                    if row is None:
-                        row = Export(
-                            id=uuid.uuid4().hex,
-                            request_digest=digest,
-                            content_digest=content,
-                            requested_by=principal.token_id,
-                            base_model_id=base_id,
-                            request=canonical,
-                            dtype=body.dtype,
-                            state="queued",
-                            progress={},
-                            loreg_version=loreg_version(),
-                        )
-                        session.add(row)
-                        session.flush()
-                        session.add_all(
-                            ExportInput(
-                                export_id=row.id, position=i, version_id=vid, name=n, manifest_digest=md, weight=w
-                            )
-                            for i, (vid, n, md, w) in enumerate(inputs)
-                        )
-                        if not adopt_stored_result(session, row, datetime.now(UTC)):
-                            self._check_bound(session, principal, row.id)
-                    elif row.state == "failed":
-                        # an identical request retries a failed export
-                        self._check_bound(session, principal, row.id)
-                        row.state, row.error, row.progress = "queued", None, {}
-                        row.lease_owner = row.lease_expires_at = None
-                        row.requested_by = principal.token_id
-                    session.flush()
-                    out = self._public(session, row)
-                break
-            except IntegrityError:
-                continue
-        if out.state in ("queued",):
-            for wake in self.on_queued:
-                wake()
-        return out, out.state == "done"
+            canonical, digest = request_key(base.weights_digest, [(n, md, w) for _, n, md, w in inputs], dtype)
+            content = content_key(base.weights_digest, [(md, w) for _, _, md, w in inputs], dtype)
+            return _Resolved(base.id, inputs, canonical, digest, content)
+
+    def _record(
+        self, session: Session, resolved: _Resolved, dtype: str, principal: Principal
+    ) -> tuple[ExportRequested, str]:
+        """The request's transaction: a new record (queued, or done from a stored result), the record of
+        an identical request (a failed one is retried), or a refusal past the token's bound."""
+        row = session.scalar(select(Export).where(Export.request_digest == resolved.request_digest).with_for_update())
+        created = row is None
+        if row is None:
+            row = Export(
+                id=uuid.uuid4().hex,
+                request_digest=resolved.request_digest,
+                content_digest=resolved.content_digest,
+                requested_by=principal.token_id,
+                base_model_id=resolved.base_id,
+                request=resolved.canonical,
+                dtype=dtype,
+                state="queued",
+                progress={},
+                loreg_version=loreg_version(),
+            )
+            session.add(row)
+            session.flush()
+            session.add_all(
+                ExportInput(export_id=row.id, position=i, version_id=vid, name=n, manifest_digest=md, weight=w)
+                for i, (vid, n, md, w) in enumerate(resolved.inputs)
+            )
+            if not adopt_stored_result(session, row, datetime.now(UTC)):
+                self._check_bound(session, principal, row.id)
+        elif row.state == "failed":
+            self._check_bound(session, principal, row.id)
+            jobs.retry(row)
+            row.requested_by = principal.token_id
+        session.flush()
+        return ExportRequested(self._view(session, row), created), row.state
 
     def _check_bound(self, session: Session, principal: Principal, new_id: str) -> None:
         """A read-scoped token (a host that only consumes) may have a bounded number of jobs waiting."""
@@ -247,9 +308,9 @@ class ExportService:
                 hint="wait for them to finish (GET /v1/exports/{id}), or raise LOREG_MAX_QUEUED_EXPORTS_PER_TOKEN",
             )
 
-    def get(self, export_id: str) -> ExportPublic:
+    def get(self, export_id: str) -> ExportView:
         with self.registry.sessions.begin() as session:
-            return self._public(session, self._row(session, export_id))
+            return self._view(session, self._row(session, export_id))
 
     def authorize(self, export_id: str, principal: Principal) -> None:
         """Raise unless ``principal`` may read every input stored with the export (deleted ones included).
@@ -265,23 +326,23 @@ class ExportService:
                     hint="a token must be able to read each input of an export, deleted ones included",
                 )
 
-    def file_entry(self, export_id: str, path: str) -> FilePublic:
+    def file_entry(self, export_id: str, path: str) -> StoredFile:
         names.check_file_name(path)
         with self.registry.sessions.begin() as session:
             row = self._row(session, export_id)
             f = session.get(ExportFile, (row.id, path))
             if f is None or row.state != "done":
                 raise VersionNotFoundError(f"export {export_id} has no file {path}", detail={"path": path})
-            return FilePublic(path=f.path, size=f.size, digest=f.digest)
+            return StoredFile(path=f.path, size=f.size, digest=f.digest)
 
-    def for_version(self, namespace: str, name: str, tag: str, principal: Principal) -> list[ExportPublic]:
+    def for_version(self, namespace: str, name: str, tag: str, principal: Principal) -> list[ExportView]:
         """Exports that used this version (lineage), limited to those whose every input ``principal`` can read."""
         with self.registry.sessions.begin() as session:
             version = self.adapters._resolve(session, namespace, name, tag)
             ids = session.scalars(select(ExportInput.export_id).where(ExportInput.version_id == version.id)).all()
             rows = session.scalars(select(Export).where(Export.id.in_(ids)).order_by(Export.created_at.desc())).all()
             return [
-                self._public(session, r) for r in rows if can_read_inputs(principal, [i.name for i in r.inputs])
+                self._view(session, r) for r in rows if can_read_inputs(principal, [i.name for i in r.inputs])
             ]
 
     def _row(self, session: Session, export_id: str) -> Export:
@@ -292,7 +353,7 @@ class ExportService:
             raise ExportNotFoundError(f"no export {export_id}")
         return row
 
-    def _public(self, session: Session, row: Export) -> ExportPublic:
+    def _view(self, session: Session, row: Export) -> ExportView:
         base = session.get_one(BaseRow, row.base_model_id)
         adapters = []
         for i in row.inputs:
@@ -300,17 +361,17 @@ class ExportService:
             if i.name is not None:  # kept after the version is deleted
                 namespace, adapter, number = split_input_name(i.name)
                 full = f"{namespace}/{adapter}"
-            adapters.append(ExportInputPublic(name=full, version=number, digest=i.manifest_digest, weight=i.weight))
-        return ExportPublic(
+            adapters.append(ExportInputView(name=full, version=number, digest=i.manifest_digest, weight=i.weight))
+        return ExportView(
             id=row.id,
-            state=row.state,  # type: ignore[arg-type]
+            state=row.state,
             request_digest=row.request_digest,
-            base=base_ref(base),  # type: ignore[arg-type]
+            base=base_ref(base),
             adapters=adapters,
             dtype=row.dtype,
             progress=row.progress or {},
             error=row.error,
-            files=[FilePublic(path=f.path, size=f.size, digest=f.digest) for f in row.files],
+            files=[StoredFile(path=f.path, size=f.size, digest=f.digest) for f in row.files],
             device=row.device,
             attempts=row.attempts,
             loreg_version=row.loreg_version,

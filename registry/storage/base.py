@@ -214,6 +214,17 @@ class BlobStore(Protocol):
         """
         ...
 
+    def put_file(self, path: Path, digest: str, size: int) -> BlobStat:
+        """Store the file at ``path`` as blob ``digest``; the store may move the file (it is consumed).
+
+        For files whose digest the caller computed while writing them (the merge engine's outputs):
+        the size is checked, the bytes are not hashed again. A blob already stored is left as it is.
+
+        Raises:
+            SizeMismatchError: nothing is kept.
+        """
+        ...
+
     def open(self, digest: str, start: int = 0, end: int | None = None) -> BinaryIO:
         """A readable stream of bytes ``[start, end)`` of the blob (``end=None``: to the end).
 

@@ -23,7 +23,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from loreg.registry.errors import BlobNotFoundError, InsufficientStorageError, StorageUnavailableError
+from loreg.registry.errors import (
+    BlobNotFoundError,
+    InsufficientStorageError,
+    SizeMismatchError,
+    StorageUnavailableError,
+)
 from loreg.registry.storage.base import (
     CHUNK_SIZE,
     BlobStat,
@@ -116,14 +121,8 @@ class LocalBlobStore:
             finally:
                 os.close(fd)
             with _filesystem("publish the blob"):
-                created_parent = not final.parent.is_dir()
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging, final)
+                st = self._publish(staging, final)
                 published = True
-                _fsync_dir(final.parent)
-                if created_parent:
-                    _fsync_dir(final.parent.parent)
-                st = final.stat()
         finally:
             if not published:
                 try:
@@ -131,6 +130,47 @@ class LocalBlobStore:
                 except OSError:
                     log.warning("could not remove staging file %s", staging, exc_info=True)
         return BlobStat(expected_digest, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    @staticmethod
+    def _publish(src: Path, final: Path) -> os.stat_result:
+        """Rename an fsynced file into its blob path and fsync the folder(s), so the rename survives a crash."""
+        created_parent = not final.parent.is_dir()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, final)
+        _fsync_dir(final.parent)
+        if created_parent:
+            _fsync_dir(final.parent.parent)
+        return final.stat()
+
+    def put_file(self, path: Path, digest: str, size: int) -> BlobStat:
+        """Move the file at ``path`` into place as blob ``digest`` (fsync + rename: no copy, no second hash).
+
+        A file on another file system is copied by ``put`` instead (which hashes it).
+
+        Raises:
+            DigestInvalidError, SizeMismatchError, InsufficientStorageError, StorageUnavailableError
+        """
+        final = self._path(digest)
+        with _filesystem("open a file to store"):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                found = os.fstat(fd).st_size
+                if found != size:
+                    raise SizeMismatchError(
+                        f"the file has {found} bytes, not the declared {size}", detail={"expected": size, "received": found}
+                    )
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if final.is_file():
+            return self.stat(digest)
+        try:
+            st = self._publish(Path(path), final)
+        except OSError:
+            log.debug("could not rename %s into the blob folder; copying it", path, exc_info=True)
+            with _filesystem("open a file to store"), open(path, "rb") as stream:
+                return self.put(stream, digest, size)
+        return BlobStat(digest, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
     def open(self, digest: str, start: int = 0, end: int | None = None) -> BinaryIO:
         """Bytes ``[start, end)`` of the blob, ``end`` clamped to its size.

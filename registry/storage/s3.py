@@ -20,10 +20,13 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import boto3
 import urllib3.exceptions
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -38,6 +41,7 @@ from loreg.registry.errors import (
     BlobNotFoundError,
     LoregError,
     RequestInvalidError,
+    SizeMismatchError,
     StorageTimeoutError,
     StorageUnavailableError,
 )
@@ -207,6 +211,39 @@ class S3BlobStore:
             return BlobStat(expected_digest, reader.count)
         self._put_multipart(key, reader, expected_digest, [first, second])
         return BlobStat(expected_digest, reader.count)
+
+    def put_file(self, path: Path, digest: str, size: int) -> BlobStat:
+        """Upload the file at ``path`` as blob ``digest`` with boto3's transfer manager (parts in parallel).
+
+        The digest is the caller's (see BlobStore.put_file); the size is checked before anything is sent.
+        A failed multipart upload is aborted by the transfer manager.
+
+        Raises:
+            DigestInvalidError, SizeMismatchError, StorageUnavailableError, StorageTimeoutError
+        """
+        key = self._key(digest)
+        with _s3("read a file to store"):
+            found = Path(path).stat().st_size
+        if found != size:
+            raise SizeMismatchError(
+                f"the file has {found} bytes, not the declared {size}", detail={"expected": size, "received": found}
+            )
+        try:
+            return self.stat(digest)
+        except BlobNotFoundError:
+            pass
+        config = TransferConfig(
+            multipart_threshold=self.part_size, multipart_chunksize=self.part_size, max_concurrency=self.max_concurrency
+        )
+        try:
+            with _s3("store a blob"):
+                self._client.upload_file(str(path), self.bucket, key, Config=config)
+        except S3UploadFailedError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _BACKEND_ERRORS):
+                raise _storage_error(cause, "store a blob") from exc
+            raise StorageUnavailableError(f"S3 refused to store a blob: {exc}", detail={"action": "store a blob"}) from exc
+        return BlobStat(digest, size)
 
     def _put_multipart(self, key: str, reader: HashingReader, expected_digest: str, head: list[bytes]) -> None:
         with _s3("start a multipart upload"):

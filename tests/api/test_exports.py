@@ -14,6 +14,7 @@ from loreg.cli.client import RegistryClient
 from loreg.registry import errors
 from loreg.registry.merge.worker import ExportWorker
 from tests import factories
+from tests.support.races import LosesEveryInsertRace, count_rows
 from tests.support.server import poll_until
 
 
@@ -270,3 +271,21 @@ def test_export_whose_merge_overflows_float16_fails_and_the_client_names_the_ten
             assert not (tmp_path / "out").exists()
     finally:
         reg.close()
+
+
+def test_export_request_that_keeps_losing_the_insert_race_is_a_conflict_and_stores_nothing(
+    with_base: RegistryClient, api: Any, registry: Any
+) -> None:
+    from loreg.registry.db import retry
+    from loreg.registry.db.models import Export, ExportInput
+
+    with LosesEveryInsertRace(registry, Export) as race:
+        resp = api.post("/v1/exports", json={"adapters": [{"ref": "org/a:1"}]})
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["errors"][0]["code"] == "CONFLICT"
+    assert race.attempts == retry.ATTEMPTS
+    assert count_rows(registry, Export) == 0 and count_rows(registry, ExportInput) == 0
+    assert ExportWorker(registry, device="cpu").run_once() is None
+    # the rule retries, it does not give up early: a race lost once is answered as usual
+    assert api.post("/v1/exports", json={"adapters": [{"ref": "org/a:1"}]}).status_code == 202
+

@@ -16,6 +16,7 @@ from loreg.cli.client import RegistryClient
 from loreg.registry import errors
 from tests.faults.test_corruption import flip_one_byte
 from tests.support.adapters import variant
+from tests.support.races import LosesEveryInsertRace, count_rows
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -198,3 +199,20 @@ def test_presigned_downloads_bypass_the_api_and_still_verify(
     with pytest.raises((errors.DigestMismatchError, errors.ConnectionFailedError)):
         client.pull("org/bot", tmp_path / "rotten")
     assert not (tmp_path / "rotten" / "adapter_model.safetensors").exists()
+
+
+def test_blob_upload_that_keeps_losing_the_insert_race_is_a_conflict_and_records_nothing(
+    api: Any, registry: Any
+) -> None:
+    from loreg.registry.db import retry
+    from loreg.registry.db.models import AdapterBlob, Blob
+
+    data = b"bytes uploaded while another upload of them keeps winning"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with LosesEveryInsertRace(registry, Blob) as race:
+        resp = api.put(f"/v1/adapters/org/race/blobs/{digest}", content=data)
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["errors"][0]["code"] == "CONFLICT"
+    assert race.attempts == retry.ATTEMPTS
+    assert count_rows(registry, Blob) == 0 and count_rows(registry, AdapterBlob) == 0
+    assert api.post("/v1/adapters/org/race/blobs:check", json={"digests": [digest]}).json()["missing"] == [digest]

@@ -126,6 +126,39 @@ def test_put_then_read_back_round_trips(blob_store: BlobStore, body: bytes, decl
     assert all_digests(blob_store) == [digest]
 
 
+def test_put_file_stores_the_file_as_its_blob(blob_store: BlobStore, body: bytes, tmp_path: Path) -> None:
+    digest = sha(body)
+    path = tmp_path / "merged.safetensors"
+    path.write_bytes(body)
+    stat = blob_store.put_file(path, digest, len(body))
+    assert (stat.digest, stat.size) == (digest, len(body))
+    assert blob_store.stat(digest).size == len(body)
+    with blob_store.open(digest) as stream:
+        assert stream.read() == body
+    assert all_digests(blob_store) == [digest]
+
+
+def test_put_file_of_a_stored_blob_is_harmless(blob_store: BlobStore, tmp_path: Path) -> None:
+    digest = sha(SMALL)
+    blob_store.put(io.BytesIO(SMALL), digest, len(SMALL))
+    path = tmp_path / "again"
+    path.write_bytes(SMALL)
+    assert blob_store.put_file(path, digest, len(SMALL)).size == len(SMALL)
+    assert blob_store.read_range(digest, 0, len(SMALL)) == SMALL
+    assert all_digests(blob_store) == [digest]
+
+
+def test_put_file_of_another_size_keeps_nothing(
+    blob_store: BlobStore, tmp_path: Path, nothing_kept: Callable[[str], None]
+) -> None:
+    digest = sha(SMALL)
+    path = tmp_path / "short"
+    path.write_bytes(SMALL[:-1])
+    with pytest.raises(SizeMismatchError):
+        blob_store.put_file(path, digest, len(SMALL))
+    nothing_kept(digest)
+
+
 def test_put_empty_blob(blob_store: BlobStore) -> None:
     digest = sha(b"")
     assert blob_store.put(io.BytesIO(b""), digest, 0).size == 0
@@ -367,6 +400,17 @@ def test_local_layout_is_the_content_address(local_store: LocalBlobStore) -> Non
     assert local_store.presign_get(digest) is None
     with pytest.raises(BlobNotFoundError):
         local_store.local_path(sha(b"other"))
+
+
+def test_local_put_file_moves_the_file_into_place_without_a_copy(local_store: LocalBlobStore, tmp_path: Path) -> None:
+    digest = sha(SMALL)
+    path = tmp_path / "out.bin"
+    path.write_bytes(SMALL)
+    inode = path.stat().st_ino
+    local_store.put_file(path, digest, len(SMALL))
+    assert not path.exists()
+    assert local_store.local_path(digest).stat().st_ino == inode
+    assert list((local_store.root / "uploads").glob("*")) == []
 
 
 def test_local_out_of_space_is_insufficient_storage_and_removes_the_temp_file(

@@ -9,7 +9,7 @@ from loreg.registry.api.deps import ReadDep
 from loreg.registry.api.schemas import ExportCreate, ExportList, ExportPublic
 from loreg.registry.api.streaming import verified_download
 from loreg.registry.formats import names
-from loreg.registry.services.exports import ExportService
+from loreg.registry.services.exports import ExportService, WeightedRef
 from loreg.registry.services.tokens import Principal
 
 router = APIRouter(tags=["exports"])
@@ -28,8 +28,11 @@ def create_export(body: ExportCreate, request: Request, principal: ReadDep) -> J
     for a in body.adapters:
         ref = names.parse_reference(a.ref)
         principal.require("read", ref.namespace, ref.name)
-    out, done = _svc(request).request(body, principal)
-    return JSONResponse(out.model_dump(mode="json"), status_code=200 if done else 202)
+    answer = _svc(request).request(
+        [WeightedRef(ref=a.ref, weight=a.weight) for a in body.adapters], principal, base=body.base, dtype=body.dtype
+    )
+    out = ExportPublic.model_validate(answer.export)
+    return JSONResponse(out.model_dump(mode="json"), status_code=200 if out.state == "done" else 202)
 
 
 @router.get("/v1/exports/{export_id}", response_model=ExportPublic)
@@ -37,7 +40,7 @@ def get_export(export_id: str, request: Request, principal: ReadDep) -> ExportPu
     """State (queued, running, done, failed with the reason), progress, and the result's files."""
     svc = _svc(request)
     svc.authorize(export_id, principal)
-    return svc.get(export_id)
+    return ExportPublic.model_validate(svc.get(export_id))
 
 
 @router.get(
@@ -58,4 +61,5 @@ def download_export_file(export_id: str, path: str, request: Request, principal:
 @router.get("/v1/adapters/{namespace}/{name}/versions/{tag}/exports", response_model=ExportList)
 def version_exports(namespace: str, name: str, tag: str, request: Request, principal: ReadDep) -> ExportList:
     """Exports that used this version (lineage): only those whose every input the token can read."""
-    return ExportList(items=_svc(request).for_version(namespace, name, tag, principal))
+    views = _svc(request).for_version(namespace, name, tag, principal)
+    return ExportList(items=[ExportPublic.model_validate(v) for v in views])
