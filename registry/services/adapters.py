@@ -50,6 +50,7 @@ from loreg.registry.errors import (
     ConfigTooLargeError,
     ConflictError,
     DigestAmbiguousError,
+    FileNotStoredError,
     LoregError,
     ManifestInvalidError,
     NonFiniteValuesError,
@@ -521,7 +522,7 @@ class AdapterService:
             version = self._resolve(session, namespace, name, tag)
             row = session.get(VersionFile, (version.id, path))
             if row is None:
-                raise VersionNotFoundError(
+                raise FileNotStoredError(
                     f"{namespace}/{name}:{version.number} has no file {path}", detail={"path": path}
                 )
             return FilePublic(path=row.path, size=row.size, digest=row.digest)

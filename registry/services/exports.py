@@ -31,11 +31,11 @@ from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.errors import (
     DeniedError,
     ExportNotFoundError,
+    FileNotStoredError,
     MergeUnavailableError,
     MergeUnsupportedError,
     TooManyRequestsError,
     UnauthorizedError,
-    VersionNotFoundError,
 )
 from loreg.registry.formats import fingerprint, names
 from loreg.registry.services.adapters import AdapterService, base_ref
@@ -271,7 +271,7 @@ class ExportService:
             row = self._row(session, export_id)
             f = session.get(ExportFile, (row.id, path))
             if f is None or row.state != "done":
-                raise VersionNotFoundError(f"export {export_id} has no file {path}", detail={"path": path})
+                raise FileNotStoredError(f"export {export_id} has no file {path}", detail={"path": path})
             return FilePublic(path=f.path, size=f.size, digest=f.digest)
 
     def for_version(self, namespace: str, name: str, tag: str, principal: Principal) -> list[ExportPublic]:
