@@ -42,15 +42,10 @@ from loreg.registry.services.adapters import AdapterService, base_ref
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.context import Registry
 from loreg.registry.services.tokens import ANONYMOUS, Principal
+from loreg.registry.version import loreg_version
 
 # the result's format: part of both keys, bumped when the same inputs would give other bytes
 EXPORT_FORMAT = 1
-
-
-def loreg_version() -> str:
-    from loreg.registry.api.routes.health import loreg_version as v
-
-    return v()
 
 
 def content_key(base_digest: str, inputs: list[tuple[str, float]], dtype: str) -> str:
