@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.upload_slots = UploadSlots(settings.upload_concurrency, wait_s=settings.body_idle_timeout_s)
     app.state.bases = BaseService(reg)
     app.state.adapters = AdapterService(reg, validator=app.state.bases.validate_push)
-    app.state.inspect = InspectService(reg, app.state.adapters)
+    app.state.inspect = InspectService(reg)
     app.state.exports = ExportService(reg, app.state.adapters, app.state.bases)
     install_error_handlers(app)
     app.add_middleware(

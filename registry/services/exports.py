@@ -38,6 +38,7 @@ from loreg.registry.errors import (
     UnauthorizedError,
 )
 from loreg.registry.formats import fingerprint, names
+from loreg.registry.services import resolve
 from loreg.registry.services.adapters import AdapterService, base_ref
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.context import Registry
@@ -147,9 +148,9 @@ class ExportService:
             )
         refs = [names.parse_reference(a.ref) for a in body.adapters]
         with self.registry.sessions.begin() as session:
-            versions = [self.adapters._resolve(session, r.namespace, r.name, r.tag) for r in refs]
+            versions = [resolve.version(session, r.namespace, r.name, r.tag) for r in refs]
             if body.base is not None:
-                base = self.bases._by_ref(session, body.base)
+                base = resolve.base(session, body.base)
             else:
                 first = versions[0]
                 if first.base_model_id is None:
@@ -272,7 +273,7 @@ class ExportService:
     def for_version(self, namespace: str, name: str, tag: str, principal: Principal) -> list[ExportPublic]:
         """Exports that used this version (lineage), limited to those whose every input ``principal`` can read."""
         with self.registry.sessions.begin() as session:
-            version = self.adapters._resolve(session, namespace, name, tag)
+            version = resolve.version(session, namespace, name, tag)
             ids = session.scalars(select(ExportInput.export_id).where(ExportInput.version_id == version.id)).all()
             rows = session.scalars(select(Export).where(Export.id.in_(ids)).order_by(Export.created_at.desc())).all()
             return [
