@@ -50,7 +50,7 @@ CHUNK = 1 << 20
 Progress = Callable[[str, int, int], None]  # (label, advance bytes, total bytes)
 
 
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):

@@ -738,7 +738,7 @@ class AdapterService:
                 match = "validated" if ver.base_model_id in validated else "layout"
             items.append(self._summary(ver, ver.adapter, alias_map.get(ver.id, []), match))
         next_cursor = None
-        if more and rows:
+        if more:
             last = rows[-1]
             if not by_metric:
                 next_cursor = _encode_cursor([last.vid])

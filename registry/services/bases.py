@@ -100,46 +100,60 @@ class BaseService:
         layout = validate.base_layout({t[0]: (t[1], t[2]) for t in tensors}, body.config)
         model_type, archs = layout.model_type, list(layout.architectures)
         param_count = sum(math.prod(t[2]) for t in tensors)
-        cfg = body.config
-        created = False
-        out: BaseView | None = None
         for _attempt in range(5):
             try:
                 with self.registry.sessions.begin() as session:
-                    row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == weights_digest).with_for_update())
-                    if row is None:
-                        row = BaseRow(
-                            weights_digest=weights_digest,
-                            layout_digest=layout_digest,
-                            model_type=model_type,
-                            architectures=archs,
-                            config=cfg,
-                            tensors=tensors,
-                            files=[{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files],
-                            weights_uploaded=body.weights_uploaded,
-                            parameter_count=param_count,
-                        )
-                        session.add(row)
-                        session.flush()
-                        created = True
-                    elif body.weights_uploaded and not row.weights_uploaded:
-                        row.files = [{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files]
-                        row.weights_uploaded = True
-                    exists = session.scalar(
-                        select(BaseName).where(
-                            BaseName.name == body.name, BaseName.revision == revision, BaseName.base_model_id == row.id
-                        )
+                    out, created = self._insert(
+                        session, body, revision, tensors, weights_digest, layout_digest, model_type, archs, param_count
                     )
-                    if exists is None:
-                        session.add(BaseName(name=body.name, revision=revision, base_model_id=row.id))
-                    session.flush()
-                    out = self._public(session, row)
-                break
+                return BaseRegistered(out, created)
             except IntegrityError:
                 continue  # the loser of a race on the same weights sees the winner's row next time
-        if out is None:
-            raise ConflictError("concurrent registrations of these weights kept conflicting; retry")
-        return BaseRegistered(out, created)
+        raise ConflictError("concurrent registrations of these weights kept conflicting; retry")
+
+    def _insert(
+        self,
+        session: Session,
+        body: BaseRegistration,
+        revision: str,
+        tensors: list[list[Any]],
+        weights_digest: str,
+        layout_digest: str,
+        model_type: str | None,
+        archs: list[str],
+        param_count: int,
+    ) -> tuple[BaseView, bool]:
+        """The registration's transaction: the record of these weights (new, or given its uploaded
+        weights) and the name. Returns (base, created); an insert race raises IntegrityError."""
+        files = [{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files]
+        row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == weights_digest).with_for_update())
+        created = row is None
+        if row is None:
+            row = BaseRow(
+                weights_digest=weights_digest,
+                layout_digest=layout_digest,
+                model_type=model_type,
+                architectures=archs,
+                config=body.config,
+                tensors=tensors,
+                files=files,
+                weights_uploaded=body.weights_uploaded,
+                parameter_count=param_count,
+            )
+            session.add(row)
+            session.flush()
+        elif body.weights_uploaded and not row.weights_uploaded:
+            row.files = files
+            row.weights_uploaded = True
+        exists = session.scalar(
+            select(BaseName).where(
+                BaseName.name == body.name, BaseName.revision == revision, BaseName.base_model_id == row.id
+            )
+        )
+        if exists is None:
+            session.add(BaseName(name=body.name, revision=revision, base_model_id=row.id))
+        session.flush()
+        return self._public(session, row), created
 
     def _check_uploaded(self, body: BaseRegistration, tensors: list[list[Any]]) -> None:
         store = self.registry.store

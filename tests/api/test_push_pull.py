@@ -198,3 +198,10 @@ def test_presigned_downloads_bypass_the_api_and_still_verify(
     with pytest.raises((errors.DigestMismatchError, errors.ConnectionFailedError)):
         client.pull("org/bot", tmp_path / "rotten")
     assert not (tmp_path / "rotten" / "adapter_model.safetensors").exists()
+
+
+def test_a_file_the_version_does_not_hold_is_file_not_found(client: RegistryClient, api: Any, adapter_dir: Path) -> None:
+    client.push(adapter_dir, "org/bot")
+    resp = api.get("/v1/adapters/org/bot/versions/1/files/tokenizer.json")  # a legal name, not pushed
+    assert resp.status_code == 404 and resp.json()["errors"][0]["code"] == "FILE_NOT_FOUND"
+    assert api.get("/v1/adapters/org/bot/versions/9/files/tokenizer.json").json()["errors"][0]["code"] == "VERSION_NOT_FOUND"

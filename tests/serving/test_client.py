@@ -205,3 +205,10 @@ def test_the_readme_client_example_runs(
     assert filecmp.cmp(tmp_path / "adapter" / "adapter_model.safetensors", adapter_dir / "adapter_model.safetensors", shallow=False)
     with Client(live_server, admin_token) as c:
         assert [v["aliases"] for v in c.versions("org/support-bot")] == [["staging"], ["prod"]]
+
+
+def test_a_malformed_base_digest_is_a_digest_error_before_any_request() -> None:
+    with Client("http://127.0.0.1:9", "loreg_x") as c:  # nothing listens: a request would be CONNECTION_FAILED
+        for call in (c.base, c.base_layout):
+            with pytest.raises(errors.DigestInvalidError):
+                call("sha256:not-hex")

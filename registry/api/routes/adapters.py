@@ -28,7 +28,7 @@ from loreg.registry.api.schemas import (
     VersionValidation,
 )
 from loreg.registry.api.streaming import UNSATISFIABLE, byte_range, verified_download
-from loreg.registry.errors import DeniedError, LoregError, RequestInvalidError, TooLargeError
+from loreg.registry.errors import DeniedError, LoregError, TooLargeError
 from loreg.registry.formats import names, preflight
 from loreg.registry.formats.fingerprint import canonical_json, sha256_digest
 from loreg.registry.services.adapters import LookupFilters, PushRequest
@@ -71,10 +71,7 @@ async def list_adapters(
         principal.require("read", namespace)
     base_ids = layout_ids = None
     if base is not None:
-        resolver = getattr(request.app.state, "bases", None)
-        if resolver is None:
-            raise RequestInvalidError("this server does not know base models")
-        base_ids, layout_ids = await run_in_threadpool(resolver.lookup_ids, base)
+        base_ids, layout_ids = await run_in_threadpool(request.app.state.bases.lookup_ids, base)
     filters = LookupFilters(
         namespace=namespace,
         base_ids=base_ids,
