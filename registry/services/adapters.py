@@ -586,7 +586,9 @@ class AdapterService:
             row = session.get(VersionFile, (version.id, path))
             if row is None:
                 raise FileNotStoredError(
-                    f"{namespace}/{name}:{version.number} has no file {path}", detail={"path": path}
+                    f"{namespace}/{name}:{version.number} has no file {path}",
+                    detail={"path": path},
+                    hint=f"its files: loreg show {namespace}/{name}:{version.number}",
                 )
             return StoredFile(path=row.path, size=row.size, digest=row.digest)
 
