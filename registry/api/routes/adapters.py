@@ -198,7 +198,7 @@ def resolve_many(body: ResolveRequest, request: Request, adapters: AdaptersDep, 
 
     A reference the token does not cover answers DENIED whether or not it exists (no existence leaks).
     """
-    items: list[ResolvedItem | None] = [None] * len(body.refs)
+    items: dict[int, ResolvedItem] = {}
     wanted: list[tuple[int, names.Reference]] = []
     for i, ref in enumerate(body.refs):
         try:
@@ -216,7 +216,7 @@ def resolve_many(body: ResolveRequest, request: Request, adapters: AdaptersDep, 
             items[i] = _failed(ref, found)
         else:
             items[i] = ResolvedItem(ref=ref, version=VersionPublic.model_validate(found))
-    return _conditional(request, ResolveAnswer(items=[it for it in items if it is not None]).model_dump(mode="json"))
+    return _conditional(request, ResolveAnswer(items=[items[i] for i in range(len(body.refs))]).model_dump(mode="json"))
 
 
 def _failed(ref: str, exc: LoregError) -> ResolvedItem:
