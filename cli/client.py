@@ -34,11 +34,13 @@ from loreg.registry.errors import (
     BaseUnknownError,
     ERRORS,
     ConnectionFailedError,
+    DigestInvalidError,
     DigestMismatchError,
+    ExportTimeoutError,
     FolderInvalidError,
     InternalError,
     LoregError,
-    NameInvalidError,
+    RequestInvalidError,
     UnsupportedFormatError,
     error_from_envelope,
 )
@@ -48,7 +50,7 @@ CHUNK = 1 << 20
 Progress = Callable[[str, int, int], None]  # (label, advance bytes, total bytes)
 
 
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -752,7 +754,9 @@ class RegistryClient:
 
         weights = list(weights or [1.0] * len(refs))
         if len(weights) != len(refs):
-            raise NameInvalidError("give one --weight per adapter reference, in order")
+            raise RequestInvalidError(
+                f"{len(weights)} weights for {len(refs)} references", hint="give one --weight per adapter reference, in order"
+            )
         for r in refs:
             names.parse_reference(r)
         body: dict[str, Any] = {"adapters": [{"ref": r, "weight": float(w)} for r, w in zip(refs, weights)], "dtype": dtype}
@@ -764,7 +768,9 @@ class RegistryClient:
             if on_state:
                 on_state(job)
             if deadline is not None and time.monotonic() > deadline:
-                raise ConnectionFailedError(f"export {job['id']} is still {job['state']}", hint=f"loreg export resumes it")
+                raise ExportTimeoutError(
+                    f"export {job['id']} is still {job['state']}", detail={"id": job["id"]}, hint="loreg export resumes it"
+                )
             time.sleep(poll_s)
             job = self.get_json(f"/v1/exports/{job['id']}")
         if on_state:
@@ -842,7 +848,7 @@ def _base_path(ref: str) -> str:
     """A base reference as a URL path: names keep their slash, everything else is quoted."""
     if ref.startswith("sha256:"):
         if names.DIGEST_PREFIX.fullmatch(ref) is None:
-            raise NameInvalidError(f"invalid digest {ref[:80]!r}", hint=names.DIGEST_PREFIX_HINT)
+            raise DigestInvalidError(f"invalid digest {ref[:80]!r}", hint=names.DIGEST_PREFIX_HINT)
         return ref
     name, _, revision = ref.partition("@")
     names.check_base_name(name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,32 +20,25 @@ def server_url(url: str | None = None) -> str:
     return (url or os.environ.get("LOREG_URL") or DEFAULT_URL).rstrip("/")
 
 
+# the file is the server's too (`loreg serve` writes its token there): one owner, imported when
+# used so that `loreg --help` loads no server module
 def credentials_path() -> Path:
-    return loreg_home() / "credentials.json"
+    from loreg.registry import credentials
+
+    return loreg_home() / credentials.FILE_NAME
 
 
 def read_credentials() -> dict[str, str]:
-    path = credentials_path()
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    from loreg.registry import credentials
+
+    return credentials.read(credentials_path())
 
 
 def write_credential(url: str, token: str) -> Path:
     """Keep ``token`` for ``url`` in the credentials file (mode 0600, written atomically)."""
-    path = credentials_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    creds = read_credentials()
-    creds[url.rstrip("/")] = token
-    tmp = path.with_name(f".credentials.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(creds, f, indent=2, sort_keys=True)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return path
+    from loreg.registry import credentials
+
+    return credentials.write(credentials_path(), url, token)
 
 
 def token_for(url: str) -> str | None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loreg.cli.serving import BaseCheck, Refused, VersionFolders, serving_refusal
-from loreg.registry.errors import ConflictError, LoregError, NameInvalidError, RequestInvalidError
+from loreg.registry.errors import ConflictError, LoregError, RequestInvalidError
 from loreg.registry.formats import names
 from loreg.registry.formats.validate import VLLM_DEFAULT_MAX_LORA_RANK
 
@@ -67,7 +67,7 @@ class Syncer:
         jobs: int = 8,
     ):
         if engine not in ENGINES:
-            raise NameInvalidError(f"unknown engine {engine!r}", hint=f"choose one of {', '.join(ENGINES)}")
+            raise RequestInvalidError(f"unknown engine {engine!r}", hint=f"choose one of {', '.join(ENGINES)}")
         if base_name is not None and engine == "plain":
             raise RequestInvalidError("--base-name rewrites the files, and --engine plain keeps them as pushed",
                                       hint="choose the engine that serves the folder")
@@ -267,7 +267,7 @@ def _swap_link(link: Path, folder: Path) -> None:
     """Point ``link`` at ``folder`` by renaming a new symlink over it (atomic: never absent)."""
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.exists() and not link.is_symlink():
-        raise NameInvalidError(
+        raise ConflictError(
             f"{link} exists and is not a link loreg sync made", hint="move it away, or sync into another folder"
         )
     tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex}")

@@ -24,6 +24,7 @@ from loreg.registry.services.inspect import InspectService
 from loreg.registry.services.context import Registry, open_registry
 from loreg.registry.services.tokens import TokenService
 from loreg.registry.settings import Settings
+from loreg.registry.version import loreg_version
 
 log = logging.getLogger("loreg")
 
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app = FastAPI(
         title="loreg",
         summary="A registry and versioning service for LoRA adapters",
-        version=_version(),
+        version=loreg_version(),
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,
         docs_url=None,
@@ -72,7 +73,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.upload_slots = UploadSlots(settings.upload_concurrency, wait_s=settings.body_idle_timeout_s)
     app.state.bases = BaseService(reg)
     app.state.adapters = AdapterService(reg, validator=app.state.bases.validate_push)
-    app.state.inspect = InspectService(reg, app.state.adapters)
+    app.state.inspect = InspectService(reg)
     app.state.exports = ExportService(reg, app.state.adapters, app.state.bases)
     install_error_handlers(app)
     app.add_middleware(
@@ -82,12 +83,6 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     for module in (health, blobs, adapters, bases, exports, tokens):
         app.include_router(module.router)
     return app
-
-
-def _version() -> str:
-    from loreg.registry.api.routes.health import loreg_version
-
-    return loreg_version()
 
 
 def api_routes(app: FastAPI) -> list[APIRoute]:

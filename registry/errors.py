@@ -70,6 +70,7 @@ BlobNotFoundError = _error("BlobNotFoundError", "BLOB_NOT_FOUND", 404, "No such 
 BaseNotFoundError = _error("BaseNotFoundError", "BASE_NOT_FOUND", 404, "No such base model.")
 ExportNotFoundError = _error("ExportNotFoundError", "EXPORT_NOT_FOUND", 404, "No such export.")
 TokenNotFoundError = _error("TokenNotFoundError", "TOKEN_NOT_FOUND", 404, "No such token.")
+FileNotStoredError = _error("FileNotStoredError", "FILE_NOT_FOUND", 404, "A version or export has no such file.")
 MethodNotAllowedError = _error("MethodNotAllowedError", "METHOD_NOT_ALLOWED", 405, "The route has no such method.")
 RequestTimeoutError = _error("RequestTimeoutError", "REQUEST_TIMEOUT", 408, "The request body stopped arriving.")
 # 409
@@ -99,6 +100,9 @@ CombinationInvalidError = _error(
 TooManyRequestsError = _error("TooManyRequestsError", "TOOMANYREQUESTS", 429, "Rate limited.")
 InternalError = _error("InternalError", "INTERNAL", 500, "An unexpected error.")
 MergeUnavailableError = _error("MergeUnavailableError", "MERGE_UNAVAILABLE", 501, "This server cannot merge.")
+SettingsInvalidError = _error(
+    "SettingsInvalidError", "SETTINGS_INVALID", 500, "The server's settings (LOREG_*) do not allow this."
+)
 DbUnavailableError = _error("DbUnavailableError", "DB_UNAVAILABLE", 503, "The database is unreachable.")
 StorageUnavailableError = _error("StorageUnavailableError", "STORAGE_UNAVAILABLE", 503, "Storage is unreachable.")
 UploadsBusyError = _error("UploadsBusyError", "UPLOADS_BUSY", 503, "Every upload slot is in use.")
@@ -106,6 +110,7 @@ StorageTimeoutError = _error("StorageTimeoutError", "STORAGE_TIMEOUT", 504, "Sto
 InsufficientStorageError = _error("InsufficientStorageError", "INSUFFICIENT_STORAGE", 507, "Storage is full.")
 # client side only (never sent by the server)
 ConnectionFailedError = _error("ConnectionFailedError", "CONNECTION_FAILED", 503, "The server is unreachable.")
+ExportTimeoutError = _error("ExportTimeoutError", "EXPORT_TIMEOUT", 504, "An export did not finish within the wait.")
 
 
 ERRORS: dict[str, type[LoregError]] = {

@@ -11,30 +11,27 @@ def db() -> None:
 @db.command()
 def upgrade() -> None:
     """Migrate the database to the newest schema."""
+    from loreg.registry.admin import open_for_admin
     from loreg.registry.db import migrate
-    from loreg.registry.db.session import make_engine
-    from loreg.registry.settings import Settings
 
-    settings = Settings()
-    engine = make_engine(settings.effective_database_url)
+    registry = open_for_admin(schema="any")
     try:
-        before = migrate.current_revision(engine)
-        migrate.upgrade(engine)
-        after = migrate.current_revision(engine)
+        before = migrate.current_revision(registry.engine)
+        migrate.upgrade(registry.engine)
+        after = migrate.current_revision(registry.engine)
     finally:
-        engine.dispose()
+        registry.close()
     click.echo(f"database at {after} (was {before or 'empty'})")
 
 
 @db.command()
 def current() -> None:
     """Print the database's schema revision and the newest one."""
+    from loreg.registry.admin import open_for_admin
     from loreg.registry.db import migrate
-    from loreg.registry.db.session import make_engine
-    from loreg.registry.settings import Settings
 
-    engine = make_engine(Settings().effective_database_url)
+    registry = open_for_admin(schema="any")
     try:
-        click.echo(f"current {migrate.current_revision(engine) or 'empty'}, head {migrate.head_revision()}")
+        click.echo(f"current {migrate.current_revision(registry.engine) or 'empty'}, head {migrate.head_revision()}")
     finally:
-        engine.dispose()
+        registry.close()

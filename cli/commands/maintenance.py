@@ -8,19 +8,6 @@ from loreg.cli.commands._common import json_option, parse_duration
 from loreg.cli.output import emit_json, human_size
 
 
-def _registry():  # type: ignore[no-untyped-def]
-    from loreg.registry.db import migrate
-    from loreg.registry.errors import DbUnavailableError
-    from loreg.registry.services.context import open_registry
-    from loreg.registry.settings import Settings
-
-    registry = open_registry(Settings())
-    if not migrate.is_up_to_date(registry.engine):
-        registry.close()
-        raise DbUnavailableError("the database schema is not current", hint="run `loreg db upgrade`")
-    return registry
-
-
 @click.command()
 @click.option("--grace", "grace_s", default=None, metavar="DURATION",
               callback=lambda _ctx, _param, value: None if value is None else parse_duration(value, "--grace"),
@@ -32,9 +19,10 @@ def gc(grace_s: int | None, dry_run: bool, as_json: bool) -> None:
     """Delete unreferenced blobs older than the grace period (server host; safe while pushes run)."""
     from datetime import timedelta
 
+    from loreg.registry.admin import open_for_admin
     from loreg.registry.services.maintenance import MaintenanceService
 
-    registry = _registry()
+    registry = open_for_admin()
     try:
         report = MaintenanceService(registry).gc(grace=None if grace_s is None else timedelta(seconds=grace_s), dry_run=dry_run)
     finally:
@@ -52,9 +40,10 @@ def gc(grace_s: int | None, dry_run: bool, as_json: bool) -> None:
 @json_option
 def fsck(as_json: bool) -> None:
     """Re-hash every stored blob and report corruption (server host). Exits 1 if any is bad."""
+    from loreg.registry.admin import open_for_admin
     from loreg.registry.services.maintenance import MaintenanceService
 
-    registry = _registry()
+    registry = open_for_admin()
     try:
         report = MaintenanceService(registry).fsck()
     finally:

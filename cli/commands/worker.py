@@ -11,22 +11,19 @@ def worker(once: bool, device: str | None) -> None:
     import signal
     import threading
 
-    from loreg.registry.db import migrate
-    from loreg.registry.errors import DbUnavailableError
+    from loreg.registry.admin import open_for_admin
+    from loreg.registry.errors import SettingsInvalidError
     from loreg.registry.merge.worker import ExportWorker
-    from loreg.registry.services.context import open_registry
     from loreg.registry.settings import Settings
 
     settings = Settings()
     if settings.embedded:
-        raise DbUnavailableError(
+        raise SettingsInvalidError(
             "standalone workers need Postgres (LOREG_DATABASE_URL)",
             hint="on the embedded default, `loreg serve` runs the export worker itself",
         )
-    registry = open_registry(settings)
+    registry = open_for_admin(settings)
     try:
-        if not migrate.is_up_to_date(registry.engine):
-            raise DbUnavailableError("the database schema is not current", hint="run `loreg db upgrade`")
         w = ExportWorker(registry, device=device)
         click.echo(f"export worker {w.owner} started", err=True)
         if once:

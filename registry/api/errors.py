@@ -14,16 +14,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loreg.registry.errors import (
     ConflictError,
     DbUnavailableError,
+    DeniedError,
     InternalError,
     LoregError,
     MethodNotAllowedError,
     NotFoundError,
     RequestInvalidError,
+    RequestTimeoutError,
     TooLargeError,
+    TooManyRequestsError,
     UnauthorizedError,
 )
 
 log = logging.getLogger("loreg.api")
+
+# statuses Starlette raises by itself that the table holds a generic code for
+FRAMEWORK_STATUSES: dict[int, type[LoregError]] = {
+    401: UnauthorizedError,
+    403: DeniedError,
+    408: RequestTimeoutError,
+    409: ConflictError,
+    429: TooManyRequestsError,
+}
 
 
 def error_response(err: LoregError) -> JSONResponse:
@@ -64,8 +76,12 @@ def install_error_handlers(app: FastAPI) -> None:
             if exc.headers and "Allow" in exc.headers:
                 resp.headers["Allow"] = exc.headers["Allow"]
             return resp
-        err = RequestInvalidError(str(exc.detail))
-        return JSONResponse(err.envelope(), status_code=exc.status_code)
+        # one code, one status: a framework status with no code of its own is a malformed request
+        # (any 4xx) or our fault (any 5xx), answered with that code's status
+        generic = FRAMEWORK_STATUSES.get(exc.status_code)
+        if generic is None:
+            generic = RequestInvalidError if exc.status_code < 500 else InternalError
+        return error_response(generic(str(exc.detail)))
 
     @app.exception_handler(OperationalError)
     async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:

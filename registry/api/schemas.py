@@ -56,10 +56,6 @@ class ErrorItem(Response):
     detail: dict[str, Any] = {}
 
 
-class ErrorEnvelope(Response):
-    errors: list[ErrorItem]
-
-
 # --- health -----------------------------------------------------------------------------------
 
 

@@ -88,7 +88,3 @@ class SafetensorsHasher:
     @property
     def file_digest(self) -> str:
         return "sha256:" + self._file.hexdigest()
-
-    @property
-    def complete(self) -> bool:
-        return self._idx == len(self._spans)

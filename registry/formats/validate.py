@@ -430,7 +430,7 @@ class _Validator:
 
     # -- phases -----------------------------------------------------------------------------------
 
-    def run(self, base_name: str | None, base_revision: str | None) -> None:
+    def run(self, base_name: str | None) -> None:
         header, config = self.header, self.config
         for key in sorted(header.tensors):
             info = header.tensors[key]
@@ -470,7 +470,7 @@ class _Validator:
         if not self.problems.items:
             self.check_targets(groups, located)
 
-        self.collect_warnings(groups, base_name, base_revision)
+        self.collect_warnings(groups, base_name)
 
     def choose_variant(self, groups: dict[str, list[TensorKey]]) -> None:
         best: tuple[int, int] | None = None
@@ -787,8 +787,7 @@ class _Validator:
             problems.add(tk.key, "INDEX_OUT_OF_RANGE", f"trainable_token_indices {out_of_range[:10]} are outside "
                          f"the vocabulary of {w_name} ({w[0]} rows)", expected=[0, w[0] - 1], actual=out_of_range[:50])
 
-    def collect_warnings(self, groups: dict[str, list[TensorKey]], base_name: str | None,
-                         base_revision: str | None) -> None:
+    def collect_warnings(self, groups: dict[str, list[TensorKey]], base_name: str | None) -> None:
         config = self.config
         adapted = lora.lora_modules(tk for keys in groups.values() for tk in keys)
         if isinstance(config.target_modules, list):
@@ -803,11 +802,6 @@ class _Validator:
                 "code": "BASE_NAME_MISMATCH", "expected": base_name, "actual": config.base_model_name_or_path,
                 "message": f"the adapter names base {config.base_model_name_or_path!r}; validated against "
                            f"{base_name!r}",
-            })
-        if base_revision is not None and config.revision is not None and config.revision != base_revision:
-            self.warnings.append({
-                "code": "BASE_REVISION_MISMATCH", "expected": base_revision, "actual": config.revision,
-                "message": f"the adapter names revision {config.revision!r}; validated against {base_revision!r}",
             })
         init = config.init_lora_weights
         if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
@@ -835,20 +829,19 @@ def validate_adapter(
     base: BaseLayout,
     *,
     base_name: str | None = None,
-    base_revision: str | None = None,
 ) -> ValidationReport:
     """Check every adapter tensor against the base layout (headers only).
 
     Args:
-        base_name / base_revision: the base the adapter is validated against; a different
-            base_model_name_or_path / revision in the config is a warning.
+        base_name: the base the adapter is validated against; a different base_model_name_or_path
+            in the config is a warning.
 
     Raises:
         ShapeMismatchError, RankMismatchError, UnknownModuleError, DtypeUnsupportedError,
         EmptyTensorError, AdapterInvalidError: the first problem's class; ``detail["problems"]`` lists all.
     """
     validator = _Validator(config, header, base)
-    validator.run(base_name, base_revision)
+    validator.run(base_name)
     embedding = base.shape(validator.input_embedding) if validator.input_embedding else None
     validator.problems.raise_if_any(validator.variant, embedding[-1] if embedding else None)
     facts = describe_adapter(config, header)

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import base64
-import itertools
 import json
-import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from loreg.registry.api.schemas import (
-    AdapterPublic,
-    AliasEventPublic,
-    AliasPublic,
-    BaseRef,
-    FilePublic,
-    MetricPublic,
-    Page,
-    VersionCreate,
-    VersionPublic,
-    VersionSummary,
-    VersionValidation,
-)
 from loreg.registry.db.models import (
     Adapter,
     AdapterBlob,
@@ -42,25 +27,37 @@ from loreg.registry.db.models import (
 )
 from loreg.registry.db.models import BaseModel as BaseModelRow
 from loreg.registry.errors import (
-    AdapterNotFoundError,
     AliasNotFoundError,
     BlobMissingError,
     BlobNotFoundError,
     ConfigTooLargeError,
-    DigestAmbiguousError,
+    FileNotStoredError,
     LoregError,
     ManifestInvalidError,
     NonFiniteValuesError,
     RequestInvalidError,
-    VersionNotFoundError,
 )
 from loreg.registry.db.retry import in_transaction
 from loreg.registry.faults import crash_point
 from loreg.registry.formats import lora, names, peft, safetensors, values
 from loreg.registry.formats.fingerprint import manifest_digest
+from loreg.registry.services import resolve
 from loreg.registry.services.context import Registry
+from loreg.registry.services.views import (
+    AdapterView,
+    AliasEventView,
+    AliasView,
+    BaseRefView,
+    Listing,
+    MetricView,
+    StoredFile,
+    ValidationView,
+    VersionPushed,
+    VersionSummaryView,
+    VersionView,
+    base_ref,
+)
 
-log = logging.getLogger(__name__)
 
 
 
@@ -129,6 +126,89 @@ def _finite(value: Any) -> bool:
     return _row_id(value) or (isinstance(value, float) and math.isfinite(value))
 
 
+def _filter_conditions(filters: LookupFilters) -> list[Any]:
+    """The SQL conditions of every filter but the metric bounds."""
+    v = Version
+    conds: list[Any] = []
+    if filters.namespace is not None:
+        names.check_name_part(filters.namespace, "namespace")
+        conds.append(Adapter.namespace == filters.namespace)
+    if filters.name is not None:
+        conds.append(Adapter.name == filters.name)
+    if filters.allowed:
+        full = Adapter.namespace + "/" + Adapter.name
+        conds.append(or_(*[full.like(_glob_to_like(g), escape="\\") for g in filters.allowed]))
+    if filters.base_ids is not None:
+        all_ids = tuple(filters.base_ids) + tuple(filters.layout_base_ids or ())
+        conds.append(v.base_model_id.in_(all_ids or (-1,)))
+    if filters.target:
+        conds.append(v.id.in_(select(VersionTarget.version_id).where(VersionTarget.target == filters.target)))
+    if filters.min_rank is not None:
+        conds.append(v.rank_min >= filters.min_rank)
+    if filters.max_rank is not None:
+        conds.append(v.rank_max <= filters.max_rank)
+    if filters.dora is not None:
+        conds.append(v.use_dora.is_(filters.dora))
+    if filters.task_type:
+        conds.append(v.task_type == filters.task_type)
+    if filters.q:
+        needle = filters.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{needle.lower()}%"
+        conds.append(
+            func.lower(Adapter.namespace + "/" + Adapter.name + " " + func.coalesce(v.message, "")).like(
+                pattern, escape="\\"
+            )
+        )
+    return conds
+
+
+def _metric_value(filters: LookupFilters, conds: list[Any]) -> Any:
+    """The named metric's latest value per version (a correlated subquery), None without a metric;
+    its bounds are appended to ``conds``. Sorting alone does not filter: versions without it come last."""
+    bounds = {k: x for k, x in (("metric_min", filters.metric_min), ("metric_max", filters.metric_max)) if x is not None}
+    if bounds and not filters.metric:
+        raise RequestInvalidError(
+            f"{' and '.join(bounds)} bound a metric, but no metric is named",
+            detail={"fields": sorted(bounds)},
+            hint="name it: ?metric=eval_loss&metric_max=1.0 (loreg ls --sort-by eval_loss)",
+        )
+    if not all(math.isfinite(x) for x in bounds.values()):
+        raise RequestInvalidError("metric_min and metric_max must be finite numbers", detail={"fields": sorted(bounds)})
+    if not filters.metric:
+        return None
+    value = (
+        select(Metric.value)
+        .where(Metric.version_id == Version.id, Metric.key == filters.metric)
+        .order_by(Metric.id.desc())
+        .limit(1)
+        .correlate(Version)
+        .scalar_subquery()
+    )
+    if filters.metric_min is not None:
+        conds.append(value >= filters.metric_min)
+    if filters.metric_max is not None:
+        conds.append(value <= filters.metric_max)
+    return value
+
+
+def _after_cursor(ranked: Any, values: list[Any], by_metric: bool, desc: bool) -> Any:
+    """The rows after a cursor. Keyset order: (metric NULLS LAST, id), one direction, the same on
+    SQLite and Postgres. The condition is two plain ranges, over (value, id) and over the rows
+    without a value by id: the shape an index on the sort key serves, wherever the boundary falls."""
+
+    def after(col: Any, value: Any) -> Any:
+        return col < value if desc else col > value
+
+    vid = ranked.c.vid
+    if not by_metric:
+        return after(vid, values[0])
+    mv = ranked.c.mv
+    has, value, last_id = values
+    if has:
+        return or_(after(mv, value), and_(mv == value, after(vid, last_id)), mv.is_(None))
+    return and_(mv.is_(None), after(vid, last_id))
+
+
 def default_order(metric: str | None) -> str:
     """The order when none is asked for (the CLI's too): by a metric whose name contains ``loss``,
     ascending (lower is better); by any other metric, and newest first without one, descending."""
@@ -142,11 +222,31 @@ def latest_metrics(version: Version) -> dict[str, float]:
     return out
 
 
-def base_ref(base: BaseModelRow | None) -> BaseRef | None:
-    if base is None:
-        return None
-    labels = [f"{n.name}@{n.revision}" if n.revision else n.name for n in base.names]
-    return BaseRef(weights_digest=base.weights_digest, layout_digest=base.layout_digest, names=labels)
+@dataclass(frozen=True)
+class PushRequest:
+    """A version to commit from blobs already uploaded for the adapter."""
+
+    files: list[StoredFile]
+    message: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+    base: str | None = None  # a base reference; None: the config's base_model_name_or_path
+    # how the client chose ``base``: "explicit", or "weights"/"layout" (matched by content)
+    base_source: str | None = None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A push after every check that needs no transaction: what the commit writes."""
+
+    files: dict[str, StoredFile]
+    digest: str
+    aliases: list[str]
+    config: dict[str, Any]
+    facts: dict[str, Any]
+    warnings: list[dict[str, Any]]
+    base_id: int | None
+    base_mapping: dict[str, Any] | None
 
 
 class AdapterService:
@@ -159,7 +259,7 @@ class AdapterService:
 
     # --- push ---------------------------------------------------------------------------------
 
-    def push(self, namespace: str, name: str, body: VersionCreate, *, actor: str | None = None) -> VersionPublic:
+    def push(self, namespace: str, name: str, request: PushRequest, *, actor: str | None = None) -> VersionPushed:
         """Commit a version from already uploaded blobs.
 
         Identical files (same manifest digest) return the existing version (``created`` False).
@@ -168,15 +268,34 @@ class AdapterService:
             NameInvalidError, ManifestInvalidError, BlobMissingError, CONFIG_* / header / shape errors.
         """
         names.check_name(namespace, name)
-        settings = self.registry.settings
-        files = self._check_files(body)
-        aliases = [names.check_alias(a) for a in dict.fromkeys(body.aliases)]
-        store = self.registry.store
+        files = self._check_files(request.files)
+        aliases = [names.check_alias(a) for a in dict.fromkeys(request.aliases)]
         digest = manifest_digest((f.path, f.size, f.digest) for f in files.values())
         existing = self._existing(namespace, name, digest, aliases, actor)
         if existing is not None:
-            return existing
+            return VersionPushed(existing, created=False)
+        checked = self._check_contents(namespace, name, request, files, digest, aliases)
+        version_id, created = in_transaction(
+            self.registry.sessions,
+            lambda session: self._commit(session, namespace, name, checked, request, actor),
+            what=f"push {namespace}/{name}",
+        )
+        crash_point("after_commit")  # testing hook (registry/faults.py)
+        with self.registry.sessions.begin() as session:
+            return VersionPushed(self._public(session, session.get_one(Version, version_id)), created)
 
+    def _check_contents(
+        self,
+        namespace: str,
+        name: str,
+        request: PushRequest,
+        files: dict[str, StoredFile],
+        digest: str,
+        aliases: list[str],
+    ) -> _Checked:
+        """Every check of a new version's blobs that needs no transaction: links and sizes, the
+        config, the safetensors header and values, and the validation against the base."""
+        settings, store = self.registry.settings, self.registry.store
         self._check_linked(namespace, name, files.values())
         for f in files.values():
             try:
@@ -188,7 +307,6 @@ class AdapterService:
                     f"{f.path}: declared size {f.size} but the blob has {stat.size} bytes",
                     detail={"path": f.path, "expected": stat.size, "actual": f.size},
                 )
-
         cfg_entry = files["adapter_config.json"]
         if cfg_entry.size > settings.max_config_size:
             raise ConfigTooLargeError(
@@ -206,99 +324,62 @@ class AdapterService:
         )
         warnings = self._scan_values(st_entry.digest, header)
         facts = peft_facts(config, header)
-
-        base_row_id: int | None = None
-        base_mapping: dict[str, Any] | None = None
+        base_id: int | None = None
+        mapping: dict[str, Any] | None = None
         if self.validator is not None:
-            base_row_id, report = self.validator(config, header, facts, body.base, body.base_source)
+            base_id, report = self.validator(config, header, facts, request.base, request.base_source)
             facts = report.get("facts", facts)
             warnings.extend(report.get("warnings", []))
-            base_mapping = report.get("mapping")
+            mapping = report.get("mapping")
+        return _Checked(files, digest, aliases, config.raw, facts, warnings, base_id, mapping)
 
-        version_id, created = in_transaction(
-            self.registry.sessions,
-            lambda session: self._insert_version(
-                session, namespace, name, body, files, digest, aliases, actor,
-                config=config, facts=facts, warnings=warnings, base_row_id=base_row_id, base_mapping=base_mapping,
-            ),
-            what=f"push {namespace}/{name}",
-        )
-        crash_point("after_commit")  # testing hook (registry/faults.py)
-        with self.registry.sessions.begin() as session:
-            out = self._public(session, session.get_one(Version, version_id))
-        out.created = created
-        return out
-
-    def _insert_version(
-        self,
-        session: Session,
-        namespace: str,
-        name: str,
-        body: VersionCreate,
-        files: dict[str, Any],
-        digest: str,
-        aliases: list[str],
-        actor: str | None,
-        *,
-        config: Any,
-        facts: dict[str, Any],
-        warnings: list[Any],
-        base_row_id: int | None,
-        base_mapping: dict[str, Any] | None,
+    def _commit(
+        self, session: Session, namespace: str, name: str, checked: _Checked, request: PushRequest, actor: str | None
     ) -> tuple[int, bool]:
-        """The push's transaction: the existing version of this manifest, or a new one. Returns (id, created).
-
-        The loser of an insert race (same adapter created, same manifest pushed) raises IntegrityError
-        here; run again (db/retry.py), it sees the winner's row.
-        """
+        """Insert the version under the adapter's row lock, or find the same files stored meanwhile
+        (aliases move either way). Returns (version id, created). The loser of an insert race (same
+        adapter created, same manifest pushed) raises IntegrityError here; run again (db/retry.py), it
+        sees the winner's row."""
         adapter = self._lock_adapter(session, namespace, name)
         existing = session.scalar(
-            select(Version).where(Version.adapter_id == adapter.id, Version.manifest_digest == digest)
+            select(Version).where(Version.adapter_id == adapter.id, Version.manifest_digest == checked.digest)
         )
         if existing is not None:
-            for alias in aliases:
+            for alias in checked.aliases:
                 self._move_alias(session, adapter, alias, existing, actor)
-            created = False
-            version_id = existing.id
-        else:
-            self._touch_blobs(session, [f.digest for f in files.values()], link=(namespace, name))
-            adapter.last_number += 1
-            version = Version(
-                adapter_id=adapter.id,
-                number=adapter.last_number,
-                manifest_digest=digest,
-                message=body.message,
-                size=sum(f.size for f in files.values()),
-                config=config.raw,
-                facts=facts,
-                warnings=warnings,
-                rank_min=min(facts["ranks"]) if facts["ranks"] else 0,
-                rank_max=max(facts["ranks"]) if facts["ranks"] else 0,
-                use_dora=bool(facts.get("use_dora")),
-                task_type=facts.get("task_type"),
-                base_model_id=base_row_id,
-                base_mapping=base_mapping,
-            )
-            session.add(version)
-            session.flush()
-            session.add_all(
-                VersionFile(version_id=version.id, path=f.path, size=f.size, digest=f.digest)
-                for f in files.values()
-            )
-            session.add_all(
-                VersionTarget(version_id=version.id, target=t) for t in sorted(set(facts["targets"]))
-            )
-            session.add_all(Metric(version_id=version.id, key=k, value=v) for k, v in body.metrics.items())
-            session.flush()
-            for alias in aliases:
-                self._move_alias(session, adapter, alias, version, actor)
-            created = True
-            version_id = version.id
-        return version_id, created
+            return existing.id, False
+        files, facts = checked.files.values(), checked.facts
+        self._touch_blobs(session, [f.digest for f in files], link=(namespace, name))
+        adapter.last_number += 1
+        version = Version(
+            adapter_id=adapter.id,
+            number=adapter.last_number,
+            manifest_digest=checked.digest,
+            message=request.message,
+            size=sum(f.size for f in files),
+            config=checked.config,
+            facts=facts,
+            warnings=checked.warnings,
+            rank_min=min(facts["ranks"]) if facts["ranks"] else 0,
+            rank_max=max(facts["ranks"]) if facts["ranks"] else 0,
+            use_dora=bool(facts.get("use_dora")),
+            task_type=facts.get("task_type"),
+            base_model_id=checked.base_id,
+            base_mapping=checked.base_mapping,
+        )
+        session.add(version)
+        session.flush()
+        session.add_all(VersionFile(version_id=version.id, path=f.path, size=f.size, digest=f.digest) for f in files)
+        session.add_all(VersionTarget(version_id=version.id, target=t) for t in sorted(set(facts["targets"])))
+        session.add_all(Metric(version_id=version.id, key=k, value=v) for k, v in request.metrics.items())
+        session.flush()
+        for alias in checked.aliases:
+            self._move_alias(session, adapter, alias, version, actor)
+        return version.id, True
 
     def validate(
         self, namespace: str, name: str, config_bytes: bytes, header_prefix: bytes, file_size: int, base: str | None
-    ) -> VersionValidation:
+    ) -> ValidationView:
         """Validate an adapter from its config and safetensors header alone, before any upload:
         the same refusals (and warnings) the commit would give from these bytes; nothing is stored.
         The commit still re-checks the stored files (and their values, which a header cannot show).
@@ -315,7 +396,7 @@ class AdapterService:
         )
         facts = peft_facts(config, header)
         warnings: list[Any] = []
-        base_out: BaseRef | None = None
+        base_out: BaseRefView | None = None
         if self.validator is not None:
             base_row_id, report = self.validator(config, header, facts, base)
             facts = report.get("facts", facts)
@@ -323,11 +404,11 @@ class AdapterService:
             with self.registry.sessions.begin() as session:
                 row = session.get(BaseModelRow, base_row_id, options=[selectinload(BaseModelRow.names)])
                 base_out = base_ref(row)
-        return VersionValidation(base=base_out, facts=facts, warnings=warnings)
+        return ValidationView(base=base_out, facts=facts, warnings=warnings)
 
     def _existing(
         self, namespace: str, name: str, digest: str, aliases: list[str], actor: str | None
-    ) -> VersionPublic | None:
+    ) -> VersionView | None:
         """The version with these exact files, if stored (a re-push): aliases move, nothing else."""
         with self.registry.sessions.begin() as session:
             version = session.scalar(
@@ -342,16 +423,14 @@ class AdapterService:
                 for alias in aliases:
                     self._move_alias(session, adapter, alias, version, actor)
                 session.flush()
-            out = self._public(session, version)
-        out.created = False
-        return out
+            return self._public(session, version)
 
-    def _check_files(self, body: VersionCreate) -> dict[str, Any]:
+    def _check_files(self, listed: list[StoredFile]) -> dict[str, StoredFile]:
         limit = self.registry.settings.max_files_per_version
-        if len(body.files) > limit:
+        if len(listed) > limit:
             raise ManifestInvalidError(f"a version holds at most {limit} files", detail={"limit": limit})
-        files: dict[str, Any] = {}
-        for f in body.files:
+        files: dict[str, StoredFile] = {}
+        for f in listed:
             names.check_adapter_file(f.path, f.size, max_card_size=self.registry.settings.max_card_size)
             if f.path in files:
                 raise ManifestInvalidError(f"file {f.path} is listed twice", detail={"path": f.path})
@@ -474,79 +553,38 @@ class AdapterService:
 
     # --- resolve / read -----------------------------------------------------------------------
 
-    def _adapter(self, session: Session, namespace: str, name: str) -> Adapter:
-        names.check_name(namespace, name)
-        adapter = session.scalar(select(Adapter).where(Adapter.namespace == namespace, Adapter.name == name))
-        if adapter is None:
-            raise AdapterNotFoundError(
-                f"adapter {namespace}/{name} does not exist",
-                detail={"name": f"{namespace}/{name}"},
-                hint=f"list what exists: loreg ls {namespace}",
-            )
-        return adapter
-
-    def _resolve(self, session: Session, namespace: str, name: str, tag: str) -> Version:
-        adapter = self._adapter(session, namespace, name)
-        tag = names.check_tag(tag)
-        query = select(Version).where(Version.adapter_id == adapter.id)
-        ref = f"{namespace}/{name}"
-        if tag == "latest":
-            version = session.scalar(query.order_by(Version.number.desc()).limit(1))
-            if version is None:
-                raise VersionNotFoundError(f"{ref} has no versions", detail={"name": ref})
-            return version
-        if tag.startswith("sha256:"):
-            version = one_by_digest(
-                session.scalars(query.where(digest_matches(Version.manifest_digest, tag)).order_by(Version.number)),
-                tag,
-                lambda v: {"version": f"{ref}:{v.number}", "digest": v.manifest_digest},
-            )
-        elif tag.isdigit():
-            version = session.scalar(query.where(Version.number == int(tag)))
-        else:
-            alias = session.scalar(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == tag))
-            if alias is None:
-                known = sorted(session.scalars(select(Alias.name).where(Alias.adapter_id == adapter.id)))
-                raise AliasNotFoundError(
-                    f"{ref} has no alias {tag!r}",
-                    detail={"name": ref, "alias": tag, "aliases": known},
-                    hint=f"aliases of {ref}: {', '.join(known)}" if known else f"set one: loreg alias set {ref}:N {tag}",
-                )
-            version = session.get(Version, alias.version_id)
-        if version is None:
-            raise VersionNotFoundError(f"{ref} has no version {tag}", detail={"name": ref, "version": tag})
-        return version
-
-    def get(self, namespace: str, name: str, tag: str = "latest") -> VersionPublic:
+    def get(self, namespace: str, name: str, tag: str = "latest") -> VersionView:
         with self.registry.sessions.begin() as session:
-            return self._public(session, self._resolve(session, namespace, name, tag))
+            return self._public(session, resolve.version(session, namespace, name, tag))
 
-    def get_many(self, refs: list[names.Reference]) -> list[VersionPublic | LoregError]:
+    def get_many(self, refs: list[names.Reference]) -> list[VersionView | LoregError]:
         """Each reference's version, or the error a lookup of it alone raises (one session for the
         batch; an alias moved meanwhile changes the ETag of the next batch, so the follower sees it then)."""
-        out: list[VersionPublic | LoregError] = []
+        out: list[VersionView | LoregError] = []
         with self.registry.sessions.begin() as session:
             for r in refs:
                 try:
-                    out.append(self._public(session, self._resolve(session, r.namespace, r.name, r.tag)))
+                    out.append(self._public(session, resolve.version(session, r.namespace, r.name, r.tag)))
                 except LoregError as exc:
                     out.append(exc)
         return out
 
-    def file_entry(self, namespace: str, name: str, tag: str, path: str) -> FilePublic:
+    def file_entry(self, namespace: str, name: str, tag: str, path: str) -> StoredFile:
         names.check_file_name(path)
         with self.registry.sessions.begin() as session:
-            version = self._resolve(session, namespace, name, tag)
+            version = resolve.version(session, namespace, name, tag)
             row = session.get(VersionFile, (version.id, path))
             if row is None:
-                raise VersionNotFoundError(
-                    f"{namespace}/{name}:{version.number} has no file {path}", detail={"path": path}
+                raise FileNotStoredError(
+                    f"{namespace}/{name}:{version.number} has no file {path}",
+                    detail={"path": path},
+                    hint=f"its files: loreg show {namespace}/{name}:{version.number}",
                 )
-            return FilePublic(path=row.path, size=row.size, digest=row.digest)
+            return StoredFile(path=row.path, size=row.size, digest=row.digest)
 
-    def adapter(self, namespace: str, name: str) -> AdapterPublic:
+    def adapter(self, namespace: str, name: str) -> AdapterView:
         with self.registry.sessions.begin() as session:
-            adapter = self._adapter(session, namespace, name)
+            adapter = resolve.adapter(session, namespace, name)
             versions = session.scalars(
                 select(Version)
                 .where(Version.adapter_id == adapter.id)
@@ -554,7 +592,7 @@ class AdapterService:
                 .options(selectinload(Version.metrics), selectinload(Version.base_model))
             ).all()
             alias_map = self._alias_map(session, [v.id for v in versions])
-            return AdapterPublic(
+            return AdapterView(
                 name=adapter.full_name,
                 created_at=adapter.created_at,
                 latest=versions[0].number if versions else None,
@@ -562,11 +600,11 @@ class AdapterService:
                 versions=[self._summary(v, adapter, alias_map.get(v.id, [])) for v in versions],
             )
 
-    def versions(self, namespace: str, name: str, *, cursor: str | None = None, limit: int = 50) -> Page[VersionSummary]:
+    def versions(self, namespace: str, name: str, *, cursor: str | None = None, limit: int = 50) -> Listing[VersionSummaryView]:
         """An adapter's versions, newest first, a page at a time (the cursor is the last number)."""
         limit = max(1, min(limit, 500))
         with self.registry.sessions.begin() as session:
-            adapter = self._adapter(session, namespace, name)
+            adapter = resolve.adapter(session, namespace, name)
             query = select(Version).where(Version.adapter_id == adapter.id)
             if cursor:
                 query = query.where(Version.number < _decode_cursor(cursor, by_metric=False)[0])
@@ -577,7 +615,7 @@ class AdapterService:
             ).all()
             page = rows[:limit]
             alias_map = self._alias_map(session, [v.id for v in page])
-            return Page[VersionSummary](
+            return Listing(
                 items=[self._summary(v, adapter, alias_map.get(v.id, [])) for v in page],
                 next_cursor=_encode_cursor([page[-1].number]) if len(rows) > limit else None,
             )
@@ -590,9 +628,9 @@ class AdapterService:
             out.setdefault(alias.version_id, []).append(alias.name)
         return out
 
-    def _summary(self, v: Version, adapter: Adapter, aliases: list[str], match: str | None = None) -> VersionSummary:
+    def _summary(self, v: Version, adapter: Adapter, aliases: list[str], match: str | None = None) -> VersionSummaryView:
         facts = v.facts
-        return VersionSummary(
+        return VersionSummaryView(
             name=adapter.full_name,
             version=v.number,
             digest=v.manifest_digest,
@@ -607,166 +645,98 @@ class AdapterService:
             metrics=latest_metrics(v),
             aliases=aliases,
             warnings=v.warnings,
-            match=match,  # type: ignore[arg-type]
+            match=match,
         )
 
-    def _public(self, session: Session, v: Version) -> VersionPublic:
+    def _public(self, session: Session, v: Version) -> VersionView:
         adapter = session.get_one(Adapter, v.adapter_id)
         aliases = self._alias_map(session, [v.id]).get(v.id, [])
-        return VersionPublic(
+        return VersionView(
             name=adapter.full_name,
             version=v.number,
             digest=v.manifest_digest,
             size=v.size,
             message=v.message,
             created_at=v.created_at,
-            files=[FilePublic(path=f.path, size=f.size, digest=f.digest) for f in v.files],
+            files=[StoredFile(path=f.path, size=f.size, digest=f.digest) for f in v.files],
             config=v.config,
             facts=v.facts,
             warnings=v.warnings,
             metrics=latest_metrics(v),
-            metrics_history=[MetricPublic(key=m.key, value=m.value, created_at=m.created_at) for m in v.metrics],
+            metrics_history=[MetricView(key=m.key, value=m.value, created_at=m.created_at) for m in v.metrics],
             aliases=aliases,
             base=base_ref(v.base_model),
         )
 
     # --- lookup -------------------------------------------------------------------------------
 
-    def lookup(self, filters: LookupFilters, *, cursor: str | None = None, limit: int = 50) -> Page[VersionSummary]:
+    def lookup(
+        self, filters: LookupFilters, *, cursor: str | None = None, limit: int = 50
+    ) -> Listing[VersionSummaryView]:
         """Versions matching every filter, newest first (or by a metric's latest value), paginated.
 
         With ``latest_only`` each adapter contributes only its newest matching version.
         """
         limit = max(1, min(limit, 500))
-        v = Version
-        conds = []
-        if filters.namespace is not None:
-            names.check_name_part(filters.namespace, "namespace")
-            conds.append(Adapter.namespace == filters.namespace)
-        if filters.name is not None:
-            conds.append(Adapter.name == filters.name)
-        if filters.allowed:
-            full = Adapter.namespace + "/" + Adapter.name
-            conds.append(or_(*[full.like(_glob_to_like(g), escape="\\") for g in filters.allowed]))
-        base_ids = filters.base_ids
-        if base_ids is not None:
-            all_ids = tuple(base_ids) + tuple(filters.layout_base_ids or ())
-            conds.append(v.base_model_id.in_(all_ids or (-1,)))
-        if filters.target:
-            conds.append(
-                v.id.in_(select(VersionTarget.version_id).where(VersionTarget.target == filters.target))
-            )
-        if filters.min_rank is not None:
-            conds.append(v.rank_min >= filters.min_rank)
-        if filters.max_rank is not None:
-            conds.append(v.rank_max <= filters.max_rank)
-        if filters.dora is not None:
-            conds.append(v.use_dora.is_(filters.dora))
-        if filters.task_type:
-            conds.append(v.task_type == filters.task_type)
-        if filters.q:
-            needle = filters.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            pattern = f"%{needle.lower()}%"
-            conds.append(
-                func.lower(Adapter.namespace + "/" + Adapter.name + " " + func.coalesce(v.message, "")).like(
-                    pattern, escape="\\"
-                )
-            )
-        bounds = {k: x for k, x in (("metric_min", filters.metric_min), ("metric_max", filters.metric_max)) if x is not None}
-        if bounds and not filters.metric:
-            raise RequestInvalidError(
-                f"{' and '.join(bounds)} bound a metric, but no metric is named",
-                detail={"fields": sorted(bounds)},
-                hint="name it: ?metric=eval_loss&metric_max=1.0 (loreg ls --sort-by eval_loss)",
-            )
-        if not all(math.isfinite(x) for x in bounds.values()):
-            raise RequestInvalidError("metric_min and metric_max must be finite numbers", detail={"fields": sorted(bounds)})
-        metric_value = None
-        if filters.metric:
-            metric_value = (
-                select(Metric.value)
-                .where(Metric.version_id == v.id, Metric.key == filters.metric)
-                .order_by(Metric.id.desc())
-                .limit(1)
-                .correlate(v)
-                .scalar_subquery()
-            )
-            # bounds filter; sorting alone does not: versions without the metric come last
-            if filters.metric_min is not None:
-                conds.append(metric_value >= filters.metric_min)
-            if filters.metric_max is not None:
-                conds.append(metric_value <= filters.metric_max)
-
-        base_query = select(v.id.label("vid"), v.adapter_id.label("aid"), v.number.label("num")).join(
-            Adapter, Adapter.id == v.adapter_id
+        conds = _filter_conditions(filters)
+        metric_value = _metric_value(filters, conds)
+        query = select(Version.id.label("vid"), Version.adapter_id.label("aid"), Version.number.label("num")).join(
+            Adapter, Adapter.id == Version.adapter_id
         )
         if metric_value is not None:
-            base_query = base_query.add_columns(metric_value.label("mv"))
+            query = query.add_columns(metric_value.label("mv"))
         if conds:
-            base_query = base_query.where(and_(*conds))
+            query = query.where(and_(*conds))
         if filters.latest_only:
-            ranked = base_query.add_columns(
-                func.row_number().over(partition_by=v.adapter_id, order_by=v.number.desc()).label("rn")
+            ranked = query.add_columns(
+                func.row_number().over(partition_by=Version.adapter_id, order_by=Version.number.desc()).label("rn")
             ).subquery()
             outer = select(ranked).where(ranked.c.rn == 1)
         else:
-            ranked = base_query.subquery()
+            ranked = query.subquery()
             outer = select(ranked)
         desc = (filters.order or default_order(filters.metric)) != "asc"
-        vid = ranked.c.vid
-
-        def after(col: Any, value: Any) -> Any:
-            return col < value if desc else col > value
-
-        # Keyset order: (metric NULLS LAST, id), one direction, the same on SQLite and Postgres. The
-        # cursor's condition is two plain ranges, over (value, id) and over the rows without a
-        # value by id: the shape an index on the sort key serves, wherever the page boundary falls.
+        by_metric = metric_value is not None
         if cursor:
-            values = _decode_cursor(cursor, by_metric=metric_value is not None)
-            if metric_value is None:
-                outer = outer.where(after(vid, values[0]))
-            else:
-                mv = ranked.c.mv
-                has, value, last_id = values
-                if has:
-                    outer = outer.where(or_(after(mv, value), and_(mv == value, after(vid, last_id)), mv.is_(None)))
-                else:
-                    outer = outer.where(mv.is_(None), after(vid, last_id))
-        keys = [vid.desc() if desc else vid.asc()]
-        if metric_value is not None:
+            outer = outer.where(_after_cursor(ranked, _decode_cursor(cursor, by_metric=by_metric), by_metric, desc))
+        keys = [ranked.c.vid.desc() if desc else ranked.c.vid.asc()]
+        if by_metric:
             keys.insert(0, (ranked.c.mv.desc() if desc else ranked.c.mv.asc()).nulls_last())
-        outer = outer.order_by(*keys).limit(limit + 1)
-
         with self.registry.sessions.begin() as session:
-            rows = session.execute(outer).all()
-            more = len(rows) > limit
-            rows = rows[:limit]
-            ids = [r.vid for r in rows]
-            versions = {
-                x.id: x
-                for x in session.scalars(
-                    select(Version)
-                    .where(Version.id.in_(ids))
-                    .options(selectinload(Version.metrics), selectinload(Version.adapter), selectinload(Version.base_model))
-                )
-            }
-            alias_map = self._alias_map(session, ids)
-            validated = set(base_ids or ())
-            items = []
-            for r in rows:
-                ver = versions[r.vid]
-                match = None
-                if base_ids is not None:
-                    match = "validated" if ver.base_model_id in validated else "layout"
-                items.append(self._summary(ver, ver.adapter, alias_map.get(ver.id, []), match))
-            next_cursor = None
-            if more and rows:
-                last = rows[-1]
-                if metric_value is None:
-                    next_cursor = _encode_cursor([last.vid])
-                else:
-                    next_cursor = _encode_cursor([False, None, last.vid] if last.mv is None else [True, last.mv, last.vid])
-            return Page[VersionSummary](items=items, next_cursor=next_cursor)
+            rows = session.execute(outer.order_by(*keys).limit(limit + 1)).all()
+            return self._lookup_page(session, rows, limit, filters.base_ids, by_metric)
+
+    def _lookup_page(
+        self, session: Session, rows: list[Any], limit: int, base_ids: tuple[int, ...] | None, by_metric: bool
+    ) -> Listing[VersionSummaryView]:
+        more = len(rows) > limit
+        rows = rows[:limit]
+        ids = [r.vid for r in rows]
+        versions = {
+            x.id: x
+            for x in session.scalars(
+                select(Version)
+                .where(Version.id.in_(ids))
+                .options(selectinload(Version.metrics), selectinload(Version.adapter), selectinload(Version.base_model))
+            )
+        }
+        alias_map = self._alias_map(session, ids)
+        validated = set(base_ids or ())
+        items = []
+        for r in rows:
+            ver = versions[r.vid]
+            match = None
+            if base_ids is not None:
+                match = "validated" if ver.base_model_id in validated else "layout"
+            items.append(self._summary(ver, ver.adapter, alias_map.get(ver.id, []), match))
+        next_cursor = None
+        if more:
+            last = rows[-1]
+            if not by_metric:
+                next_cursor = _encode_cursor([last.vid])
+            else:
+                next_cursor = _encode_cursor([False, None, last.vid] if last.mv is None else [True, last.mv, last.vid])
+        return Listing(items=items, next_cursor=next_cursor)
 
     # --- aliases, metrics, delete -------------------------------------------------------------
 
@@ -781,38 +751,38 @@ class AdapterService:
             row.updated_at = datetime.now(UTC)
         session.add(AliasEvent(adapter_id=adapter.id, alias=alias, version_number=version.number, actor=actor))
 
-    def set_alias(self, namespace: str, name: str, alias: str, tag: str, *, actor: str | None = None) -> AliasPublic:
+    def set_alias(self, namespace: str, name: str, alias: str, tag: str, *, actor: str | None = None) -> AliasView:
         names.check_alias(alias)
         with self.registry.sessions.begin() as session:
-            adapter = self._adapter(session, namespace, name)
+            adapter = resolve.adapter(session, namespace, name)
             session.scalar(select(Adapter).where(Adapter.id == adapter.id).with_for_update())
-            version = self._resolve(session, namespace, name, tag)
+            version = resolve.version(session, namespace, name, tag)
             self._move_alias(session, adapter, alias, version, actor)
             session.flush()
-            return self._alias_public(session, adapter, alias)
+            return self._alias_view(session, adapter, alias)
 
-    def get_alias(self, namespace: str, name: str, alias: str) -> AliasPublic:
+    def get_alias(self, namespace: str, name: str, alias: str) -> AliasView:
         names.check_alias(alias)
         with self.registry.sessions.begin() as session:
-            adapter = self._adapter(session, namespace, name)
-            out = self._alias_public(session, adapter, alias)
+            adapter = resolve.adapter(session, namespace, name)
+            out = self._alias_view(session, adapter, alias)
             if out.version is None and not out.history:
                 raise AliasNotFoundError(f"{adapter.full_name} has no alias {alias!r}", detail={"alias": alias})
             return out
 
-    def remove_alias(self, namespace: str, name: str, alias: str, *, actor: str | None = None) -> AliasPublic:
+    def remove_alias(self, namespace: str, name: str, alias: str, *, actor: str | None = None) -> AliasView:
         names.check_alias(alias)
         with self.registry.sessions.begin() as session:
-            adapter = self._adapter(session, namespace, name)
+            adapter = resolve.adapter(session, namespace, name)
             row = session.scalar(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias))
             if row is None:
                 raise AliasNotFoundError(f"{adapter.full_name} has no alias {alias!r}", detail={"alias": alias})
             session.delete(row)
             session.add(AliasEvent(adapter_id=adapter.id, alias=alias, version_number=None, actor=actor))
             session.flush()
-            return self._alias_public(session, adapter, alias)
+            return self._alias_view(session, adapter, alias)
 
-    def _alias_public(self, session: Session, adapter: Adapter, alias: str) -> AliasPublic:
+    def _alias_view(self, session: Session, adapter: Adapter, alias: str) -> AliasView:
         row = session.scalar(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias))
         number = session.get_one(Version, row.version_id).number if row is not None else None
         events = session.scalars(
@@ -820,17 +790,17 @@ class AdapterService:
             .where(AliasEvent.adapter_id == adapter.id, AliasEvent.alias == alias)
             .order_by(AliasEvent.id.desc())
         ).all()
-        return AliasPublic(
+        return AliasView(
             name=adapter.full_name,
             alias=alias,
             version=number,
-            history=[AliasEventPublic(version=e.version_number, actor=e.actor, created_at=e.created_at) for e in events],
+            history=[AliasEventView(version=e.version_number, actor=e.actor, created_at=e.created_at) for e in events],
         )
 
-    def add_metrics(self, namespace: str, name: str, tag: str, metrics: dict[str, float]) -> VersionPublic:
+    def add_metrics(self, namespace: str, name: str, tag: str, metrics: dict[str, float]) -> VersionView:
         """Append evaluations; the version itself never changes."""
         with self.registry.sessions.begin() as session:
-            version = self._resolve(session, namespace, name, tag)
+            version = resolve.version(session, namespace, name, tag)
             session.add_all(Metric(version_id=version.id, key=k, value=val) for k, val in metrics.items())
             session.flush()
             session.expire(version, ["metrics"])
@@ -839,7 +809,7 @@ class AdapterService:
     def delete_version(self, namespace: str, name: str, tag: str) -> tuple[str, int]:
         """Delete a version: it stops resolving, its aliases go, its number is never given again."""
         with self.registry.sessions.begin() as session:
-            version = self._resolve(session, namespace, name, tag)
+            version = resolve.version(session, namespace, name, tag)
             number, full = version.number, f"{namespace}/{name}"
             session.execute(delete(Alias).where(Alias.version_id == version.id))
             session.delete(version)
@@ -852,7 +822,7 @@ class AdapterService:
         Returns the name and the numbers deleted (oldest first).
         """
         with self.registry.sessions.begin() as session:
-            adapter = self._adapter(session, namespace, name)
+            adapter = resolve.adapter(session, namespace, name)
             # the push's lock: a concurrent push waits and then numbers after the deleted ones
             session.scalar(select(Adapter).where(Adapter.id == adapter.id).with_for_update())
             numbers = list(
@@ -861,33 +831,6 @@ class AdapterService:
             session.execute(delete(Alias).where(Alias.adapter_id == adapter.id))
             session.execute(delete(Version).where(Version.adapter_id == adapter.id))
             return adapter.full_name, numbers
-
-
-MAX_CANDIDATES = 10
-
-
-def digest_matches(column: Any, digest: str) -> Any:
-    """A SQL condition: ``column`` is ``digest``, or starts with it when it is a short prefix."""
-    if names.DIGEST.fullmatch(digest):
-        return column == digest
-    # a range rather than LIKE: Postgres uses the btree index for it under any collation; the
-    # stored digests are lowercase hex, all below the prefix followed by "g"
-    return and_(column >= digest, column < digest + "g")
-
-
-def one_by_digest(rows: Any, digest: str, describe: Callable[[Any], dict[str, Any]]) -> Any:
-    """The one row a (short) digest names, None when none; refuse a prefix that names several."""
-    found = list(itertools.islice(rows, MAX_CANDIDATES + 1))
-    if len(found) <= 1:
-        return found[0] if found else None
-    candidates = [describe(r) for r in found[:MAX_CANDIDATES]]
-    more = " and more" if len(found) > MAX_CANDIDATES else ""
-    raise DigestAmbiguousError(
-        f"{digest} is the start of several digests: "
-        + ", ".join(c.get("version") or c["digest"] for c in candidates) + more,
-        detail={"digest": digest, "candidates": candidates},
-        hint="give more hex digits of the digest",
-    )
 
 
 SCAN_CHUNK = 4 << 20

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from loreg.registry.api.schemas import BaseCreate, BaseLayoutPublic, BasePublic
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.db.models import BaseName, Blob
 from loreg.registry.db.retry import in_transaction
@@ -17,24 +17,37 @@ from loreg.registry.errors import (
     BaseUnknownError,
     BlobMissingError,
     DigestInvalidError,
+    LoregError,
     ManifestInvalidError,
     RequestInvalidError,
 )
 from loreg.registry.formats import fingerprint, names, peft, safetensors, validate
-from loreg.registry.services.adapters import digest_matches, one_by_digest
+from loreg.registry.services import resolve
 from loreg.registry.services.context import Registry
+from loreg.registry.services.views import BaseLayoutView, BaseRegistered, BaseView, StoredFile, base_label
 
 MAX_TENSORS = 200_000
 
 
-def split_base_ref(ref: str) -> tuple[str, str | None]:
-    """``name``, ``name@revision`` -> (name, revision); digests are handled by the caller."""
-    name, sep, revision = ref.partition("@")
-    names.check_base_name(name)
-    if sep:
-        names.check_base_revision(revision)
-        return name, revision
-    return name, None
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: list[int]
+    file: str
+    digest: str  # sha256 of the tensor's bytes
+
+
+@dataclass(frozen=True)
+class BaseRegistration:
+    """A base model to register: its name, the tensors read from its headers, its files."""
+
+    name: str
+    revision: str | None
+    config: dict[str, Any]
+    tensors: list[TensorEntry]
+    files: list[StoredFile]
+    weights_uploaded: bool = False
 
 
 def layout_of(row: BaseRow) -> validate.BaseLayout:
@@ -49,7 +62,7 @@ class BaseService:
 
     # --- register -----------------------------------------------------------------------------
 
-    def register(self, body: BaseCreate) -> BasePublic:
+    def register(self, body: BaseRegistration) -> BaseRegistered:
         """Register a base model; the same weights under another name add that name.
 
         The layout and weights digests are recomputed here from the tensor list. With
@@ -93,13 +106,12 @@ class BaseService:
             ),
             what=f"registering base model {body.name}",
         )
-        out.created = created
-        return out
+        return BaseRegistered(out, created)
 
     def _insert(
         self,
         session: Session,
-        body: BaseCreate,
+        body: BaseRegistration,
         revision: str,
         tensors: list[list[Any]],
         weights_digest: str,
@@ -107,10 +119,10 @@ class BaseService:
         model_type: str | None,
         archs: list[str],
         param_count: int,
-    ) -> tuple[BasePublic, bool]:
+    ) -> tuple[BaseView, bool]:
         """The registration's transaction: the record of these weights (new, or given its uploaded
         weights) and the name. Returns (base, created); an insert race raises IntegrityError (db/retry.py)."""
-        cfg = body.config
+        files = [{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files]
         row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == weights_digest).with_for_update())
         created = row is None
         if row is None:
@@ -119,16 +131,16 @@ class BaseService:
                 layout_digest=layout_digest,
                 model_type=model_type,
                 architectures=archs,
-                config=cfg,
+                config=body.config,
                 tensors=tensors,
-                files=[{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files],
+                files=files,
                 weights_uploaded=body.weights_uploaded,
                 parameter_count=param_count,
             )
             session.add(row)
             session.flush()
         elif body.weights_uploaded and not row.weights_uploaded:
-            row.files = [{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files]
+            row.files = files
             row.weights_uploaded = True
         exists = session.scalar(
             select(BaseName).where(
@@ -140,7 +152,7 @@ class BaseService:
         session.flush()
         return self._public(session, row), created
 
-    def _check_uploaded(self, body: BaseCreate, tensors: list[list[Any]]) -> None:
+    def _check_uploaded(self, body: BaseRegistration, tensors: list[list[Any]]) -> None:
         store = self.registry.store
         with self.registry.sessions.begin() as session:
             known = set(session.scalars(select(Blob.digest).where(Blob.digest.in_([f.digest for f in body.files]))))
@@ -170,43 +182,14 @@ class BaseService:
 
     # --- resolve ------------------------------------------------------------------------------
 
-    def _by_ref(self, session: Session, ref: str) -> BaseRow:
-        if ref.startswith("sha256:"):
-            names.DIGEST_PREFIX.fullmatch(ref) or _invalid_digest(ref)
-            row = one_by_digest(
-                session.scalars(
-                    select(BaseRow)
-                    .where(digest_matches(BaseRow.weights_digest, ref))
-                    .options(selectinload(BaseRow.names))
-                    .order_by(BaseRow.weights_digest)
-                ),
-                ref,
-                lambda r: {"digest": r.weights_digest, "names": [_label(n) for n in r.names]},
-            )
-            if row is None:
-                raise BaseNotFoundError(f"no base model with weights digest {ref}", detail={"base": ref})
-            return row
-        name, revision = split_base_ref(ref)
-        query = select(BaseName).where(BaseName.name == name)
-        if revision is not None:
-            query = query.where(BaseName.revision == revision)
-        alias = session.scalar(query.order_by(BaseName.id.desc()).limit(1))
-        if alias is None:
-            raise BaseNotFoundError(
-                f"base model {ref} is not registered",
-                detail={"base": ref},
-                hint=f"register it: loreg base register ./checkpoint --name {name}",
-            )
-        return session.get_one(BaseRow, alias.base_model_id)
-
-    def get(self, ref: str) -> BasePublic:
+    def get(self, ref: str) -> BaseView:
         with self.registry.sessions.begin() as session:
-            return self._public(session, self._by_ref(session, ref))
+            return self._public(session, resolve.base(session, ref))
 
-    def layout(self, ref: str) -> BaseLayoutPublic:
+    def layout(self, ref: str) -> BaseLayoutView:
         with self.registry.sessions.begin() as session:
-            row = self._by_ref(session, ref)
-            return BaseLayoutPublic(
+            row = resolve.base(session, ref)
+            return BaseLayoutView(
                 weights_digest=row.weights_digest,
                 layout_digest=row.layout_digest,
                 model_type=row.model_type,
@@ -215,7 +198,7 @@ class BaseService:
                 tensors=[[t[0], t[1], t[2]] for t in row.tensors],
             )
 
-    def list(self, layout_digest: str | None = None) -> list[BasePublic]:
+    def list(self, layout_digest: str | None = None) -> list[BaseView]:
         """Every base model, newest first; with ``layout_digest``, those of that tensor layout."""
         query = select(BaseRow).options(selectinload(BaseRow.names)).order_by(BaseRow.id.desc())
         if layout_digest is not None:
@@ -230,32 +213,16 @@ class BaseService:
     def lookup_ids(self, ref: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(ids of the bases ``ref`` names, ids of other bases with the same layout)."""
         with self.registry.sessions.begin() as session:
-            if ref.startswith("sha256:"):
-                rows = [self._by_ref(session, ref)]
-            else:
-                name, revision = split_base_ref(ref)
-                query = select(BaseName.base_model_id).where(BaseName.name == name)
-                if revision is not None:
-                    query = query.where(BaseName.revision == revision)
-                ids = set(session.scalars(query))
-                if not ids:
-                    self._by_ref(session, ref)  # raises the not-registered error with its hint
-                rows = list(session.scalars(select(BaseRow).where(BaseRow.id.in_(ids))))
-            validated = tuple(sorted(r.id for r in rows))
-            layouts = {r.layout_digest for r in rows}
-            same_layout = session.scalars(
-                select(BaseRow.id).where(BaseRow.layout_digest.in_(layouts), BaseRow.id.not_in(validated))
-            )
-            return validated, tuple(sorted(same_layout))
+            return resolve.base_ids(session, ref)
 
-    def _public(self, session: Session, row: BaseRow) -> BasePublic:
+    def _public(self, session: Session, row: BaseRow) -> BaseView:
         labels = session.scalars(
             select(BaseName).where(BaseName.base_model_id == row.id).order_by(BaseName.id)
         ).all()
-        return BasePublic(
+        return BaseView(
             weights_digest=row.weights_digest,
             layout_digest=row.layout_digest,
-            names=[f"{n.name}@{n.revision}" if n.revision else n.name for n in labels],
+            names=[base_label(n.name, n.revision) for n in labels],
             model_type=row.model_type,
             architectures=row.architectures,
             tensor_count=len(row.tensors),
@@ -282,49 +249,42 @@ class BaseService:
         config's name was used). Only a base taken from the config's name can warn that the name
         differs.
         """
-        ref = requested
         if requested is None and source is not None:
             raise RequestInvalidError("base_source needs base")
-        source = source or ("config" if requested is None else "explicit")
-        if ref is None:
-            name = config.base_model_name_or_path
-            if not name:
-                raise BaseUnknownError(
-                    "adapter_config.json names no base model (base_model_name_or_path is empty)",
-                    hint="pass the base explicitly: loreg push DIR NAME --base ORG/MODEL",
-                )
-            try:
-                names.check_base_name(name)
-            except Exception:
-                raise BaseUnknownError(
-                    f"base_model_name_or_path {name[:200]!r} is not a registered base model name",
-                    detail={"base": name[:200]},
-                    hint="pass the base explicitly: loreg push DIR NAME --base ORG/MODEL (or a sha256 digest)",
-                ) from None
-            ref = f"{name}@{config.revision}" if config.revision and config.revision != "main" else name
+        ref = requested if requested is not None else self._config_base(config)
         with self.registry.sessions.begin() as session:
             try:
-                row = self._by_ref(session, ref)
+                row = resolve.base(session, ref)
             except BaseNotFoundError as exc:
                 raise BaseUnknownError(exc.message, detail=exc.detail) from None
-            if row is None and "@" in ref:  # pragma: no cover - _by_ref raises
-                raise BaseUnknownError(f"base model {ref} is not registered")
             layout = layout_of(row)
-            base_id, base_labels = row.id, [n.name for n in row.names]
-        expected_name = None
-        if source == "config":
-            expected_name = ref if not ref.startswith("sha256:") else (base_labels[0] if base_labels else None)
-        report = validate.validate_adapter(config, header, layout, base_name=expected_name.split("@")[0] if expected_name else None)
+            base_id = row.id
+        # a base the client chose (by name or by content) overrides the config's name on purpose
+        source = source or ("config" if requested is None else "explicit")
+        config_name = ref.split("@")[0] if source == "config" else None
+        report = validate.validate_adapter(config, header, layout, base_name=config_name)
         out = report.to_dict()
         out["facts"]["base_source"] = source
         out["facts"]["serving"] = report.serving
         out["mapping"] = {"variant": report.variant, "modules": report.mapping, "layer_types": report.layer_types}
         return base_id, out
 
+    @staticmethod
+    def _config_base(config: peft.AdapterConfig) -> str:
+        """The base reference the config names (``base_model_name_or_path`` and ``revision``)."""
+        name = config.base_model_name_or_path
+        if not name:
+            raise BaseUnknownError(
+                "adapter_config.json names no base model (base_model_name_or_path is empty)",
+                hint="pass the base explicitly: loreg push DIR NAME --base ORG/MODEL",
+            )
+        try:
+            names.check_base_name(name)
+        except LoregError:
+            raise BaseUnknownError(
+                f"base_model_name_or_path {name[:200]!r} is not a registered base model name",
+                detail={"base": name[:200]},
+                hint="pass the base explicitly: loreg push DIR NAME --base ORG/MODEL (or a sha256 digest)",
+            ) from None
+        return f"{name}@{config.revision}" if config.revision and config.revision != "main" else name
 
-def _invalid_digest(ref: str) -> None:
-    raise DigestInvalidError(f"invalid digest {ref[:80]!r}", hint=names.DIGEST_PREFIX_HINT)
-
-
-def _label(n: BaseName) -> str:
-    return f"{n.name}@{n.revision}" if n.revision else n.name

@@ -26,6 +26,7 @@ from loreg.registry.db.models import Adapter, VersionFile
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.errors import BaseMismatchError, ShapeMismatchError
 from loreg.registry.formats import lora, names, peft, safetensors
+from loreg.registry.services import resolve
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.inspect import MAX_FACTOR_BYTES, to_float32
 from loreg.registry.services.tokens import Principal
@@ -201,7 +202,7 @@ def _load(adapters: AdapterService, ref: names.Reference) -> _Loaded:
     """Resolve one version and read its LoRA factors (header-bounded reads, one factor at a time)."""
     registry = adapters.registry
     with registry.sessions.begin() as session:
-        version = adapters._resolve(session, ref.namespace, ref.name, ref.tag)
+        version = resolve.version(session, ref.namespace, ref.name, ref.tag)
         adapter = session.get_one(Adapter, version.adapter_id)
         st = session.scalar(
             select(VersionFile).where(VersionFile.version_id == version.id, VersionFile.path == "adapter_model.safetensors")

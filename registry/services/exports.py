@@ -31,27 +31,23 @@ from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.errors import (
     DeniedError,
     ExportNotFoundError,
+    FileNotStoredError,
     MergeUnavailableError,
     MergeUnsupportedError,
     TooManyRequestsError,
     UnauthorizedError,
-    VersionNotFoundError,
 )
 from loreg.registry.formats import fingerprint, names
-from loreg.registry.services import jobs
-from loreg.registry.services.adapters import AdapterService, base_ref
+from loreg.registry.services import jobs, resolve
+from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.context import Registry
 from loreg.registry.services.tokens import ANONYMOUS, Principal
+from loreg.registry.services.views import BaseRefView, StoredFile, base_ref
+from loreg.registry.version import loreg_version
 
 # the result's format: part of both keys, bumped when the same inputs would give other bytes
 EXPORT_FORMAT = 1
-
-
-def loreg_version() -> str:
-    from loreg.registry.api.routes.health import loreg_version as v
-
-    return v()
 
 
 def content_key(base_digest: str, inputs: list[tuple[str, float]], dtype: str) -> str:
@@ -121,13 +117,6 @@ class WeightedRef:
 
 
 @dataclass(frozen=True)
-class StoredFile:
-    path: str
-    size: int
-    digest: str
-
-
-@dataclass(frozen=True)
 class ExportInputView:
     name: str | None  # ``ns/name``; None for a version deleted before 0005 stored names
     version: int | None
@@ -142,7 +131,7 @@ class ExportView:
     id: str
     state: str
     request_digest: str
-    base: Any
+    base: BaseRefView | None
     adapters: list[ExportInputView]
     dtype: str
     progress: dict[str, Any]
@@ -220,9 +209,9 @@ class ExportService:
         """The versions and the base the request names, checked to fit together, and the request's keys."""
         refs = [names.parse_reference(a.ref) for a in adapters]
         with self.registry.sessions.begin() as session:
-            versions = [self.adapters._resolve(session, r.namespace, r.name, r.tag) for r in refs]
+            versions = [resolve.version(session, r.namespace, r.name, r.tag) for r in refs]
             if base_ref_ is not None:
-                base = self.bases._by_ref(session, base_ref_)
+                base = resolve.base(session, base_ref_)
             else:
                 first = versions[0]
                 if first.base_model_id is None:
@@ -332,13 +321,13 @@ class ExportService:
             row = self._row(session, export_id)
             f = session.get(ExportFile, (row.id, path))
             if f is None or row.state != "done":
-                raise VersionNotFoundError(f"export {export_id} has no file {path}", detail={"path": path})
+                raise FileNotStoredError(f"export {export_id} has no file {path}", detail={"path": path})
             return StoredFile(path=f.path, size=f.size, digest=f.digest)
 
     def for_version(self, namespace: str, name: str, tag: str, principal: Principal) -> list[ExportView]:
         """Exports that used this version (lineage), limited to those whose every input ``principal`` can read."""
         with self.registry.sessions.begin() as session:
-            version = self.adapters._resolve(session, namespace, name, tag)
+            version = resolve.version(session, namespace, name, tag)
             ids = session.scalars(select(ExportInput.export_id).where(ExportInput.version_id == version.id)).all()
             rows = session.scalars(select(Export).where(Export.id.in_(ids)).order_by(Export.created_at.desc())).all()
             return [

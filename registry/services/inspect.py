@@ -17,7 +17,7 @@ from loreg.registry.db.models import Adapter, Version, VersionFile
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.errors import MergeUnsupportedError
 from loreg.registry.formats import lora, peft, safetensors
-from loreg.registry.services.adapters import AdapterService
+from loreg.registry.services import resolve
 from loreg.registry.services.context import Registry
 
 MAX_FACTOR_BYTES = 512 << 20  # one A or B read at a time; adapters are small next to this
@@ -58,14 +58,13 @@ def effective_ranks(sv: np.ndarray) -> tuple[int, float]:
 
 
 class InspectService:
-    def __init__(self, registry: Registry, adapters: AdapterService):
+    def __init__(self, registry: Registry):
         self.registry = registry
-        self.adapters = adapters
 
     def inspect(self, namespace: str, name: str, tag: str) -> dict[str, Any]:
         """Per adapted module: delta norm, effective ranks (and relative change when weights are stored)."""
         with self.registry.sessions.begin() as session:
-            version = self.adapters._resolve(session, namespace, name, tag)
+            version = resolve.version(session, namespace, name, tag)
             adapter = session.get_one(Adapter, version.adapter_id)
             files = {f.path: f for f in session.scalars(select(VersionFile).where(VersionFile.version_id == version.id))}
             config_raw = dict(version.config)

@@ -289,3 +289,39 @@ def test_export_request_that_keeps_losing_the_insert_race_is_a_conflict_and_stor
     # the rule retries, it does not give up early: a race lost once is answered as usual
     assert api.post("/v1/exports", json={"adapters": [{"ref": "org/a:1"}]}).status_code == 202
 
+
+
+def _export_count(registry: Any) -> int:
+    from sqlalchemy import func, select
+
+    from loreg.registry.db.models import Export
+
+    with registry.sessions.begin() as session:
+        return session.scalar(select(func.count()).select_from(Export))
+
+
+def test_weights_that_do_not_pair_with_the_references_are_a_request_error(
+    with_base: RegistryClient, registry: Any, tmp_path: Path
+) -> None:
+    with pytest.raises(errors.RequestInvalidError) as info:
+        with_base.export(["org/a:1", "org/b:1"], tmp_path / "out", weights=[1.0])
+    assert "one --weight per adapter reference" in (info.value.hint or "")
+    assert _export_count(registry) == 0 and not (tmp_path / "out").exists()
+
+
+def test_a_wait_that_runs_out_is_an_export_timeout_not_a_connection_failure(
+    with_base: RegistryClient, registry: Any, tmp_path: Path
+) -> None:
+    with pytest.raises(errors.ExportTimeoutError) as info:  # no worker runs: the job stays queued
+        with_base.export(["org/a:1"], tmp_path / "out", timeout_s=0, poll_s=0.01)
+    assert info.value.hint == "loreg export resumes it" and "still queued" in info.value.message
+    assert not (tmp_path / "out").exists()
+    run_jobs(registry)
+    assert with_base.export(["org/a:1"], tmp_path / "out")["state"] == "done"  # resumed: the same request
+
+
+def test_a_file_the_export_does_not_hold_is_file_not_found(with_base: RegistryClient, api: Any, registry: Any) -> None:
+    job = api.post("/v1/exports", json={"adapters": [{"ref": "org/a:1"}]}).json()
+    run_jobs(registry)
+    resp = api.get(f"/v1/exports/{job['id']}/files/no-such-file.safetensors")
+    assert resp.status_code == 404 and resp.json()["errors"][0]["code"] == "FILE_NOT_FOUND"

@@ -216,3 +216,10 @@ def test_blob_upload_that_keeps_losing_the_insert_race_is_a_conflict_and_records
     assert race.attempts == retry.ATTEMPTS
     assert count_rows(registry, Blob) == 0 and count_rows(registry, AdapterBlob) == 0
     assert api.post("/v1/adapters/org/race/blobs:check", json={"digests": [digest]}).json()["missing"] == [digest]
+
+
+def test_a_file_the_version_does_not_hold_is_file_not_found(client: RegistryClient, api: Any, adapter_dir: Path) -> None:
+    client.push(adapter_dir, "org/bot")
+    resp = api.get("/v1/adapters/org/bot/versions/1/files/tokenizer.json")  # a legal name, not pushed
+    assert resp.status_code == 404 and resp.json()["errors"][0]["code"] == "FILE_NOT_FOUND"
+    assert api.get("/v1/adapters/org/bot/versions/9/files/tokenizer.json").json()["errors"][0]["code"] == "VERSION_NOT_FOUND"

@@ -238,3 +238,10 @@ def test_two_pull_processes_into_one_home_download_each_file_once(
         for f in version["files"]:
             assert filecmp.cmp(tmp_path / f"out{i}" / f["path"], big / f["path"], shallow=False)
     assert not list(BlobCache(config.cache_dir()).root.rglob("*.partial"))
+
+
+def test_a_malformed_base_digest_is_a_digest_error_before_any_request() -> None:
+    with Client("http://127.0.0.1:9", "loreg_x") as c:  # nothing listens: a request would be CONNECTION_FAILED
+        for call in (c.base, c.base_layout):
+            with pytest.raises(errors.DigestInvalidError):
+                call("sha256:not-hex")

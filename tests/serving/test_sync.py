@@ -173,6 +173,19 @@ def test_sync_for_vllm_refuses_what_vllm_cannot_load_and_keeps_the_old_link(
     assert os.readlink(out / "org" / "bot:prod") != before
 
 
+def test_sync_leaves_a_folder_it_did_not_make_and_reports_a_conflict(
+    live_server: str, admin_token: str, bot: dict[str, Any], tmp_path: Path, loreg_home: Path
+) -> None:
+    out = tmp_path / "served"
+    theirs = out / "org" / "bot:prod"
+    theirs.mkdir(parents=True)
+    (theirs / "mine.txt").write_text("mine")
+    run = sync_cli(live_server, admin_token, loreg_home, out, "org/bot:prod", "--json")
+    [result] = run.json()
+    assert result["status"] == "failed" and result["code"] == "CONFLICT", result  # the path is taken, not a bad name
+    assert not theirs.is_symlink() and (theirs / "mine.txt").read_text() == "mine"
+
+
 def test_sync_refuses_malformed_references_before_any_work(
     live_server: str, admin_token: str, tmp_path: Path, loreg_home: Path
 ) -> None:

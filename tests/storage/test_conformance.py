@@ -694,3 +694,5 @@ def test_unsupported_storage_urls_are_refused(url: str) -> None:
     with pytest.raises(LoregError) as caught:
         store_from_url(url)
     assert caught.value.message
+    # a setting the operator wrote, not a malformed request: SETTINGS_INVALID, never a 400
+    assert (caught.value.code, caught.value.status) == ("SETTINGS_INVALID", 500)

@@ -29,11 +29,12 @@ from loreg.registry.api.schemas import (
     VersionValidation,
 )
 from loreg.registry.api.streaming import UNSATISFIABLE, byte_range, verified_download
-from loreg.registry.errors import DeniedError, LoregError, RequestInvalidError, TooLargeError
+from loreg.registry.errors import DeniedError, LoregError, TooLargeError
 from loreg.registry.formats import names, preflight
 from loreg.registry.formats.fingerprint import canonical_json, sha256_digest
-from loreg.registry.services.adapters import LookupFilters
+from loreg.registry.services.adapters import LookupFilters, PushRequest
 from loreg.registry.services.diff import diff_versions
+from loreg.registry.services.views import StoredFile
 
 router = APIRouter(tags=["adapters"])
 STREAM_CHUNK = 1 << 20
@@ -72,10 +73,7 @@ async def list_adapters(
         principal.require("read", namespace)
     base_ids = layout_ids = None
     if base is not None:
-        resolver = getattr(request.app.state, "bases", None)
-        if resolver is None:
-            raise RequestInvalidError("this server does not know base models")
-        base_ids, layout_ids = await run_in_threadpool(resolver.lookup_ids, base)
+        base_ids, layout_ids = await run_in_threadpool(request.app.state.bases.lookup_ids, base)
     filters = LookupFilters(
         namespace=namespace,
         base_ids=base_ids,
@@ -94,12 +92,12 @@ async def list_adapters(
         allowed=tuple(principal.namespaces) or None,
     )
     page = await run_in_threadpool(adapters.lookup, filters, cursor=cursor, limit=limit)
-    return page
+    return Page[VersionSummary].model_validate(page)
 
 
 @router.get("/v1/adapters/{namespace}/{name}", response_model=AdapterPublic)
 def get_adapter(namespace: str, name: str, adapters: AdaptersDep, _p: ReadDep) -> AdapterPublic:
-    return adapters.adapter(namespace, name)
+    return AdapterPublic.model_validate(adapters.adapter(namespace, name))
 
 
 @router.get("/v1/adapters/{namespace}/{name}/versions", response_model=Page[VersionSummary])
@@ -112,7 +110,7 @@ def list_versions(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[VersionSummary]:
     """An adapter's versions, newest first, paginated (``next_cursor``)."""
-    return adapters.versions(namespace, name, cursor=cursor, limit=limit)
+    return Page[VersionSummary].model_validate(adapters.versions(namespace, name, cursor=cursor, limit=limit))
 
 
 @router.delete("/v1/adapters/{namespace}/{name}", response_model=AdapterDeletedPublic)
@@ -130,8 +128,17 @@ def delete_adapter(namespace: str, name: str, adapters: AdaptersDep, _p: WriteDe
 )
 def push_version(namespace: str, name: str, body: VersionCreate, adapters: AdaptersDep, p: WriteDep) -> JSONResponse:
     """Commit a version from uploaded blobs: validated, numbered, immutable."""
-    out = adapters.push(namespace, name, body, actor=p.token_id)
-    return JSONResponse(out.model_dump(mode="json"), status_code=201 if out.created else 200)
+    request = PushRequest(
+        files=[StoredFile(path=f.path, size=f.size, digest=f.digest) for f in body.files],
+        message=body.message,
+        metrics=dict(body.metrics),
+        aliases=list(body.aliases),
+        base=body.base,
+        base_source=body.base_source,
+    )
+    pushed = adapters.push(namespace, name, request, actor=p.token_id)
+    out = VersionPublic.model_validate(pushed.version).model_copy(update={"created": pushed.created})
+    return JSONResponse(out.model_dump(mode="json"), status_code=201 if pushed.created else 200)
 
 
 @router.post(
@@ -163,7 +170,8 @@ async def validate_version(
     config, prefix = preflight.unpack(
         bytes(body), max_config_size=settings.max_config_size, max_header_size=settings.max_header_size
     )
-    return await run_in_threadpool(adapters.validate, namespace, name, config, prefix, size, base)
+    verdict = await run_in_threadpool(adapters.validate, namespace, name, config, prefix, size, base)
+    return VersionValidation.model_validate(verdict)
 
 
 @router.get(
@@ -177,7 +185,7 @@ def get_version(namespace: str, name: str, tag: str, request: Request, adapters:
     The ETag covers the whole answer (which version an alias names, its metrics and aliases), so a
     client following an alias asks again with If-None-Match and gets 304 while nothing moved.
     """
-    return _conditional(request, adapters.get(namespace, name, tag).model_dump(mode="json"))
+    return _conditional(request, VersionPublic.model_validate(adapters.get(namespace, name, tag)).model_dump(mode="json"))
 
 
 @router.post(
@@ -192,7 +200,7 @@ def resolve_many(body: ResolveRequest, request: Request, adapters: AdaptersDep, 
 
     A reference the token does not cover answers DENIED whether or not it exists (no existence leaks).
     """
-    items: list[ResolvedItem | None] = [None] * len(body.refs)
+    items: dict[int, ResolvedItem] = {}
     wanted: list[tuple[int, names.Reference]] = []
     for i, ref in enumerate(body.refs):
         try:
@@ -206,8 +214,11 @@ def resolve_many(body: ResolveRequest, request: Request, adapters: AdaptersDep, 
         wanted.append((i, r))
     for (i, _), found in zip(wanted, adapters.get_many([r for _, r in wanted]), strict=True):
         ref = body.refs[i]
-        items[i] = _failed(ref, found) if isinstance(found, LoregError) else ResolvedItem(ref=ref, version=found)
-    return _conditional(request, ResolveAnswer(items=[it for it in items if it is not None]).model_dump(mode="json"))
+        if isinstance(found, LoregError):
+            items[i] = _failed(ref, found)
+        else:
+            items[i] = ResolvedItem(ref=ref, version=VersionPublic.model_validate(found))
+    return _conditional(request, ResolveAnswer(items=[items[i] for i in range(len(body.refs))]).model_dump(mode="json"))
 
 
 def _failed(ref: str, exc: LoregError) -> ResolvedItem:
@@ -278,24 +289,24 @@ def download_file(
 @router.put("/v1/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasPublic)
 def set_alias(namespace: str, name: str, alias: str, body: AliasSet, adapters: AdaptersDep, p: WriteDep) -> AliasPublic:
     """Point an alias at a version (number, another alias or digest); the move is recorded."""
-    return adapters.set_alias(namespace, name, alias, str(body.version), actor=p.token_id)
+    return AliasPublic.model_validate(adapters.set_alias(namespace, name, alias, str(body.version), actor=p.token_id))
 
 
 @router.get("/v1/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasPublic)
 def get_alias(namespace: str, name: str, alias: str, adapters: AdaptersDep, _p: ReadDep) -> AliasPublic:
     """An alias, with its history of moves."""
-    return adapters.get_alias(namespace, name, alias)
+    return AliasPublic.model_validate(adapters.get_alias(namespace, name, alias))
 
 
 @router.delete("/v1/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasPublic)
 def remove_alias(namespace: str, name: str, alias: str, adapters: AdaptersDep, p: WriteDep) -> AliasPublic:
-    return adapters.remove_alias(namespace, name, alias, actor=p.token_id)
+    return AliasPublic.model_validate(adapters.remove_alias(namespace, name, alias, actor=p.token_id))
 
 
 @router.post("/v1/adapters/{namespace}/{name}/versions/{tag}/metrics", response_model=VersionPublic)
 def add_metrics(namespace: str, name: str, tag: str, body: MetricsAdd, adapters: AdaptersDep, _p: WriteDep) -> VersionPublic:
     """Append evaluations to a version (the version itself never changes)."""
-    return adapters.add_metrics(namespace, name, tag, body.metrics)
+    return VersionPublic.model_validate(adapters.add_metrics(namespace, name, tag, body.metrics))
 
 
 @router.get("/v1/adapters/{namespace}/{name}/versions/{tag}/inspect")

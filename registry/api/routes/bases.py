@@ -12,7 +12,8 @@ from loreg.registry.api.deps import AdminDep, ReadDep
 from loreg.registry.api.schemas import BaseCreate, BaseLayoutPublic, BaseList, BasePublic, Page, VersionSummary
 from loreg.registry.errors import DeniedError
 from loreg.registry.services.adapters import LookupFilters
-from loreg.registry.services.bases import BaseService
+from loreg.registry.services.bases import BaseRegistration, BaseService, TensorEntry
+from loreg.registry.services.views import StoredFile
 
 router = APIRouter(tags=["base-models"])
 
@@ -31,8 +32,17 @@ def register_base(body: BaseCreate, request: Request, p: AdminDep) -> JSONRespon
             "registering uploaded weights needs an admin token for every namespace",
             hint="use an admin token created without --namespace",
         )
-    out = _svc(request).register(body)
-    return JSONResponse(out.model_dump(mode="json"), status_code=201 if out.created else 200)
+    registration = BaseRegistration(
+        name=body.name,
+        revision=body.revision,
+        config=body.config,
+        tensors=[TensorEntry(t.name, t.dtype, list(t.shape), t.file, t.digest) for t in body.tensors],
+        files=[StoredFile(path=f.path, size=f.size, digest=f.digest) for f in body.files],
+        weights_uploaded=body.weights_uploaded,
+    )
+    registered = _svc(request).register(registration)
+    out = BasePublic.model_validate(registered.base).model_copy(update={"created": registered.created})
+    return JSONResponse(out.model_dump(mode="json"), status_code=201 if registered.created else 200)
 
 
 @router.get("/v1/base-models", response_model=BaseList)
@@ -42,7 +52,7 @@ def list_bases(
     layout_digest: Annotated[str | None, Query(max_length=71, description="only bases of this tensor layout")] = None,
 ) -> BaseList:
     """Every base model; with ``layout_digest`` those that share that layout (a base and its fine-tunes)."""
-    return BaseList(items=_svc(request).list(layout_digest))
+    return BaseList(items=[BasePublic.model_validate(b) for b in _svc(request).list(layout_digest)])
 
 
 # the /adapters and /layout routes come first: {ref:path} would swallow their suffix
@@ -68,16 +78,16 @@ async def base_adapters(
         allowed=tuple(principal.namespaces) or None,
     )
     page = await run_in_threadpool(request.app.state.adapters.lookup, filters, cursor=cursor, limit=limit)
-    return page
+    return Page[VersionSummary].model_validate(page)
 
 
 @router.get("/v1/base-models/{ref:path}/layout", response_model=BaseLayoutPublic)
 def base_layout(ref: str, request: Request, _p: ReadDep) -> BaseLayoutPublic:
     """The tensor layout (names, dtypes, shapes) and config facts, for client-side validation."""
-    return _svc(request).layout(ref)
+    return BaseLayoutPublic.model_validate(_svc(request).layout(ref))
 
 
 @router.get("/v1/base-models/{ref:path}", response_model=BasePublic)
 def get_base(ref: str, request: Request, _p: ReadDep) -> BasePublic:
     """A base model by name, name@revision or weights digest."""
-    return _svc(request).get(ref)
+    return BasePublic.model_validate(_svc(request).get(ref))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
@@ -11,16 +9,10 @@ from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import RegistryDep
 from loreg.registry.api.schemas import Health, UploadUsage
+from loreg.registry.version import loreg_version
 
 router = APIRouter(tags=["health"])
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready"})
-
-
-def loreg_version() -> str:
-    try:
-        return version("loreg")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 @router.get("/v1/health", response_model=Health)
