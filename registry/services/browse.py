@@ -1,0 +1,104 @@
+"""Read models the web pages need beyond the API's answers: counts, messages, recent exports, cards.
+
+Every query applies the caller's namespace globs the way the lookup does (in SQL, through the same
+LIKE patterns), so a page never counts or lists what the API would hide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, or_, select
+
+from loreg.registry.api.schemas import ExportPublic, FilePublic
+from loreg.registry.db.models import Adapter, Alias, BaseName, Export, Version
+from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.services.adapters import AdapterService, _glob_to_like
+from loreg.registry.services.context import Registry
+from loreg.registry.services.exports import ExportService, can_read_inputs
+from loreg.registry.services.tokens import Principal
+
+CARD_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class BaseCount:
+    weights_digest: str
+    names: list[str]
+    model_type: str | None
+    adapters: int
+
+
+def _visible(allowed: tuple[str, ...]) -> Any:
+    full = Adapter.namespace + "/" + Adapter.name
+    return or_(*[full.like(_glob_to_like(g), escape="\\") for g in allowed])
+
+
+class BrowseService:
+    def __init__(self, registry: Registry, adapters: AdapterService, exports: ExportService):
+        self.registry = registry
+        self.adapters = adapters
+        self.exports = exports
+
+    def base_counts(self, principal: Principal) -> list[BaseCount]:
+        """Every base model with the number of adapters (visible to ``principal``) validated against it."""
+        with self.registry.sessions.begin() as session:
+            counted = (
+                select(Version.base_model_id, func.count(func.distinct(Version.adapter_id)).label("n"))
+                .join(Adapter, Adapter.id == Version.adapter_id)
+                .where(Version.base_model_id.is_not(None))
+                .group_by(Version.base_model_id)
+            )
+            if principal.namespaces:
+                counted = counted.where(_visible(principal.namespaces))
+            counts = dict(session.execute(counted).tuples().all())
+            names: dict[int, list[str]] = {}
+            for base_id, name, revision in session.execute(
+                select(BaseName.base_model_id, BaseName.name, BaseName.revision).order_by(BaseName.name)
+            ):
+                names.setdefault(base_id, []).append(f"{name}@{revision}" if revision else name)
+            rows = session.execute(select(BaseRow.id, BaseRow.weights_digest, BaseRow.model_type)).all()
+            out = [BaseCount(digest, names.get(i, []), mtype, counts.get(i, 0)) for i, digest, mtype in rows]
+        return sorted(out, key=lambda b: (-b.adapters, b.names[0] if b.names else b.weights_digest))
+
+    def messages(self, namespace: str, name: str, numbers: list[int]) -> dict[int, str | None]:
+        """Commit messages of some versions of one adapter (the summaries the API lists leave them out)."""
+        if not numbers:
+            return {}
+        with self.registry.sessions.begin() as session:
+            rows = session.execute(
+                select(Version.number, Version.message)
+                .join(Adapter, Adapter.id == Version.adapter_id)
+                .where(Adapter.namespace == namespace, Adapter.name == name, Version.number.in_(numbers))
+            ).tuples()
+            return dict(rows.all())
+
+    def alias_names(self, namespace: str, name: str) -> list[str]:
+        """The adapter's aliases, by name (each one's history comes from AdapterService.get_alias)."""
+        with self.registry.sessions.begin() as session:
+            return list(session.scalars(
+                select(Alias.name).join(Adapter, Adapter.id == Alias.adapter_id)
+                .where(Adapter.namespace == namespace, Adapter.name == name).order_by(Alias.name)
+            ))
+
+    def recent_exports(self, principal: Principal, limit: int = 50) -> list[ExportPublic]:
+        """Newest exports whose every input ``principal`` can read (the rule GET /v1/exports/{id} applies)."""
+        out: list[ExportPublic] = []
+        with self.registry.sessions.begin() as session:
+            rows = session.scalars(select(Export).order_by(Export.created_at.desc()).limit(limit * 4)).all()
+            for row in rows:
+                if can_read_inputs(principal, [i.name for i in row.inputs]):
+                    out.append(self.exports._public(session, row))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def card(self, files: list[FilePublic], max_bytes: int) -> tuple[str | None, bool]:
+        """The README.md among a version's ``files`` as text cut at ``max_bytes``: (text, cut); None without one."""
+        entry = next((f for f in files if f.path == CARD_NAME), None)
+        if entry is None:
+            return None, False
+        end = min(entry.size, max_bytes)
+        raw = self.registry.store.read_range(entry.digest, 0, end) if end else b""
+        return raw.decode("utf-8", errors="replace"), entry.size > max_bytes
