@@ -52,7 +52,7 @@ class BrowseService:
             )
             if principal.namespaces:
                 counted = counted.where(_visible(principal.namespaces))
-            counts = dict(session.execute(counted).tuples().all())
+            counts = {base_id: n for base_id, n in session.execute(counted)}
             names: dict[int, list[str]] = {}
             for base_id, name, revision in session.execute(
                 select(BaseName.base_model_id, BaseName.name, BaseName.revision).order_by(BaseName.name)
@@ -71,8 +71,8 @@ class BrowseService:
                 select(Version.number, Version.message)
                 .join(Adapter, Adapter.id == Version.adapter_id)
                 .where(Adapter.namespace == namespace, Adapter.name == name, Version.number.in_(numbers))
-            ).tuples()
-            return dict(rows.all())
+            )
+            return {number: message for number, message in rows}
 
     def alias_names(self, namespace: str, name: str) -> list[str]:
         """The adapter's aliases, by name (each one's history comes from AdapterService.get_alias)."""
