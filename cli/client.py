@@ -488,6 +488,19 @@ class RegistryClient:
         r = names.parse_reference(ref)
         return self.get_json(f"{self._path(r.namespace, r.name)}/versions/{quote(r.tag, safe=':')}")
 
+    def diff(self, first: str, second: str) -> dict[str, Any]:
+        """Compare two versions on one base, per module (the server's DiffPublic as a dict).
+
+        Raises:
+            ReferenceInvalidError: a reference is malformed (checked before any request).
+            BaseMismatchError: the versions are not on the same base model.
+        """
+        one, two = names.parse_reference(first), names.parse_reference(second)
+        sep = "@" if two.tag.startswith("sha256:") else ":"
+        other = f"{two.namespace}/{two.name}{sep}{two.tag}"
+        path = f"{self._path(one.namespace, one.name)}/versions/{quote(one.tag, safe=':')}/diff/{quote(other, safe='/:@')}"
+        return self.get_json(path)
+
     def adapter(self, name: str) -> dict[str, Any]:
         namespace, short = names.split_name(name)
         return self.get_json(self._path(namespace, short))

@@ -89,6 +89,7 @@ RankMismatchError = _error("RankMismatchError", "RANK_MISMATCH", 422, "Ranks dis
 UnknownModuleError = _error("UnknownModuleError", "UNKNOWN_MODULE", 422, "A module is absent from the base.")
 AdapterInvalidError = _error("AdapterInvalidError", "ADAPTER_INVALID", 422, "The adapter is invalid.")
 BaseUnknownError = _error("BaseUnknownError", "BASE_UNKNOWN", 422, "The adapter's base is not registered.")
+BaseMismatchError = _error("BaseMismatchError", "BASE_MISMATCH", 422, "Two versions are not on the same base model.")
 BlobMissingError = _error("BlobMissingError", "BLOB_MISSING", 422, "A manifest names a blob not stored.")
 MergeUnsupportedError = _error("MergeUnsupportedError", "MERGE_UNSUPPORTED", 422, "This merge cannot be done.")
 # 429 / 5xx

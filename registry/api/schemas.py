@@ -337,3 +337,43 @@ class ExportPublic(Response):
 
 class ExportList(Response):
     items: list[ExportPublic]
+
+
+# --- diff ---------------------------------------------------------------------------------------
+
+
+class DiffSidePublic(Response):
+    name: str
+    version: int
+    digest: str
+    base_digest: str | None
+    layout_digest: str | None
+
+
+class ModuleDiffPublic(Response):
+    """One module adapted in both versions; φ(i) = ||U1_iᵀ U2_i||²_F / i (Hu et al. 2021, §7.2)."""
+
+    module: str
+    layer_type: str | None
+    rank_a: int
+    rank_b: int
+    norm_a: float = Field(description="||ΔW1||_F (scaling included)")
+    norm_b: float
+    relative_change: float | None = Field(description="||ΔW2 − ΔW1||_F / ||ΔW1||_F; null when ΔW1 = 0")
+    cosine: float | None = Field(description="<ΔW1, ΔW2> / (||ΔW1|| ||ΔW2||); null when either is 0")
+    similarity_in: float | None = Field(description="φ at i = min(r1, r2), right singular vectors (lora_A rows)")
+    similarity_out: float | None = Field(description="φ at i = min(r1, r2), left singular vectors (lora_B columns)")
+    curve_in: list[float] = Field(description="φ(i) for i = 1..min(r1, r2), input side")
+    curve_out: list[float] = Field(description="φ(i) for i = 1..min(r1, r2), output side")
+    dora: bool = Field(description="DoRA module: the LoRA delta is compared, the magnitudes are not")
+
+
+class DiffPublic(Response):
+    first: DiffSidePublic
+    second: DiffSidePublic
+    base_match: Literal["weights", "layout"]
+    modules: list[ModuleDiffPublic]
+    added: list[str] = Field(description="modules adapted in the second version only")
+    removed: list[str] = Field(description="modules adapted in the first version only")
+    skipped: list[str] = Field(description="modules whose factors are too large to read here")
+    dora: bool

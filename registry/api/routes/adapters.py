@@ -17,6 +17,7 @@ from loreg.registry.api.schemas import (
     AliasPublic,
     AliasSet,
     DeletedPublic,
+    DiffPublic,
     MetricsAdd,
     Page,
     ResolveAnswer,
@@ -32,6 +33,7 @@ from loreg.registry.errors import DeniedError, LoregError, RequestInvalidError, 
 from loreg.registry.formats import names, preflight
 from loreg.registry.formats.fingerprint import canonical_json, sha256_digest
 from loreg.registry.services.adapters import LookupFilters
+from loreg.registry.services.diff import diff_versions
 
 router = APIRouter(tags=["adapters"])
 STREAM_CHUNK = 1 << 20
@@ -303,3 +305,18 @@ def inspect_version(namespace: str, name: str, tag: str, request: Request, _p: R
     Most-changed modules first; computed from the r x r factors, never the full matrix.
     """
     return request.app.state.inspect.inspect(namespace, name, tag)
+
+
+@router.get("/v1/adapters/{namespace}/{name}/versions/{tag}/diff/{other:path}", response_model=DiffPublic)
+def diff_version(namespace: str, name: str, tag: str, other: str, adapters: AdaptersDep, principal: ReadDep) -> DiffPublic:
+    """Compare this version with ``other`` (a full reference: ``ns/name:N``, ``ns/name:ALIAS``, ``ns/name@sha256:…``).
+
+    Per module adapted in both: ||ΔW2 − ΔW1||/||ΔW1||, the cosine of the two ΔW and the normalized
+    subspace similarity of their singular directions (input and output side), computed from the
+    factors; modules in one version only are listed as added/removed. The token must read both; the
+    versions must share a base model (same weights or same layout), else 422 BASE_MISMATCH.
+    """
+    names.check_name(namespace, name)
+    first = names.Reference(namespace, name, names.check_tag(tag))
+    second = names.parse_reference(other)
+    return DiffPublic.model_validate(diff_versions(adapters, principal, first, second))
