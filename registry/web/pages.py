@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from loreg.registry.errors import RequestInvalidError
 from loreg.registry.formats import names
 from loreg.registry.services.adapters import LookupFilters, default_order
+from loreg.registry.services.diff import diff_versions
 from loreg.registry.services.tokens import Principal
 from loreg.registry.web import card, charts
 from loreg.registry.web.auth import COOKIE, PREFIX, LoginRequired, UiPermission, authenticate, read_form, safe_next, same_origin
@@ -228,6 +229,36 @@ def explain_page(namespace: str, name: str, tag: str, request: Request, _p: View
     return render(
         request, "explain.html", result=result, modules=modules, heat=heat, ranks=ranks, label=label, key=key,
         full=f"{namespace}/{name}", tag=tag,
+    )
+
+
+@router.get(PREFIX + "/adapters/{namespace}/{name}/versions/{tag}/compare")
+def compare_page(namespace: str, name: str, tag: str, request: Request, principal: Viewer) -> HTMLResponse:
+    """Two versions side by side: config and metrics, and per module how far the second moved from the first."""
+    state = request.app.state
+    first = state.adapters.get(namespace, name, tag)
+    other = request.query_params.get("other", "").strip()[:300]
+    if not other:
+        suggestion = f"{first.name}:{first.version - 1}" if first.version > 1 else first.name
+        return render(request, "compare.html", first=first, second=None, other=suggestion)
+    ref = names.parse_reference(other)
+    principal.require("read", ref.namespace, ref.name)
+    second = state.adapters.get(ref.namespace, ref.name, ref.tag)
+    result = diff_versions(state.adapters, principal, f"{first.name}@{first.digest}", f"{second.name}@{second.digest}")
+    heat = {}
+    for side in ("in", "out"):
+        cells = []
+        for m in result.modules:
+            layer, kind = charts.layer_and_kind(m.module)
+            cells.append(charts.Cell(layer, kind, getattr(m, f"similarity_{side}"), m.module))
+        label = "input side (rows of lora_A)" if side == "in" else "output side (columns of lora_B)"
+        heat[side] = charts.heatmap(cells, title=f"subspace similarity, {label}", name=f"similarity_{side}") if cells else None
+    keys = ["r", "lora_alpha", "use_rslora", "use_dora", "targets", "modules_to_save", "task_type", "dtype", "parameter_count"]
+    config = [(k, first.facts.get(k), second.facts.get(k)) for k in keys] + [("size", first.size, second.size)]
+    metrics = sorted(set(first.metrics) | set(second.metrics))
+    return render(
+        request, "compare.html", first=first, second=second, other=other, result=result, heat=heat, config=config,
+        metrics=metrics,
     )
 
 

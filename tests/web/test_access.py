@@ -18,7 +18,8 @@ from loreg.registry.web.card import render
 from tests.support.adapters import variant
 
 PAGES = ["/ui", "/ui/search", "/ui/exports", "/ui/adapters/org/x", "/ui/adapters/org/x/versions/1",
-         "/ui/adapters/org/x/versions/1/explain", "/ui/bases/loreg-test/tiny-llama"]
+         "/ui/adapters/org/x/versions/1/explain", "/ui/bases/loreg-test/tiny-llama", "/ui/adapters/org/x/versions/2/compare?other=org/x:1",
+         "/ui/adapters/org/x/versions/2/compare"]
 
 
 @pytest.fixture
@@ -115,7 +116,8 @@ def test_pages_enforce_the_tokens_namespaces_as_the_api(app: Any, seeded: Any, m
     with browser(app) as http:
         login(http, token)
         for path in ("/ui/adapters/team-b/secret", "/ui/adapters/team-b/ghost", "/ui/adapters/team-b/secret/versions/1",
-                     "/ui/adapters/team-b/secret/versions/1/explain", "/ui/search?namespace=team-b"):
+                     "/ui/adapters/team-b/secret/versions/1/explain", "/ui/search?namespace=team-b",
+                     "/ui/adapters/org/x/versions/1/compare?other=team-b/secret:1"):
             resp = http.get(path)
             assert resp.status_code == 403 and "DENIED" in resp.text, path
             assert "0.1" not in resp.text
