@@ -36,6 +36,8 @@ def line_chart(key: str, points: list[tuple[int, float]], *, width: int = 520, h
     lo, hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
     if hi == lo:
         lo, hi = lo - 1, hi + 1
+    pad = (hi - lo) * 0.06  # points on the extremes stay inside the frame
+    lo, hi = lo - pad, hi + pad
     x_span = max(1, len(points) - 1)
 
     def px(i: int) -> float:
@@ -47,7 +49,7 @@ def line_chart(key: str, points: list[tuple[int, float]], *, width: int = 520, h
     parts = [_svg_open(width, height, f"{key} by version", "line-chart", key=key)]
     parts.append(f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}"/>')
     parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}"/>')
-    for v in (lo, hi):
+    for v in sorted({min(ys), max(ys)}) if ys else ():
         parts.append(f'<text class="tick" x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{escape(fmt(v))}</text>')
     path = " ".join(f"{px(i):.1f},{py(y):.1f}" for i, y in enumerate(ys))
     if len(points) > 1:
@@ -79,14 +81,19 @@ def layer_and_kind(module: str) -> tuple[str, str]:
     return (found[-1] if found else "–"), kind
 
 
-def heatmap(cells: list[Cell], *, title: str, name: str, cell: int = 34) -> Markup:
-    """A grid of rows x columns coloured by value (light: small, dark: large), value in each cell's title."""
+def heatmap(
+    cells: list[Cell], *, title: str, name: str, cell: int = 34, domain: tuple[float, float] | None = None
+) -> Markup:
+    """A grid of rows x columns coloured by value (light: low, dark: high), value in each cell's title.
+
+    ``domain`` fixes the colour scale (similarities: 0 to 1); by default it runs from 0 to the largest value.
+    """
     rows = sorted({c.row for c in cells}, key=_natural)
     cols = sorted({c.column for c in cells}, key=_natural)
     values = [c.value for c in cells if c.value is not None and math.isfinite(c.value)]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    lo, hi = domain or (min([0.0, *values]), max([1e-12, *values]))
     left, top = 44, 70
-    width = left + cell * len(cols) + 16
+    width = max(left + cell * len(cols) + 16, 250)
     height = top + cell * len(rows) + 30
     parts = [_svg_open(width, height, title, "heatmap", key=name)]
     for j, col in enumerate(cols):
@@ -107,7 +114,7 @@ def heatmap(cells: list[Cell], *, title: str, name: str, cell: int = 34) -> Mark
                 f'data-value="{"" if c.value is None else repr(c.value)}"><title>{escape(c.label)}: {escape(fmt(c.value))}</title></rect>'
             )
     parts.append(
-        f'<text class="tick" x="{left}" y="{height - 8}">light {escape(fmt(lo))} … dark {escape(fmt(hi))}</text></svg>'
+        f'<text class="tick" x="{left}" y="{height - 8}">scale: light {escape(fmt(lo))} … dark {escape(fmt(hi))}</text></svg>'
     )
     return Markup("".join(parts))
 

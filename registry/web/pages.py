@@ -252,7 +252,10 @@ def compare_page(namespace: str, name: str, tag: str, request: Request, principa
             layer, kind = charts.layer_and_kind(m.module)
             cells.append(charts.Cell(layer, kind, getattr(m, f"similarity_{side}"), m.module))
         label = "input side (rows of lora_A)" if side == "in" else "output side (columns of lora_B)"
-        heat[side] = charts.heatmap(cells, title=f"subspace similarity, {label}", name=f"similarity_{side}") if cells else None
+        heat[side] = (
+            charts.heatmap(cells, title=f"subspace similarity, {label}", name=f"similarity_{side}", domain=(0.0, 1.0))
+            if cells else None
+        )
     keys = ["r", "lora_alpha", "use_rslora", "use_dora", "targets", "modules_to_save", "task_type", "dtype", "parameter_count"]
     config = [(k, first.facts.get(k), second.facts.get(k)) for k in keys] + [("size", first.size, second.size)]
     metrics = sorted(set(first.metrics) | set(second.metrics))
