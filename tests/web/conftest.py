@@ -82,7 +82,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, tiny_llama: dict[str, Path]) 
             beta = factories.make_adapter(root / "beta", "llama", base_dir=tiny_llama["base"], r=4, target_modules=["q_proj"])
             c.push(beta, "org/beta", metrics={"eval_loss": 1.3})
             c.push(variant(one, root / "s1", 9), "team-b/secret", metrics={"eval_loss": 0.2}, message="hidden")
-            job = c.export(["org/alpha:1", "org/alpha:2"], root / "merged", weights=[1.0, 0.5], timeout_s=300)
+            # queued, not awaited: the merge runs in the server while the other tests browse
+            job = c.request("POST", "/v1/exports", json={"adapters": [
+                {"ref": "org/alpha:1", "weight": 1.0}, {"ref": "org/alpha:2", "weight": 0.5}]}).json()
             reader = c.request("POST", "/v1/tokens", json={"scope": "read", "namespaces": ["org"]}).json()["token"]
         yield Site(url=url, admin=admin, org_reader=reader, export_id=job["id"], root=root)
 
