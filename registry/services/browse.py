@@ -7,12 +7,13 @@ LIKE patterns), so a page never counts or lists what the API would hide.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select
 
 from loreg.registry.api.schemas import ExportPublic, FilePublic
-from loreg.registry.db.models import Adapter, Alias, BaseName, Export, Version
+from loreg.registry.db.models import Adapter, Alias, AliasEvent, BaseName, Export, Version
 from loreg.registry.db.models import BaseModel as BaseRow
 from loreg.registry.services.adapters import AdapterService, _glob_to_like
 from loreg.registry.services.context import Registry
@@ -28,6 +29,21 @@ class BaseCount:
     names: list[str]
     model_type: str | None
     adapters: int
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    created_at: datetime
+    alias: str
+    version: int | None  # None: removed
+    actor: str | None
+
+
+@dataclass(frozen=True)
+class AdapterStory:
+    messages: dict[int, str | None]
+    aliases: dict[str, int]
+    history: list[AliasMove]
 
 
 def _visible(allowed: tuple[str, ...]) -> Any:
@@ -62,25 +78,27 @@ class BrowseService:
             out = [BaseCount(digest, names.get(i, []), mtype, counts.get(i, 0)) for i, digest, mtype in rows]
         return sorted(out, key=lambda b: (-b.adapters, b.names[0] if b.names else b.weights_digest))
 
-    def messages(self, namespace: str, name: str, numbers: list[int]) -> dict[int, str | None]:
-        """Commit messages of some versions of one adapter (the summaries the API lists leave them out)."""
-        if not numbers:
-            return {}
+    def adapter_story(self, namespace: str, name: str, numbers: list[int]) -> AdapterStory:
+        """What the adapter page adds to the API's version list, in one transaction: the commit
+        messages of versions ``numbers``, where each alias points now, and every alias move."""
         with self.registry.sessions.begin() as session:
-            rows = session.execute(
-                select(Version.number, Version.message)
-                .join(Adapter, Adapter.id == Version.adapter_id)
-                .where(Adapter.namespace == namespace, Adapter.name == name, Version.number.in_(numbers))
-            )
-            return {number: message for number, message in rows}
-
-    def alias_names(self, namespace: str, name: str) -> list[str]:
-        """The adapter's aliases, by name (each one's history comes from AdapterService.get_alias)."""
-        with self.registry.sessions.begin() as session:
-            return list(session.scalars(
-                select(Alias.name).join(Adapter, Adapter.id == Alias.adapter_id)
-                .where(Adapter.namespace == namespace, Adapter.name == name).order_by(Alias.name)
-            ))
+            adapter_id = session.scalar(select(Adapter.id).where(Adapter.namespace == namespace, Adapter.name == name))
+            if adapter_id is None:
+                return AdapterStory({}, {}, [])
+            messages = {n: m for n, m in session.execute(
+                select(Version.number, Version.message).where(Version.adapter_id == adapter_id, Version.number.in_(numbers))
+            )} if numbers else {}
+            aliases = {a: n for a, n in session.execute(
+                select(Alias.name, Version.number).join(Version, Version.id == Alias.version_id)
+                .where(Alias.adapter_id == adapter_id).order_by(Alias.name)
+            )}
+            history = [
+                AliasMove(e.created_at, e.alias, e.version_number, e.actor)
+                for e in session.scalars(
+                    select(AliasEvent).where(AliasEvent.adapter_id == adapter_id).order_by(AliasEvent.id.desc()).limit(500)
+                )
+            ]
+        return AdapterStory(messages, aliases, history)
 
     def recent_exports(self, principal: Principal, limit: int = 50) -> list[ExportPublic]:
         """Newest exports whose every input ``principal`` can read (the rule GET /v1/exports/{id} applies)."""

@@ -170,11 +170,7 @@ def adapter_page(namespace: str, name: str, request: Request, _p: Viewer) -> HTM
     names.parse_reference(f"{namespace}/{name}")
     cursor = parse_search(request).get("cursor")
     page = state.adapters.versions(namespace, name, cursor=cursor, limit=PAGE_SIZE)
-    messages = state.browse.messages(namespace, name, [v.version for v in page.items])
-    aliases = [state.adapters.get_alias(namespace, name, a) for a in state.browse.alias_names(namespace, name)]
-    history = sorted(
-        ((e.created_at, a.alias, e.version, e.actor) for a in aliases for e in a.history), key=lambda h: h[0], reverse=True
-    )
+    story = state.browse.adapter_story(namespace, name, [v.version for v in page.items])
     series: dict[str, list[tuple[int, float]]] = {}
     for v in page.items[:MAX_CHART_VERSIONS]:
         for key, value in v.metrics.items():
@@ -182,7 +178,7 @@ def adapter_page(namespace: str, name: str, request: Request, _p: Viewer) -> HTM
     charts_ = {key: charts.line_chart(key, points) for key, points in sorted(series.items())}
     return render(
         request, "adapter.html", full=f"{namespace}/{name}", namespace=namespace, name=name, page=page,
-        messages=messages, aliases=aliases, history=history, series=series, charts=charts_,
+        story=story, series=series, charts=charts_,
     )
 
 
