@@ -3,6 +3,7 @@ every page carries, and pages that list exactly what the JSON API lists for the 
 
 from __future__ import annotations
 
+import html
 import re
 from collections import Counter
 from html.parser import HTMLParser
@@ -147,6 +148,20 @@ def test_search_lists_the_rows_the_lookup_api_answers(app: Any, seeded: Any, adm
             assert [(n, int(v)) for n, v in rows] == expected, query
             answers.add(tuple(expected))
     assert len(answers) >= 4  # the filters and orders change the rows, so equal rows mean something
+
+
+def test_search_pages_follow_the_lookup_apis_cursor(app: Any, seeded: Any, admin_token: str, api: Any) -> None:
+    with browser(app) as http:
+        login(http, admin_token)
+        path, shown = "/ui/search?metric=eval_loss&limit=1", []
+        while path:
+            page = http.get(path).text
+            shown += re.findall(r'<tr data-name="([^"]+)"', page)
+            link = re.search(r'<a class="next" href="([^"]+)"', page)
+            path = html.unescape(link.group(1)) if link else None
+            assert len(shown) <= 10
+    expected = [r["name"] for r in api.get("/v1/adapters?metric=eval_loss").json()["items"]]
+    assert shown == expected and len(shown) == 3
 
 
 def test_every_page_has_the_strict_policy_and_no_inline_script(app: Any, seeded: Any, admin_token: str) -> None:
