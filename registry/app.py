@@ -19,12 +19,14 @@ from loreg.registry.api.streaming import UploadSlots
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.blobs import BlobService
+from loreg.registry.services.browse import BrowseService
 from loreg.registry.services.exports import ExportService
 from loreg.registry.services.inspect import InspectService
 from loreg.registry.services.context import Registry, open_registry
 from loreg.registry.services.tokens import TokenService
 from loreg.registry.settings import Settings
 from loreg.registry.version import loreg_version
+from loreg.registry.web.install import install_ui
 
 log = logging.getLogger("loreg")
 
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.adapters = AdapterService(reg, validator=app.state.bases.validate_push)
     app.state.inspect = InspectService(reg)
     app.state.exports = ExportService(reg, app.state.adapters, app.state.bases)
+    app.state.browse = BrowseService(reg, app.state.adapters, app.state.exports)
     install_error_handlers(app)
     app.add_middleware(
         RequestLimitsMiddleware, limit_for=body_limit_for(settings.max_json_body), idle_timeout_s=settings.body_idle_timeout_s
@@ -82,6 +85,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     install_docs(app)
     for module in (health, blobs, adapters, bases, exports, tokens):
         app.include_router(module.router)
+    install_ui(app)
     return app
 
 

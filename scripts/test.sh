@@ -20,5 +20,14 @@ python -m pip install -q -e ".[test]"
 # vLLM pins an exact torch, so it cannot sit in the test extra: its wheel alone, without its GPU
 # dependencies, is what the LoRA-resolver tests need (vllm.lora.resolver, vllm.plugins import with these)
 python -m pip install -q --no-deps "vllm==0.34.0" msgspec packaging
+# the web interface's browser tests drive Debian's Chromium through Playwright (Playwright's own
+# browser download needs the internet); installed here when missing and this script runs as root
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "tests/web need Chromium: run 'sudo apt-get install -y chromium' (Debian/Ubuntu) first" >&2
+    fi
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec python -m pytest -p no:cacheprovider "$@"

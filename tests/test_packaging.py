@@ -38,11 +38,11 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: i
 
 
 def source_files() -> set[str]:
-    """Every .py and .mako file of the three packages, as its path inside the wheel."""
+    """Every .py and .mako file of the three packages and the web templates and assets, as paths inside the wheel."""
     out = set()
     for folder, prefix in PACKAGE_DIRS.items():
         for path in (ROOT / folder).rglob("*"):
-            if path.is_file() and path.suffix in (".py", ".mako") and "__pycache__" not in path.parts:
+            if path.is_file() and path.suffix in (".py", ".mako", ".html", ".css", ".svg") and "__pycache__" not in path.parts:
                 out.add(f"{prefix}/{path.relative_to(ROOT / folder).as_posix()}")
     return out
 
@@ -131,3 +131,15 @@ def test_installed_wheel_runs_help_and_db_upgrade_without_the_checkout(wheel: Pa
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"adapters", "versions", "blobs"} <= tables, tables
     assert f"current {head}, head {head}" in run([loreg, "db", "current"], cwd=work, env=env)
+
+    # the web interface renders from the installed package's templates and serves its stylesheet
+    page = json.loads(run([str(python), "-c", (
+        "import json; from fastapi.testclient import TestClient; from loreg.registry.app import create_app;"
+        "from loreg.registry.settings import Settings; import loreg.registry.web.install as w;"
+        "c = TestClient(create_app(Settings(export_worker='external')));"
+        "r = c.get('/ui/login'); css = c.get('/ui/static/ui.css');"
+        "print(json.dumps({'status': r.status_code, 'form': 'name=\"token\"' in r.text, 'css': css.status_code,"
+        "'csp': r.headers.get('content-security-policy', ''), 'from': w.__file__}))"
+    )], cwd=work, env=env))
+    assert page["status"] == 200 and page["form"] and page["css"] == 200, page
+    assert page["csp"].startswith("default-src 'none'") and page["from"].startswith(str(site)), page

@@ -52,7 +52,12 @@ from tests.security.conftest import (
 
 PUBLIC = {("GET", "/v1/health"), ("GET", "/v1/ready")}
 # the API description and its page assets, public (DESIGN.md section 6)
-DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/docs/assets"}
+DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/docs/assets", "/ui/static"}
+
+
+def is_page(path: str) -> bool:
+    """A page of the web interface: it answers a missing token with the login page (tests/web/test_access.py)."""
+    return path == "/" or path == "/ui" or path.startswith("/ui/")
 REPO = Path(__file__).resolve().parents[2]
 
 # values for path parameters when a route is called without knowing what it is
@@ -176,7 +181,7 @@ def test_every_route_refuses_requests_without_a_valid_token(
     with TestClient(app, raise_server_exceptions=False) as http:
         checked = 0
         for method, path, route in operations(app):
-            if (method, path) in PUBLIC:
+            if (method, path) in PUBLIC or is_page(path):
                 continue
             kwargs: dict[str, Any] = {"headers": headers}
             if route.body_field is not None:
