@@ -90,6 +90,12 @@ def _glob_to_like(glob: str) -> str:
     return escaped.replace("*", "%")
 
 
+def visible(allowed: tuple[str, ...]) -> Any:
+    """The SQL condition "this adapter's ``ns/name`` matches one of the token's globs" (lookups, pages)."""
+    full = Adapter.namespace + "/" + Adapter.name
+    return or_(*[full.like(_glob_to_like(g), escape="\\") for g in allowed])
+
+
 def _encode_cursor(values: list[Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
 
@@ -136,8 +142,7 @@ def _filter_conditions(filters: LookupFilters) -> list[Any]:
     if filters.name is not None:
         conds.append(Adapter.name == filters.name)
     if filters.allowed:
-        full = Adapter.namespace + "/" + Adapter.name
-        conds.append(or_(*[full.like(_glob_to_like(g), escape="\\") for g in filters.allowed]))
+        conds.append(visible(filters.allowed))
     if filters.base_ids is not None:
         all_ids = tuple(filters.base_ids) + tuple(filters.layout_base_ids or ())
         conds.append(v.base_model_id.in_(all_ids or (-1,)))

@@ -1,4 +1,4 @@
-"""Read models the web pages need beyond the API's answers: counts, messages, recent exports, cards.
+"""Read models the web pages need beyond the API's answers: counts, messages, cards.
 
 Every query applies the caller's namespace globs the way the lookup does (in SQL, through the same
 LIKE patterns), so a page never counts or lists what the API would hide.
@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 
-from loreg.registry.api.schemas import ExportPublic, FilePublic
 from loreg.registry.db.models import Adapter, Alias, AliasEvent, BaseName, Export, Version
 from loreg.registry.db.models import BaseModel as BaseRow
-from loreg.registry.services.adapters import AdapterService, _glob_to_like
+from loreg.registry.services.adapters import AdapterService, visible
 from loreg.registry.services.context import Registry
-from loreg.registry.services.exports import ExportService, can_read_inputs
+from loreg.registry.services.exports import ExportService
 from loreg.registry.services.tokens import Principal
+from loreg.registry.services.views import StoredFile
 
 CARD_NAME = "README.md"
 
@@ -46,11 +45,6 @@ class AdapterStory:
     history: list[AliasMove]
 
 
-def _visible(allowed: tuple[str, ...]) -> Any:
-    full = Adapter.namespace + "/" + Adapter.name
-    return or_(*[full.like(_glob_to_like(g), escape="\\") for g in allowed])
-
-
 class BrowseService:
     def __init__(self, registry: Registry, adapters: AdapterService, exports: ExportService):
         self.registry = registry
@@ -67,7 +61,7 @@ class BrowseService:
                 .group_by(Version.base_model_id)
             )
             if principal.namespaces:
-                counted = counted.where(_visible(principal.namespaces))
+                counted = counted.where(visible(principal.namespaces))
             counts = {base_id: n for base_id, n in session.execute(counted)}
             names: dict[int, list[str]] = {}
             for base_id, name, revision in session.execute(
@@ -100,19 +94,7 @@ class BrowseService:
             ]
         return AdapterStory(messages, aliases, history)
 
-    def recent_exports(self, principal: Principal, limit: int = 50) -> list[ExportPublic]:
-        """Newest exports whose every input ``principal`` can read (the rule GET /v1/exports/{id} applies)."""
-        out: list[ExportPublic] = []
-        with self.registry.sessions.begin() as session:
-            rows = session.scalars(select(Export).order_by(Export.created_at.desc()).limit(limit * 4)).all()
-            for row in rows:
-                if can_read_inputs(principal, [i.name for i in row.inputs]):
-                    out.append(self.exports._public(session, row))
-                if len(out) >= limit:
-                    break
-        return out
-
-    def card(self, files: list[FilePublic], max_bytes: int) -> tuple[str | None, bool]:
+    def card(self, files: list[StoredFile], max_bytes: int) -> tuple[str | None, bool]:
         """The README.md among a version's ``files`` as text cut at ``max_bytes``: (text, cut); None without one."""
         entry = next((f for f in files if f.path == CARD_NAME), None)
         if entry is None:

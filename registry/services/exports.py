@@ -301,6 +301,18 @@ class ExportService:
         with self.registry.sessions.begin() as session:
             return self._view(session, self._row(session, export_id))
 
+    def recent(self, principal: Principal, limit: int = 50) -> list[ExportView]:
+        """Newest exports whose every input ``principal`` can read (the rule of ``authorize``)."""
+        out: list[ExportView] = []
+        with self.registry.sessions.begin() as session:
+            rows = session.scalars(select(Export).order_by(Export.created_at.desc()).limit(limit * 4)).all()
+            for row in rows:
+                if can_read_inputs(principal, [i.name for i in row.inputs]):
+                    out.append(self._view(session, row))
+                if len(out) >= limit:
+                    break
+        return out
+
     def authorize(self, export_id: str, principal: Principal) -> None:
         """Raise unless ``principal`` may read every input stored with the export (deleted ones included).
 

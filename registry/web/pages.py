@@ -263,7 +263,7 @@ def compare_page(namespace: str, name: str, tag: str, request: Request, principa
 
 @router.get(PREFIX + "/exports")
 def exports_page(request: Request, principal: Viewer) -> HTMLResponse:
-    return render(request, "exports.html", exports=request.app.state.browse.recent_exports(principal))
+    return render(request, "exports.html", exports=request.app.state.exports.recent(principal))
 
 
 @router.get(PREFIX + "/login")
