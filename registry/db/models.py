@@ -114,7 +114,9 @@ class AdapterBlob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class BaseModel(Base):
+class BaseModelRow(Base):
+    """A base model's weights, layout and facts (the Row suffix: pydantic's BaseModel is everywhere here)."""
+
     __tablename__ = "base_models"
     __table_args__ = (digest_check("weights_digest"), digest_check("layout_digest"))
 
@@ -147,7 +149,7 @@ class BaseName(Base):
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
-    base_model: Mapped[BaseModel] = relationship(back_populates="names")
+    base_model: Mapped[BaseModelRow] = relationship(back_populates="names")
 
 
 class Version(Base):
@@ -184,7 +186,7 @@ class Version(Base):
     )
     targets: Mapped[list[VersionTarget]] = relationship(passive_deletes=True)
     metrics: Mapped[list[Metric]] = relationship(passive_deletes=True, order_by="Metric.id")
-    base_model: Mapped[BaseModel | None] = relationship()
+    base_model: Mapped[BaseModelRow | None] = relationship()
 
 
 class VersionFile(Base):

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseModelRow
 from loreg.registry.db.models import Export, ExportFile, ExportInput, Version, VersionFile
 from loreg.registry.errors import InternalError, MergeUnsupportedError
 from loreg.registry.formats import peft, safetensors, validate
@@ -98,7 +98,7 @@ class ExportWorker:
 
         with self.registry.sessions.begin() as session:
             job = session.get_one(Export, claim.job_id)
-            base = session.get_one(BaseRow, job.base_model_id)
+            base = session.get_one(BaseModelRow, job.base_model_id)
             base_files = {f["path"]: dict(f) for f in base.files}
             base_config = dict(base.config)
             base_tensors = [list(t) for t in base.tensors]

@@ -25,7 +25,7 @@ from loreg.registry.db.models import (
     VersionFile,
     VersionTarget,
 )
-from loreg.registry.db.models import BaseModel as BaseModelRow
+from loreg.registry.db.models import BaseModelRow
 from loreg.registry.errors import (
     AliasNotFoundError,
     BlobMissingError,

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseModelRow
 from loreg.registry.db.models import BaseName, Blob
 from loreg.registry.db.retry import in_transaction
 from loreg.registry.errors import (
@@ -50,7 +50,7 @@ class BaseRegistration:
     weights_uploaded: bool = False
 
 
-def layout_of(row: BaseRow) -> validate.BaseLayout:
+def layout_of(row: BaseModelRow) -> validate.BaseLayout:
     return validate.base_layout({t[0]: (t[1], t[2]) for t in row.tensors}, row.config)
 
 
@@ -123,10 +123,10 @@ class BaseService:
         """The registration's transaction: the record of these weights (new, or given its uploaded
         weights) and the name. Returns (base, created); an insert race raises IntegrityError (db/retry.py)."""
         files = [{"path": f.path, "size": f.size, "digest": f.digest} for f in body.files]
-        row = session.scalar(select(BaseRow).where(BaseRow.weights_digest == weights_digest).with_for_update())
+        row = session.scalar(select(BaseModelRow).where(BaseModelRow.weights_digest == weights_digest).with_for_update())
         created = row is None
         if row is None:
-            row = BaseRow(
+            row = BaseModelRow(
                 weights_digest=weights_digest,
                 layout_digest=layout_digest,
                 model_type=model_type,
@@ -200,13 +200,13 @@ class BaseService:
 
     def list(self, layout_digest: str | None = None) -> list[BaseView]:
         """Every base model, newest first; with ``layout_digest``, those of that tensor layout."""
-        query = select(BaseRow).options(selectinload(BaseRow.names)).order_by(BaseRow.id.desc())
+        query = select(BaseModelRow).options(selectinload(BaseModelRow.names)).order_by(BaseModelRow.id.desc())
         if layout_digest is not None:
             if names.DIGEST.fullmatch(layout_digest) is None:
                 raise DigestInvalidError(
                     f"invalid layout digest {layout_digest[:80]!r}", hint="a layout digest is sha256:<64 lowercase hex>"
                 )
-            query = query.where(BaseRow.layout_digest == layout_digest)
+            query = query.where(BaseModelRow.layout_digest == layout_digest)
         with self.registry.sessions.begin() as session:
             return [self._public(session, r) for r in session.scalars(query)]
 
@@ -215,7 +215,7 @@ class BaseService:
         with self.registry.sessions.begin() as session:
             return resolve.base_ids(session, ref)
 
-    def _public(self, session: Session, row: BaseRow) -> BaseView:
+    def _public(self, session: Session, row: BaseModelRow) -> BaseView:
         labels = session.scalars(
             select(BaseName).where(BaseName.base_model_id == row.id).order_by(BaseName.id)
         ).all()

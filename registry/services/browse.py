@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 
 from loreg.registry.db.models import Adapter, Alias, AliasEvent, BaseName, Export, Version
-from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseModelRow
 from loreg.registry.services.adapters import AdapterService, visible
 from loreg.registry.services.context import Registry
 from loreg.registry.services.exports import ExportService
@@ -68,7 +68,7 @@ class BrowseService:
                 select(BaseName.base_model_id, BaseName.name, BaseName.revision).order_by(BaseName.name)
             ):
                 names.setdefault(base_id, []).append(f"{name}@{revision}" if revision else name)
-            rows = session.execute(select(BaseRow.id, BaseRow.weights_digest, BaseRow.model_type)).all()
+            rows = session.execute(select(BaseModelRow.id, BaseModelRow.weights_digest, BaseModelRow.model_type)).all()
             out = [BaseCount(digest, names.get(i, []), mtype, counts.get(i, 0)) for i, digest, mtype in rows]
         return sorted(out, key=lambda b: (-b.adapters, b.names[0] if b.names else b.weights_digest))
 

@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import select
 
 from loreg.registry.db.models import Adapter, VersionFile
-from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseModelRow
 from loreg.registry.errors import BaseMismatchError, ShapeMismatchError
 from loreg.registry.formats import lora, names, peft, safetensors
 from loreg.registry.services import resolve
@@ -207,7 +207,7 @@ def _load(adapters: AdapterService, ref: names.Reference) -> _Loaded:
         st = session.scalar(
             select(VersionFile).where(VersionFile.version_id == version.id, VersionFile.path == "adapter_model.safetensors")
         )
-        base = session.get(BaseRow, version.base_model_id) if version.base_model_id else None
+        base = session.get(BaseModelRow, version.base_model_id) if version.base_model_id else None
         side = DiffSide(
             name=adapter.full_name,
             version=version.number,

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from loreg.registry.db.models import Adapter, Export, ExportFile, ExportInput, Token
-from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseModelRow
 from loreg.registry.errors import (
     DeniedError,
     ExportNotFoundError,
@@ -216,9 +216,9 @@ class ExportService:
                 first = versions[0]
                 if first.base_model_id is None:
                     raise MergeUnsupportedError(f"{refs[0]} was not validated against a base model; pass --base")
-                base = session.get_one(BaseRow, first.base_model_id)
+                base = session.get_one(BaseModelRow, first.base_model_id)
             for ref, v in zip(refs, versions):
-                vbase = session.get(BaseRow, v.base_model_id) if v.base_model_id else None
+                vbase = session.get(BaseModelRow, v.base_model_id) if v.base_model_id else None
                 if vbase is None or vbase.layout_digest != base.layout_digest:
                     raise MergeUnsupportedError(
                         f"{ref} was validated against a base with another layout than {base.weights_digest[:19]}…",
@@ -355,7 +355,7 @@ class ExportService:
         return row
 
     def _view(self, session: Session, row: Export) -> ExportView:
-        base = session.get_one(BaseRow, row.base_model_id)
+        base = session.get_one(BaseModelRow, row.base_model_id)
         adapters = []
         for i in row.inputs:
             full, number = None, None

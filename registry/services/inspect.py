@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import select
 
 from loreg.registry.db.models import Adapter, Version, VersionFile
-from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseModelRow
 from loreg.registry.errors import MergeUnsupportedError
 from loreg.registry.formats import lora, peft, safetensors
 from loreg.registry.services import resolve
@@ -70,7 +70,7 @@ class InspectService:
             config_raw = dict(version.config)
             mapping = dict((version.base_mapping or {}).get("modules", {}))
             layer_types = dict((version.base_mapping or {}).get("layer_types", {}))
-            base = session.get(BaseRow, version.base_model_id) if version.base_model_id else None
+            base = session.get(BaseModelRow, version.base_model_id) if version.base_model_id else None
             base_info = None
             if base is not None and base.weights_uploaded:
                 by_path = {f["path"]: f for f in base.files}

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
 
-from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseModelRow
 from loreg.registry.db.models import AdapterBlob, Blob, ExportFile, VersionFile
 from loreg.registry.errors import BlobNotFoundError
 from loreg.registry.services.context import Registry
@@ -70,7 +70,7 @@ class MaintenanceService:
 
     def _base_digests(self, session: Any) -> set[str]:
         out: set[str] = set()
-        for files in session.scalars(select(BaseRow.files)):
+        for files in session.scalars(select(BaseModelRow.files)):
             out.update(f["digest"] for f in files or [] if isinstance(f, dict) and "digest" in f)
         return out
 

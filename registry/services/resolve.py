@@ -13,7 +13,7 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import Session, selectinload
 
 from loreg.registry.db.models import Adapter, Alias, BaseName, Version
-from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseModelRow
 from loreg.registry.errors import (
     AdapterNotFoundError,
     AliasNotFoundError,
@@ -88,7 +88,7 @@ def split_base_ref(ref: str) -> tuple[str, str | None]:
     return name, None
 
 
-def base(session: Session, ref: str) -> BaseRow:
+def base(session: Session, ref: str) -> BaseModelRow:
     """The base model ``ref`` names: a (short) weights digest, ``name`` (its newest registration)
     or ``name@revision``."""
     if ref.startswith("sha256:"):
@@ -96,10 +96,10 @@ def base(session: Session, ref: str) -> BaseRow:
             raise DigestInvalidError(f"invalid digest {ref[:80]!r}", hint=names.DIGEST_PREFIX_HINT)
         row = one_by_digest(
             session.scalars(
-                select(BaseRow)
-                .where(digest_matches(BaseRow.weights_digest, ref))
-                .options(selectinload(BaseRow.names))
-                .order_by(BaseRow.weights_digest)
+                select(BaseModelRow)
+                .where(digest_matches(BaseModelRow.weights_digest, ref))
+                .options(selectinload(BaseModelRow.names))
+                .order_by(BaseModelRow.weights_digest)
             ),
             ref,
             lambda r: {"digest": r.weights_digest, "names": [base_label(n.name, n.revision) for n in r.names]},
@@ -118,7 +118,7 @@ def base(session: Session, ref: str) -> BaseRow:
             detail={"base": ref},
             hint=f"register it: loreg base register ./checkpoint --name {name}",
         )
-    return session.get_one(BaseRow, label.base_model_id)
+    return session.get_one(BaseModelRow, label.base_model_id)
 
 
 def base_ids(session: Session, ref: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -134,11 +134,11 @@ def base_ids(session: Session, ref: str) -> tuple[tuple[int, ...], tuple[int, ..
         ids = set(session.scalars(query))
         if not ids:
             base(session, ref)  # raises the not-registered error with its hint
-        rows = list(session.scalars(select(BaseRow).where(BaseRow.id.in_(ids))))
+        rows = list(session.scalars(select(BaseModelRow).where(BaseModelRow.id.in_(ids))))
     named = tuple(sorted(r.id for r in rows))
     layouts = {r.layout_digest for r in rows}
     same_layout = session.scalars(
-        select(BaseRow.id).where(BaseRow.layout_digest.in_(layouts), BaseRow.id.not_in(named))
+        select(BaseModelRow.id).where(BaseModelRow.layout_digest.in_(layouts), BaseModelRow.id.not_in(named))
     )
     return named, tuple(sorted(same_layout))
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from loreg.registry.db.models import BaseModel as BaseRow
+from loreg.registry.db.models import BaseModelRow
 
 T = TypeVar("T")
 
@@ -39,7 +39,7 @@ def base_label(name: str, revision: str | None) -> str:
     return f"{name}@{revision}" if revision else name
 
 
-def base_ref(base: BaseRow | None) -> BaseRefView | None:
+def base_ref(base: BaseModelRow | None) -> BaseRefView | None:
     if base is None:
         return None
     labels = [base_label(n.name, n.revision) for n in base.names]

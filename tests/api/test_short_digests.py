@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from loreg.cli.client import RegistryClient
 from loreg.registry import errors
-from loreg.registry.db.models import BaseModel, Version
+from loreg.registry.db.models import BaseModelRow, Version
 from tests import factories
 from tests.support.adapters import variant
 
@@ -84,7 +84,7 @@ def test_base_model_is_found_by_prefix_and_an_ambiguous_one_is_refused(
 
     other = bare_client.register_base(factories.make_base(tmp_path / "other", "llama", seed=7), "org/llama-instruct")
     forged = share_prefix(
-        registry, BaseModel.weights_digest, BaseModel.weights_digest == other["weights_digest"], llama["weights_digest"]
+        registry, BaseModelRow.weights_digest, BaseModelRow.weights_digest == other["weights_digest"], llama["weights_digest"]
     )
     got = api.get(f"/v1/base-models/{short}")
     assert got.status_code == 409
