@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from loreg.registry.db import models  # noqa: F401  (fills the metadata for autogenerate and check)
-from loreg.registry.db.base import Base
+from loreg.registry.db.orm import OrmBase
 
 config = context.config
 
@@ -24,7 +24,7 @@ def run_migrations_online() -> None:
         try:
             context.configure(
                 connection=connection,
-                target_metadata=Base.metadata,
+                target_metadata=OrmBase.metadata,
                 render_as_batch=sqlite,
                 compare_type=True,
             )

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from loreg.registry.db.base import Base
+from loreg.registry.db.orm import OrmBase
 
 DIGEST_LEN = 71  # "sha256:" + 64 hex
 
@@ -55,7 +55,7 @@ def digest_check(column: str) -> CheckConstraint:
     return CheckConstraint(f"{column} LIKE 'sha256:%' AND length({column}) = {DIGEST_LEN}", name=f"{column}_sha256")
 
 
-class Blob(Base):
+class Blob(OrmBase):
     __tablename__ = "blobs"
     __table_args__ = (digest_check("digest"),)
 
@@ -66,7 +66,7 @@ class Blob(Base):
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
-class BlobScan(Base):
+class BlobScan(OrmBase):
     """Value facts of a safetensors blob, gathered while its upload streamed through the server,
     so a commit need not read the file again. Gone with its blob."""
 
@@ -79,7 +79,7 @@ class BlobScan(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class Adapter(Base):
+class Adapter(OrmBase):
     __tablename__ = "adapters"
     __table_args__ = (UniqueConstraint("namespace", "name"),)
 
@@ -98,7 +98,7 @@ class Adapter(Base):
         return f"{self.namespace}/{self.name}"
 
 
-class AdapterBlob(Base):
+class AdapterBlob(OrmBase):
     """A blob linked to an adapter name (an OCI repository): only linked blobs may appear in its
     versions. A link comes from an upload for that adapter whose bytes the server read and verified,
     or from a mount out of another adapter the same token can read; storing once is a saving, never
@@ -114,7 +114,7 @@ class AdapterBlob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class BaseModelRow(Base):
+class BaseModelRow(OrmBase):
     """A base model's weights, layout and facts (the Row suffix: pydantic's BaseModel is everywhere here)."""
 
     __tablename__ = "base_models"
@@ -137,7 +137,7 @@ class BaseModelRow(Base):
     names: Mapped[list[BaseName]] = relationship(back_populates="base_model", passive_deletes=True)
 
 
-class BaseName(Base):
+class BaseName(OrmBase):
     """A name (and revision) of a base model; one name may point at several fingerprints over time."""
 
     __tablename__ = "base_names"
@@ -152,7 +152,7 @@ class BaseName(Base):
     base_model: Mapped[BaseModelRow] = relationship(back_populates="names")
 
 
-class Version(Base):
+class Version(OrmBase):
     __tablename__ = "versions"
     __table_args__ = (
         UniqueConstraint("adapter_id", "number"),
@@ -189,7 +189,7 @@ class Version(Base):
     base_model: Mapped[BaseModelRow | None] = relationship()
 
 
-class VersionFile(Base):
+class VersionFile(OrmBase):
     __tablename__ = "version_files"
     __table_args__ = (digest_check("digest"),)
 
@@ -201,7 +201,7 @@ class VersionFile(Base):
     version: Mapped[Version] = relationship(back_populates="files")
 
 
-class VersionTarget(Base):
+class VersionTarget(OrmBase):
     """One adapted module leaf name (q_proj, c_attn, …) of a version, for lookup by target."""
 
     __tablename__ = "version_targets"
@@ -210,7 +210,7 @@ class VersionTarget(Base):
     target: Mapped[str] = mapped_column(String(256), primary_key=True, index=True)
 
 
-class Metric(Base):
+class Metric(OrmBase):
     """An evaluation appended to a version; lookups use each key's latest value."""
 
     __tablename__ = "metrics"
@@ -223,7 +223,7 @@ class Metric(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class Alias(Base):
+class Alias(OrmBase):
     __tablename__ = "aliases"
     __table_args__ = (UniqueConstraint("adapter_id", "name"),)
 
@@ -237,7 +237,7 @@ class Alias(Base):
     version: Mapped[Version] = relationship()
 
 
-class AliasEvent(Base):
+class AliasEvent(OrmBase):
     """History of alias moves; version_number None = removed."""
 
     __tablename__ = "alias_events"
@@ -250,7 +250,7 @@ class AliasEvent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class Token(Base):
+class Token(OrmBase):
     """An API token; only the sha256 of its secret is stored."""
 
     __tablename__ = "tokens"
@@ -266,7 +266,7 @@ class Token(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
-class Export(Base):
+class Export(OrmBase):
     """A merge request (base weights, weighted adapter versions by name and number, dtype) and its result.
 
     ``request_digest`` is the sha256 of the canonical request, which names the input versions: an
@@ -309,7 +309,7 @@ class Export(Base):
     files: Mapped[list[ExportFile]] = relationship(passive_deletes=True, order_by="ExportFile.path")
 
 
-class ExportInput(Base):
+class ExportInput(OrmBase):
     """Lineage: which adapter version (with which weight) went into an export.
 
     ``name`` (``ns/name:N``) outlives the version: who may read the export is decided by it, so a
@@ -327,7 +327,7 @@ class ExportInput(Base):
     weight: Mapped[float] = mapped_column(Float)
 
 
-class ExportFile(Base):
+class ExportFile(OrmBase):
     __tablename__ = "export_files"
     __table_args__ = (digest_check("digest"),)
 

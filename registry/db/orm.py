@@ -14,5 +14,5 @@ NAMING_CONVENTION = {
 }
 
 
-class Base(DeclarativeBase):
+class OrmBase(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
