@@ -16,7 +16,7 @@ from loreg.registry.errors import BlobNotFoundError, ConflictError, TooLargeErro
 from loreg.registry.faults import crash_point
 from loreg.registry.formats import safetensors, values
 from loreg.registry.services.context import Registry
-from loreg.registry.storage.base import BlobStore, HashingReader, check_digest
+from loreg.registry.storage.protocol import BlobStore, HashingReader, check_digest
 
 
 class GuardedStream(io.RawIOBase):

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loreg.registry.db.session import make_engine, make_session_factory
 from loreg.registry.settings import Settings
-from loreg.registry.storage.base import BlobStore
+from loreg.registry.storage.protocol import BlobStore
 from loreg.registry.storage.factory import store_from_url
 
 

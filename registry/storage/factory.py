@@ -6,7 +6,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from loreg.registry.errors import SettingsInvalidError
-from loreg.registry.storage.base import BlobStore
+from loreg.registry.storage.protocol import BlobStore
 
 
 def store_from_url(url: str, *, s3_endpoint_url: str | None = None, s3_region: str | None = None) -> BlobStore:

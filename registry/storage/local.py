@@ -29,7 +29,7 @@ from loreg.registry.errors import (
     SizeMismatchError,
     StorageUnavailableError,
 )
-from loreg.registry.storage.base import (
+from loreg.registry.storage.protocol import (
     CHUNK_SIZE,
     BlobStat,
     HashingReader,

@@ -45,7 +45,7 @@ from loreg.registry.errors import (
     StorageTimeoutError,
     StorageUnavailableError,
 )
-from loreg.registry.storage.base import (
+from loreg.registry.storage.protocol import (
     BlobStat,
     HashingReader,
     RangeStream,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from loreg.registry.storage.base import BlobStore
+from loreg.registry.storage.protocol import BlobStore
 from loreg.registry.storage.local import LocalBlobStore
 from tests.support.moto import REGION, MotoServer, make_bucket, s3_client
 

@@ -34,7 +34,7 @@ from loreg.registry.errors import (
     StorageUnavailableError,
 )
 from loreg.registry.storage import local as local_module
-from loreg.registry.storage.base import CHUNK_SIZE, BlobStat, BlobStore
+from loreg.registry.storage.protocol import CHUNK_SIZE, BlobStat, BlobStore
 from loreg.registry.storage.factory import store_from_url
 from loreg.registry.storage.local import LocalBlobStore
 from tests.storage.conftest import TEST_PART_SIZE

@@ -18,7 +18,7 @@ from loreg.registry.errors import DeniedError, RequestInvalidError, TooLargeErro
 from loreg.registry.formats import names
 from loreg.registry.services.blobs import BlobService
 from loreg.registry.services.tokens import Principal
-from loreg.registry.storage.base import check_digest
+from loreg.registry.storage.protocol import check_digest
 
 router = APIRouter(tags=["blobs"])
 
