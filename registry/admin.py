@@ -8,7 +8,7 @@ from typing import Literal
 
 from loreg.registry.db import migrate
 from loreg.registry.errors import DbUnavailableError
-from loreg.registry.services.context import Registry, open_registry
+from loreg.registry.services.context import AppContext, open_registry
 from loreg.registry.settings import Settings
 
 # "current": refuse a schema that is not the newest; "migrate": upgrade the embedded SQLite (one
@@ -16,7 +16,7 @@ from loreg.registry.settings import Settings
 Schema = Literal["current", "migrate", "any"]
 
 
-def open_for_admin(settings: Settings | None = None, *, schema: Schema = "current") -> Registry:
+def open_for_admin(settings: Settings | None = None, *, schema: Schema = "current") -> AppContext:
     """The registry for an admin command, its schema checked as ``schema`` says.
 
     Raises:
@@ -37,7 +37,7 @@ def open_for_admin(settings: Settings | None = None, *, schema: Schema = "curren
     return registry
 
 
-def check_schema(registry: Registry) -> None:
+def check_schema(registry: AppContext) -> None:
     try:
         current, head = migrate.current_revision(registry.engine), migrate.head_revision()
     except Exception as exc:

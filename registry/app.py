@@ -22,7 +22,7 @@ from loreg.registry.services.blobs import BlobService
 from loreg.registry.services.browse import BrowseService
 from loreg.registry.services.exports import ExportService
 from loreg.registry.services.inspect import InspectService
-from loreg.registry.services.context import Registry, open_registry
+from loreg.registry.services.context import AppContext, open_registry
 from loreg.registry.services.tokens import TokenService
 from loreg.registry.settings import Settings
 from loreg.registry.version import loreg_version
@@ -31,7 +31,7 @@ from loreg.registry.web.install import install_ui
 log = logging.getLogger("loreg")
 
 
-def create_app(settings: Settings | None = None, *, registry: Registry | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, registry: AppContext | None = None) -> FastAPI:
     """Build the API over ``registry`` (or one opened from ``settings``; its schema must be current)."""
     settings = settings or (registry.settings if registry else Settings())
     owned = registry is None

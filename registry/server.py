@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from loreg.registry import credentials
 from loreg.registry.admin import open_for_admin
 from loreg.registry.errors import UnauthorizedError
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.tokens import TokenService
 from loreg.registry.settings import Settings
 
@@ -30,7 +30,7 @@ def prepare(host: str, port: int, settings: Settings | None = None) -> tuple[Fas
     return create_app(settings, registry=registry), url
 
 
-def _ensure_local_token(registry: Registry, url: str) -> None:
+def _ensure_local_token(registry: AppContext, url: str) -> None:
     tokens = TokenService(registry)
     path = registry.settings.home / credentials.FILE_NAME
     existing = credentials.read(path).get(url)

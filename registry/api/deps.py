@@ -11,15 +11,15 @@ from starlette.concurrency import run_in_threadpool
 from loreg.registry.errors import RequestInvalidError, UnauthorizedError
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.blobs import BlobService
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.tokens import ANONYMOUS, Principal, TokenService, parse_token
 
 
-def get_registry(request: Request) -> Registry:
+def get_registry(request: Request) -> AppContext:
     return request.app.state.registry
 
 
-RegistryDep = Annotated[Registry, Depends(get_registry)]
+RegistryDep = Annotated[AppContext, Depends(get_registry)]
 
 
 def get_adapters(request: Request) -> AdapterService:
@@ -53,7 +53,7 @@ class Permission:
     ) -> Principal:
         if "token" in request.query_params or "access_token" in request.query_params:
             raise RequestInvalidError("tokens in the URL are refused; send Authorization: Bearer <token>")
-        registry: Registry = request.app.state.registry
+        registry: AppContext = request.app.state.registry
         headers = request.headers.getlist("authorization")
         if len(headers) > 1:
             raise RequestInvalidError("send one Authorization header", detail={"count": len(headers)})

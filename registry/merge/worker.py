@@ -25,7 +25,7 @@ from loreg.registry.db.models import BaseModelRow
 from loreg.registry.db.models import Export, ExportFile, ExportInput, Version, VersionFile
 from loreg.registry.errors import InternalError, MergeUnsupportedError
 from loreg.registry.formats import peft, safetensors, validate
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.exports import adopt_stored_result
 from loreg.registry.services.jobs import Claim, JobQueue, Lease, ResultFile, utcnow, work_loop
 
@@ -38,7 +38,7 @@ class ExportWorker:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: AppContext,
         *,
         owner: str | None = None,
         lease_s: float | None = None,

@@ -42,7 +42,7 @@ from loreg.registry.faults import crash_point
 from loreg.registry.formats import lora, names, peft, safetensors, values
 from loreg.registry.formats.fingerprint import manifest_digest
 from loreg.registry.services import resolve
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.views import (
     AdapterView,
     AliasEventView,
@@ -257,7 +257,7 @@ class _Checked:
 class AdapterService:
     """Use cases on adapters and their immutable versions. Each method owns its transaction."""
 
-    def __init__(self, registry: Registry, *, validator: Callable[..., Any] | None = None):
+    def __init__(self, registry: AppContext, *, validator: Callable[..., Any] | None = None):
         self.registry = registry
         # base-model validation hook: (session, config, header, facts, requested_base) -> (base_row, report)
         self.validator = validator

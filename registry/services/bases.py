@@ -23,7 +23,7 @@ from loreg.registry.errors import (
 )
 from loreg.registry.formats import fingerprint, names, peft, safetensors, validate
 from loreg.registry.services import resolve
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.views import BaseLayoutView, BaseRegistered, BaseView, StoredFile, base_label
 
 MAX_TENSORS = 200_000
@@ -57,7 +57,7 @@ def layout_of(row: BaseModelRow) -> validate.BaseLayout:
 class BaseService:
     """Base models: registered by an admin from a local checkpoint's headers (and optionally weights)."""
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: AppContext):
         self.registry = registry
 
     # --- register -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from loreg.registry.db.retry import in_transaction
 from loreg.registry.errors import BlobNotFoundError, ConflictError, TooLargeError, UnsupportedFormatError
 from loreg.registry.faults import crash_point
 from loreg.registry.formats import safetensors, values
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.storage.protocol import BlobStore, HashingReader, check_digest
 
 
@@ -87,7 +87,7 @@ class BlobService:
     adapter: their uploads are verified the same way and the base record's file list is their link.
     """
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: AppContext):
         self.registry = registry
 
     def missing(self, digests: Iterable[str], *, link: tuple[str, str] | None = None) -> list[str]:

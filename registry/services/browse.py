@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from loreg.registry.db.models import Adapter, Alias, AliasEvent, BaseName, Export, Version
 from loreg.registry.db.models import BaseModelRow
 from loreg.registry.services.adapters import AdapterService, visible
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.exports import ExportService
 from loreg.registry.services.tokens import Principal
 from loreg.registry.services.views import StoredFile
@@ -46,7 +46,7 @@ class AdapterStory:
 
 
 class BrowseService:
-    def __init__(self, registry: Registry, adapters: AdapterService, exports: ExportService):
+    def __init__(self, registry: AppContext, adapters: AdapterService, exports: ExportService):
         self.registry = registry
         self.adapters = adapters
         self.exports = exports

@@ -14,7 +14,9 @@ from loreg.registry.storage.factory import store_from_url
 
 
 @dataclass
-class Registry:
+class AppContext:
+    """What every service shares in one process: settings, the database engine and sessions, the blob store."""
+
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
@@ -27,7 +29,7 @@ class Registry:
             close_store()
 
 
-def open_registry(settings: Settings, *, store: BlobStore | None = None) -> Registry:
+def open_registry(settings: Settings, *, store: BlobStore | None = None) -> AppContext:
     engine = make_engine(settings.effective_database_url)
     if store is None:
         store = store_from_url(
@@ -35,4 +37,4 @@ def open_registry(settings: Settings, *, store: BlobStore | None = None) -> Regi
             s3_endpoint_url=settings.s3_endpoint_url,
             s3_region=settings.s3_region,
         )
-    return Registry(settings=settings, engine=engine, sessions=make_session_factory(engine), store=store)
+    return AppContext(settings=settings, engine=engine, sessions=make_session_factory(engine), store=store)

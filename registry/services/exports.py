@@ -41,7 +41,7 @@ from loreg.registry.formats import fingerprint, names
 from loreg.registry.services import jobs, resolve
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.bases import BaseService
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.tokens import ANONYMOUS, Principal
 from loreg.registry.services.views import BaseRefView, StoredFile, base_ref
 from loreg.registry.version import loreg_version
@@ -166,7 +166,7 @@ class ExportService:
     """Queue merges and read their state and results; workers (merge/worker.py) do the merging and
     the job queue (services/jobs.py) owns every transition of the job."""
 
-    def __init__(self, registry: Registry, adapters: AdapterService, bases: BaseService):
+    def __init__(self, registry: AppContext, adapters: AdapterService, bases: BaseService):
         self.registry = registry
         self.adapters = adapters
         self.bases = bases

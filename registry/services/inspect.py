@@ -18,7 +18,7 @@ from loreg.registry.db.models import BaseModelRow
 from loreg.registry.errors import MergeUnsupportedError
 from loreg.registry.formats import lora, peft, safetensors
 from loreg.registry.services import resolve
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 
 MAX_FACTOR_BYTES = 512 << 20  # one A or B read at a time; adapters are small next to this
 NORM_CHUNK = 8 << 20
@@ -58,7 +58,7 @@ def effective_ranks(sv: np.ndarray) -> tuple[int, float]:
 
 
 class InspectService:
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: AppContext):
         self.registry = registry
 
     def inspect(self, namespace: str, name: str, tag: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from loreg.registry.db.retry import in_transaction
 from loreg.registry.errors import InternalError, LoregError
 from loreg.registry.services.blobs import register_blob
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 
 log = logging.getLogger("loreg.worker")
 R = TypeVar("R")
@@ -114,7 +114,7 @@ def retry(row: JobRow) -> None:
 class JobQueue:
     """The transitions of one kind of job, stored in ``model``'s table."""
 
-    def __init__(self, registry: Registry, model: type[Any], *, clock: Callable[[], datetime] = utcnow):
+    def __init__(self, registry: AppContext, model: type[Any], *, clock: Callable[[], datetime] = utcnow):
         self.registry = registry
         self.model = model
         self.clock = clock

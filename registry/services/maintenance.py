@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from loreg.registry.db.models import BaseModelRow
 from loreg.registry.db.models import AdapterBlob, Blob, ExportFile, VersionFile
 from loreg.registry.errors import BlobNotFoundError
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 
 log = logging.getLogger("loreg.gc")
 HASH_CHUNK = 8 << 20
@@ -65,7 +65,7 @@ class FsckReport:
 
 
 class MaintenanceService:
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: AppContext):
         self.registry = registry
 
     def _base_digests(self, session: Any) -> set[str]:

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from loreg.registry.db.models import Token
 from loreg.registry.errors import DeniedError, RequestInvalidError, TokenNotFoundError, UnauthorizedError
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 
 PREFIX = "loreg_"
 ALPHABET = string.ascii_letters + string.digits
@@ -105,7 +105,7 @@ ANONYMOUS = Principal(token_id="anonymous", scope="read", namespaces=())
 
 
 class TokenService:
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: AppContext):
         self.registry = registry
 
     def create(

@@ -17,7 +17,7 @@ import pytest
 
 from loreg.cli.client import RegistryClient
 from loreg.registry import errors
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.maintenance import MaintenanceService
 from tests.faults.conftest import assert_pullable, blob_rows, set_last_seen, sha256, tree, versions
 from tests.support.adapters import variant
@@ -27,7 +27,7 @@ from tests.support.server import env_with, loreg
 WEIGHTS = "adapter_model.safetensors"
 
 
-def flip_one_byte(registry: Registry, digest: str) -> None:
+def flip_one_byte(registry: AppContext, digest: str) -> None:
     """Damage the stored object behind the registry's back (same size, one byte differs)."""
     store: Any = registry.store
     with store.open(digest) as f:
@@ -50,7 +50,7 @@ def server_env(settings: Any, **more: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_flipped_byte_is_refused_by_pull_and_reported_by_fsck(
-    live_server: str, admin_token: str, registry: Registry, settings: Any, adapter_dir: Path, tmp_path: Path
+    live_server: str, admin_token: str, registry: AppContext, settings: Any, adapter_dir: Path, tmp_path: Path
 ) -> None:
     with RegistryClient(live_server, admin_token) as c:
         pushed = c.push(adapter_dir, "org/rot")
@@ -88,7 +88,7 @@ PUSHES = 10
 
 @pytest.mark.slow
 def test_online_gc_while_pushing_keeps_every_acknowledged_version(
-    live_server: str, admin_token: str, registry: Registry, adapter_dir: Path, tmp_path: Path
+    live_server: str, admin_token: str, registry: AppContext, adapter_dir: Path, tmp_path: Path
 ) -> None:
     """GC (default grace) runs in a loop while 10 pushes run. The pushes share files with blobs that
     are old enough for GC to take (an earlier push that never committed): a push that reports them
@@ -171,7 +171,7 @@ HOLD_S = 3.0  # how long GC's delete waits for the push to get ahead (only a cor
 
 
 def race_gc_with_a_push(
-    live_server: str, token: str, app: Any, registry: Registry, folder: Path, digest: str, monkeypatch: Any, **gc: Any
+    live_server: str, token: str, app: Any, registry: AppContext, folder: Path, digest: str, monkeypatch: Any, **gc: Any
 ) -> None:
     """The worst interleaving, made deterministic with hooks: GC has decided to delete blob
     ``digest``; just before it deletes the object, a push of ``folder`` uploads those bytes again
@@ -229,7 +229,7 @@ def race_gc_with_a_push(
 
 @pytest.mark.slow
 def test_gc_racing_a_push_that_uploads_an_old_blob_again(
-    live_server: str, admin_token: str, app: Any, registry: Registry, adapter_dir: Path,
+    live_server: str, admin_token: str, app: Any, registry: AppContext, adapter_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An unreferenced blob unseen for a month (a push that never committed); GC takes it."""
@@ -243,7 +243,7 @@ def test_gc_racing_a_push_that_uploads_an_old_blob_again(
 
 @pytest.mark.slow
 def test_gc_racing_a_push_that_uploads_a_stray_object_again(
-    live_server: str, admin_token: str, app: Any, registry: Registry, adapter_dir: Path,
+    live_server: str, admin_token: str, app: Any, registry: AppContext, adapter_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An object with no row (a server crashed after writing it, F2); GC past the grace period takes it."""

@@ -21,7 +21,7 @@ from loreg.cli.client import RegistryClient
 from loreg.registry import errors
 from loreg.registry.app import create_app
 from loreg.registry.db.session import make_engine, make_session_factory
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.tokens import TokenService
 from tests.faults.conftest import POSTGRES_ONLY, MiB, assert_pullable, blob_rows, sha256, tree, versions
 from tests.support.adapters import variant
@@ -52,7 +52,7 @@ def fill_pool(api: Any, name: str, width: int = 4) -> None:
 
 
 def test_fast_restart_while_idle_loses_no_request_with_pool_pre_ping(
-    api: Any, client: RegistryClient, registry: Registry, pg_server: PgServer, adapter_dir: Path
+    api: Any, client: RegistryClient, registry: AppContext, pg_server: PgServer, adapter_dir: Path
 ) -> None:
     """F4: pool_pre_ping replaces the connections the restart killed before any request uses them."""
     client.push(adapter_dir, "org/pg")
@@ -65,7 +65,7 @@ def test_fast_restart_while_idle_loses_no_request_with_pool_pre_ping(
 
 
 def test_without_pool_pre_ping_a_restart_costs_requests_but_never_a_500(
-    settings: Any, registry: Registry, pg_server: PgServer, tiny_llama: dict[str, Path], adapter_dir: Path
+    settings: Any, registry: AppContext, pg_server: PgServer, tiny_llama: dict[str, Path], adapter_dir: Path
 ) -> None:
     """F4 control run: without pool_pre_ping each dead pooled connection may fail one request, with a
     503 (retry), never a 500; then the pool recovers. This is why make_engine turns it on."""
@@ -96,7 +96,7 @@ def test_without_pool_pre_ping_a_restart_costs_requests_but_never_a_500(
     assert statuses[first_ok:] == [200] * (20 - first_ok), statuses  # recovered for good
 
 
-def durable_commits(pg_server: PgServer, registry: Registry) -> None:
+def durable_commits(pg_server: PgServer, registry: AppContext) -> None:
     """The test cluster runs with synchronous_commit=off (speed), so an immediate stop, a crash,
     may lose the last commits. Turn it back on (the Postgres default) for this test's database,
     so "acknowledged = durable" (I5) is tested as in production; pooled connections reconnect."""
@@ -106,7 +106,7 @@ def durable_commits(pg_server: PgServer, registry: Registry) -> None:
 
 
 def test_postgres_down_mid_push_is_503_not_500_and_a_retry_succeeds(
-    live_server: str, admin_token: str, registry: Registry, pg_server: PgServer, adapter_dir: Path, tmp_path: Path
+    live_server: str, admin_token: str, registry: AppContext, pg_server: PgServer, adapter_dir: Path, tmp_path: Path
 ) -> None:
     """F5: `pg_ctl stop -m immediate` while an upload streams; 503 DB_UNAVAILABLE everywhere until
     Postgres is back; no version; the retry succeeds."""

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from tests.faults.conftest import MiB, blob_rows, sha256, staging_leftovers, versions
 from tests.support.server import poll_until
 
@@ -44,7 +44,7 @@ def hang_up_mid_upload(url: str, token: str, data: bytes, sent: int) -> None:
 
 
 def test_clients_closing_mid_upload_leak_nothing(
-    live_server: str, admin_token: str, registry: Registry, backend: str
+    live_server: str, admin_token: str, registry: AppContext, backend: str
 ) -> None:
     # S3 buffers two 8 MiB parts before it starts a multipart upload: every 5th client sends past
     # that point, so aborting an open multipart upload is exercised too (the rest stop earlier)

@@ -18,7 +18,7 @@ import pytest
 
 from loreg.cli.client import RegistryClient
 from loreg.registry.db.models import Export, ExportFile
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from loreg.registry.services.maintenance import MaintenanceService
 from tests import factories
 from tests.faults.conftest import SQLITE_ONLY, blob_rows, set_last_seen, sha256, staging_leftovers
@@ -35,7 +35,7 @@ def put(api: Any, data: bytes) -> str:
     return digest
 
 
-def add_export(registry: Registry, base_id: int, digest: str, size: int) -> None:
+def add_export(registry: AppContext, base_id: int, digest: str, size: int) -> None:
     """An export result referencing ``digest`` (rows only: no merge needed to test GC)."""
     with registry.sessions.begin() as session:
         export = Export(id=uuid.uuid4().hex, request_digest=sha256(os.urandom(8)),
@@ -46,7 +46,7 @@ def add_export(registry: Registry, base_id: int, digest: str, size: int) -> None
         session.add(ExportFile(export_id=export.id, path="model.safetensors", size=size, digest=digest))
 
 
-def base_id(registry: Registry) -> int:
+def base_id(registry: AppContext) -> int:
     from sqlalchemy import text
 
     with registry.engine.connect() as conn:
@@ -54,7 +54,7 @@ def base_id(registry: Registry) -> int:
 
 
 def test_gc_takes_only_unreferenced_blobs_unseen_for_the_grace_period(
-    api: Any, bare_client: RegistryClient, registry: Registry, adapter_dir: Path, tiny_llama: dict[str, Path]
+    api: Any, bare_client: RegistryClient, registry: AppContext, adapter_dir: Path, tiny_llama: dict[str, Path]
 ) -> None:
     base = bare_client.register_base(tiny_llama["base"], factories.base_name("llama"), upload_weights=True)
     pushed = bare_client.push(adapter_dir, "org/gc")
@@ -105,7 +105,7 @@ def _stream(data: bytes) -> Any:
 
 
 @SQLITE_ONLY
-def test_gc_removes_staging_files_older_than_the_grace_period(registry: Registry) -> None:
+def test_gc_removes_staging_files_older_than_the_grace_period(registry: AppContext) -> None:
     uploads = registry.store.root / "uploads"  # type: ignore[attr-defined]
     uploads.mkdir(parents=True, exist_ok=True)
     old, new = uploads / uuid.uuid4().hex, uploads / uuid.uuid4().hex
@@ -119,7 +119,7 @@ def test_gc_removes_staging_files_older_than_the_grace_period(registry: Registry
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-def test_gc_aborts_multipart_uploads_older_than_the_grace_period(registry: Registry) -> None:
+def test_gc_aborts_multipart_uploads_older_than_the_grace_period(registry: AppContext) -> None:
     store: Any = registry.store
     key = store._key(sha256(b"never finished"))
     store._client.create_multipart_upload(Bucket=store.bucket, Key=key)
@@ -134,7 +134,7 @@ def test_gc_aborts_multipart_uploads_older_than_the_grace_period(registry: Regis
 
 @pytest.mark.slow
 @SQLITE_ONLY
-def test_loreg_gc_dry_run_deletes_nothing(api: Any, registry: Registry, settings: Any, tmp_path: Path) -> None:
+def test_loreg_gc_dry_run_deletes_nothing(api: Any, registry: AppContext, settings: Any, tmp_path: Path) -> None:
     orphan = put(api, b'{"orphan": 1}' + os.urandom(64))
     env = env_with(LOREG_HOME=str(settings.home), LOREG_DATABASE_URL=settings.database_url,
                    LOREG_STORAGE_URL=settings.storage_url)

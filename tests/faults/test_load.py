@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from loreg.cli.client import RegistryClient
-from loreg.registry.services.context import Registry
+from loreg.registry.services.context import AppContext
 from tests import factories
 from tests.faults.conftest import (
     POSTGRES_ONLY,
@@ -69,7 +69,7 @@ def push_many(url: str, token: str, folders: list[Path], name: str) -> list[Any]
     return at_once(len(folders), work)
 
 
-def assert_distinct_versions(registry: Registry, name: str, results: list[Any]) -> None:
+def assert_distinct_versions(registry: AppContext, name: str, results: list[Any]) -> None:
     failures = [r for r in results if isinstance(r, BaseException)]
     assert not failures, failures[:3]  # 0 x 5xx, 0 x "database is locked", 0 x conflicts
     assert all(r["created"] for r in results)
@@ -85,7 +85,7 @@ CONCURRENT = 50
 
 @POSTGRES_ONLY
 def test_l1_fifty_concurrent_pushes_to_one_name_on_postgres(
-    live_server: str, admin_token: str, registry: Registry, adapter_dir: Path, tmp_path: Path
+    live_server: str, admin_token: str, registry: AppContext, adapter_dir: Path, tmp_path: Path
 ) -> None:
     folders = [variant(adapter_dir, tmp_path / f"v{i}", seed=i) for i in range(CONCURRENT)]
     results = push_many(live_server, admin_token, folders, "org/l1")
@@ -94,7 +94,7 @@ def test_l1_fifty_concurrent_pushes_to_one_name_on_postgres(
 
 @SQLITE_ONLY
 def test_l2_fifty_concurrent_pushes_to_one_name_on_sqlite_three_times(
-    live_server: str, admin_token: str, registry: Registry, adapter_dir: Path, tmp_path: Path
+    live_server: str, admin_token: str, registry: AppContext, adapter_dir: Path, tmp_path: Path
 ) -> None:
     for round_ in range(3):
         folders = [variant(adapter_dir, tmp_path / f"r{round_}-v{i}", seed=1000 * round_ + i) for i in range(CONCURRENT)]
@@ -103,7 +103,7 @@ def test_l2_fifty_concurrent_pushes_to_one_name_on_sqlite_three_times(
 
 
 def test_l3_twenty_identical_pushes_make_one_version(
-    live_server: str, admin_token: str, registry: Registry, adapter_dir: Path
+    live_server: str, admin_token: str, registry: AppContext, adapter_dir: Path
 ) -> None:
     results = push_many(live_server, admin_token, [adapter_dir] * 20, "org/l3")
     failures = [r for r in results if isinstance(r, BaseException)]
@@ -237,7 +237,7 @@ def _complete(answer: bytes) -> bool:
 
 @SQLITE_ONLY
 def test_l5_chunked_body_over_the_limit_is_413_before_it_is_read(
-    live_server: str, admin_token: str, registry: Registry
+    live_server: str, admin_token: str, registry: AppContext
 ) -> None:
     registry.settings.max_file_size = LIMIT
     at_limit = b'{"x": "' + bytes(LIMIT - 7)

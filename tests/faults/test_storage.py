@@ -24,7 +24,7 @@ import pytest
 from loreg.cli.client import RegistryClient
 from loreg.registry import errors
 from loreg.registry.app import create_app
-from loreg.registry.services.context import Registry, open_registry
+from loreg.registry.services.context import AppContext, open_registry
 from loreg.registry.services.maintenance import MaintenanceService
 from loreg.registry.services.tokens import TokenService
 from loreg.registry.storage.s3 import S3BlobStore
@@ -55,7 +55,7 @@ def payload(size: int) -> bytes:
 
 @dataclass
 class Proxied:
-    registry: Registry  # the server's: its S3 endpoint is the proxy
+    registry: AppContext  # the server's: its S3 endpoint is the proxy
     direct: S3BlobStore  # the same bucket straight on moto, to look behind the server's back
     proxy: TcpProxy
     url: str
@@ -222,7 +222,7 @@ def test_s3_slower_than_its_timeout_is_504_with_nothing_stored(
 
 @SQLITE_ONLY
 def test_disk_full_is_507_removes_the_staging_file_and_reads_go_on(
-    client: RegistryClient, api: Any, registry: Registry, adapter_dir: Path, tmp_path: Path,
+    client: RegistryClient, api: Any, registry: AppContext, adapter_dir: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from loreg.registry.storage import local
