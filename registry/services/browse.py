@@ -11,7 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import func, select
 
-from loreg.registry.db.models import Adapter, Alias, AliasEvent, BaseName, Export, Version
+from loreg.registry.db.models import Adapter, Alias, AliasEvent, BaseName, Version
 from loreg.registry.db.models import BaseModelRow
 from loreg.registry.services.adapters import AdapterService, visible
 from loreg.registry.services.context import AppContext

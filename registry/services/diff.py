@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -25,10 +24,10 @@ from sqlalchemy import select
 from loreg.registry.db.models import Adapter, VersionFile
 from loreg.registry.db.models import BaseModelRow
 from loreg.registry.errors import BaseMismatchError, ShapeMismatchError
-from loreg.registry.formats import lora, names, peft, safetensors
+from loreg.registry.formats import names, peft
 from loreg.registry.services import resolve
 from loreg.registry.services.adapters import AdapterService
-from loreg.registry.services.inspect import MAX_FACTOR_BYTES, to_float32
+from loreg.registry.services.inspect import read_factors
 from loreg.registry.services.tokens import Principal
 
 
@@ -219,41 +218,12 @@ def _load(adapters: AdapterService, ref: names.Reference) -> _Loaded:
         layer_types = dict((version.base_mapping or {}).get("layer_types", {}))
         base_id, digest, size = version.base_model_id, st.digest, st.size
     config = peft.parse_adapter_config(json.dumps(config_raw).encode(), max_size=1 << 22)
-    store = registry.store
-
-    def read(start: int, end: int) -> bytes:
-        return store.read_range(digest, start, end)
-
-    header = safetensors.read_header(read, size, max_header_size=registry.settings.max_header_size)
-    pairs: dict[str, dict[str, Any]] = {}
-    magnitudes: set[str] = set()
-    for key, info in header.tensors.items():
-        try:
-            tk = lora.parse_tensor_key(key)
-        except lora.TensorKeyError:  # validated at push; anything else is not a LoRA factor
-            continue
-        if tk.kind in (lora.LORA_A, lora.EMBEDDING_A):
-            pairs.setdefault(tk.module, {})["A"] = info
-        elif tk.kind in (lora.LORA_B, lora.EMBEDDING_B):
-            pairs.setdefault(tk.module, {})["B"] = info
-        elif tk.kind == lora.MAGNITUDE:
-            magnitudes.add(tk.module)
-    factors: dict[str, tuple[np.ndarray, np.ndarray, float, bool]] = {}
-    skipped = []
-    for module, pair in sorted(pairs.items()):
-        if "A" not in pair or "B" not in pair:
-            continue
-        a_info, b_info = pair["A"], pair["B"]
-        if max(a_info.nbytes, b_info.nbytes) > MAX_FACTOR_BYTES:
-            skipped.append(module)
-            continue
-        off = header.data_offset
-        a = to_float32(read(off + a_info.start, off + a_info.end), a_info.dtype, a_info.shape)
-        b = to_float32(read(off + b_info.start, off + b_info.end), b_info.dtype, b_info.shape)
-        r = a.shape[0]
-        factors[module] = (a.reshape(r, -1), b.reshape(b.shape[0], -1), config.scaling_for(module), module in magnitudes)
-    dora = bool(config.raw.get("use_dora")) or bool(magnitudes)
-    return _Loaded(side, base_id, factors, layer_types, skipped, dora)
+    stored = read_factors(registry.store, digest, size, max_header_size=registry.settings.max_header_size)
+    factors = {
+        module: (a, b, config.scaling_for(module), module in stored.dora) for module, (a, b) in stored.pairs.items()
+    }
+    dora = bool(config.raw.get("use_dora")) or bool(stored.dora)
+    return _Loaded(side, base_id, factors, layer_types, stored.skipped, dora)
 
 
 def _base_match(one: _Loaded, two: _Loaded) -> str:

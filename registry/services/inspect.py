@@ -8,6 +8,7 @@ stored, ||ΔW||_F / ||W||_F is added (W streamed once from the store, in chunks)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,52 @@ def effective_ranks(sv: np.ndarray) -> tuple[int, float]:
     return count, math.exp(entropy)
 
 
+@dataclass(frozen=True)
+class StoredFactors:
+    """The LoRA factors of one stored adapter file, flattened: A [r, in·k], B [out, r] per module."""
+
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]]
+    dora: set[str]  # modules with a DoRA magnitude
+    skipped: list[str]  # modules whose factors exceed MAX_FACTOR_BYTES (not read)
+
+
+def read_factors(store: Any, digest: str, size: int, *, max_header_size: int) -> StoredFactors:
+    """Read every module's A and B of the adapter file ``digest`` (header-bounded reads, one factor
+    at a time). Keys that are not LoRA factors were validated at push and are passed over here."""
+
+    def read(start: int, end: int) -> bytes:
+        return store.read_range(digest, start, end)
+
+    header = safetensors.read_header(read, size, max_header_size=max_header_size)
+    infos: dict[str, dict[str, Any]] = {}
+    dora: set[str] = set()
+    for key, info in header.tensors.items():
+        try:
+            tk = lora.parse_tensor_key(key)
+        except lora.TensorKeyError:
+            continue
+        if tk.kind in (lora.LORA_A, lora.EMBEDDING_A):
+            infos.setdefault(tk.module, {})["A"] = info
+        elif tk.kind in (lora.LORA_B, lora.EMBEDDING_B):
+            infos.setdefault(tk.module, {})["B"] = info
+        elif tk.kind == lora.MAGNITUDE:
+            dora.add(tk.module)
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    skipped: list[str] = []
+    off = header.data_offset
+    for module, pair in sorted(infos.items()):
+        if "A" not in pair or "B" not in pair:
+            continue
+        a_info, b_info = pair["A"], pair["B"]
+        if max(a_info.nbytes, b_info.nbytes) > MAX_FACTOR_BYTES:
+            skipped.append(module)
+            continue
+        a = to_float32(read(off + a_info.start, off + a_info.end), a_info.dtype, a_info.shape)
+        b = to_float32(read(off + b_info.start, off + b_info.end), b_info.dtype, b_info.shape)
+        pairs[module] = (a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+    return StoredFactors(pairs, dora, skipped)
+
+
 class InspectService:
     def __init__(self, registry: AppContext):
         self.registry = registry
@@ -79,35 +126,13 @@ class InspectService:
         import json
 
         config = peft.parse_adapter_config(json.dumps(config_raw).encode(), max_size=1 << 22)
-        store = self.registry.store
         st = files["adapter_model.safetensors"]
-
-        def read(s: int, e: int) -> bytes:
-            return store.read_range(st.digest, s, e)
-
-        header = safetensors.read_header(read, st.size, max_header_size=self.registry.settings.max_header_size)
-        pairs: dict[str, dict[str, Any]] = {}
-        for key, info in header.tensors.items():
-            try:
-                tk = lora.parse_tensor_key(key)
-            except lora.TensorKeyError:  # validated at push; anything else is not a LoRA factor
-                continue
-            if tk.kind in (lora.LORA_A, lora.EMBEDDING_A):
-                pairs.setdefault(tk.module, {})["A"] = info
-            elif tk.kind in (lora.LORA_B, lora.EMBEDDING_B):
-                pairs.setdefault(tk.module, {})["B"] = info
+        stored = read_factors(
+            self.registry.store, st.digest, st.size, max_header_size=self.registry.settings.max_header_size
+        )
         modules = []
-        for module, pair in sorted(pairs.items()):
-            if "A" not in pair or "B" not in pair:
-                continue
-            a_info, b_info = pair["A"], pair["B"]
-            if max(a_info.nbytes, b_info.nbytes) > MAX_FACTOR_BYTES:
-                continue
-            a = to_float32(read(header.data_offset + a_info.start, header.data_offset + a_info.end), a_info.dtype, a_info.shape)
-            b = to_float32(read(header.data_offset + b_info.start, header.data_offset + b_info.end), b_info.dtype, b_info.shape)
-            r = a.shape[0]
-            a2 = a.reshape(r, -1)
-            b2 = b.reshape(b.shape[0], -1)
+        for module, (a2, b2) in stored.pairs.items():
+            r = a2.shape[0]
             scale = config.scaling_for(module)
             sv = core_singular_values(a2, b2, scale)
             norm = float(np.sqrt((sv**2).sum()))

@@ -10,7 +10,6 @@ from loreg.registry.api.schemas import ExportCreate, ExportList, ExportPublic
 from loreg.registry.api.streaming import verified_download
 from loreg.registry.formats import names
 from loreg.registry.services.exports import ExportService, WeightedRef
-from loreg.registry.services.tokens import Principal
 
 router = APIRouter(tags=["exports"])
 
