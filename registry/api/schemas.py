@@ -158,6 +158,7 @@ class VersionPublic(Response):
     metrics_history: list[MetricPublic]
     aliases: list[str]
     base: BaseRef | None
+    made_by: dict[str, Any] | None = None  # lineage: {"kind": "combination", id, method, params, inputs}
     created: bool = False
 
 
@@ -333,6 +334,52 @@ class ExportPublic(Response):
 
 class ExportList(Response):
     items: list[ExportPublic]
+
+
+class CombinationInputCreate(StrictRequest):
+    ref: str = Field(min_length=3, max_length=300)
+    # inf and NaN pass here so that every bad weight gets the combination's own refusal (COMBINATION_INVALID)
+    weight: float = Field(default=1.0, allow_inf_nan=True)
+
+
+class CombinationCreate(StrictRequest):
+    inputs: list[CombinationInputCreate] = Field(min_length=1, max_length=16)
+    method: str = Field(max_length=32)
+    density: float | None = None
+    majority_sign_method: str | None = Field(default=None, max_length=16)
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    seed: int | None = None
+    to: str = Field(min_length=3, max_length=160)
+    aliases: list[Annotated[str, Field(max_length=64)]] = Field(default=[], max_length=16)
+
+
+class CombinationInputPublic(Response):
+    name: str
+    version: int
+    digest: str
+    weight: float
+
+
+class CombinationPublic(Response):
+    id: str
+    state: Literal["queued", "running", "done", "failed"]
+    request_digest: str
+    method: str
+    params: dict[str, Any]
+    inputs: list[CombinationInputPublic]
+    to: str
+    aliases: list[str]
+    base: BaseRef | None
+    version: int | None
+    progress: dict[str, Any]
+    error: dict[str, Any] | None
+    device: str | None
+    attempts: int
+    loreg_version: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
 
 
 # --- diff ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -78,18 +79,7 @@ class ExportWorker:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _local(self, digest: str, size: int, scratch: Path, name: str) -> Path:
-        """A local path to a blob: the store's own file when it has one, else a verified download."""
-        store = self.registry.store
-        local = store.local_path(digest)
-        if local is not None:
-            return Path(local)
-        dest = scratch / "in" / digest.removeprefix("sha256:")[:16] / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with store.open(digest) as src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, COPY_CHUNK)
-        if dest.stat().st_size != size:
-            raise InternalError(f"download of {name} is short")
-        return dest
+        return local_blob(self.registry, digest, size, scratch, name)
 
     def _merge(self, claim: Claim, scratch: Path, lease: Lease) -> tuple[list[ResultFile], str]:
         from loreg.registry.merge import engine
@@ -166,6 +156,45 @@ class ExportWorker:
             else:
                 files.append(ResultFile(name, f["size"], f["digest"]))
         return files, device
+
+
+def local_blob(registry: AppContext, digest: str, size: int, scratch: Path, name: str) -> Path:
+    """A local path to a blob: the store's own file when it has one, else a verified download."""
+    store = registry.store
+    local = store.local_path(digest)
+    if local is not None:
+        return Path(local)
+    dest = scratch / "in" / digest.removeprefix("sha256:")[:16] / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with store.open(digest) as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out, COPY_CHUNK)
+    if dest.stat().st_size != size:
+        raise InternalError(f"download of {name} is short")
+    return dest
+
+
+class JobWorker:
+    """One worker for every kind of job (exports, combinations): each look at the queues starts with
+    the kind after the one that ran last, so neither kind waits behind a stream of the other."""
+
+    def __init__(self, registry: AppContext, *, device: str | None = None, **kw: Any):
+        from loreg.registry.merge.combine_worker import CombinationWorker
+
+        self.kinds: list[Any] = [ExportWorker(registry, device=device, **kw), CombinationWorker(registry, device=device, **kw)]
+        self.owner = self.kinds[0].owner
+        self.next = 0
+
+    def run_once(self) -> str | None:
+        for k in range(len(self.kinds)):
+            n = (self.next + k) % len(self.kinds)
+            ran = self.kinds[n].run_once()
+            if ran is not None:
+                self.next = n + 1
+                return ran
+        return None
+
+    def run_forever(self, stop: threading.Event, wake: threading.Event | None = None, poll_s: float = 2.0) -> None:
+        work_loop(self, stop, wake, poll_s)
 
 
 def resolve_device(device: str) -> str:
