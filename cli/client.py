@@ -743,9 +743,12 @@ class RegistryClient:
         on_state: Callable[[dict[str, Any]], None] | None = None,
         progress: Progress | None = None,
         link: bool = False,
+        combination: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Ask the server to merge ``refs`` (weighted) into their base, wait, and download the result.
 
+        ``combination``: ``{"method": ..., "density": ..., ...}`` (the parameters of ``combine``): the
+        adapters are combined with that method first; default the weighted sum of their changes.
         An identical request is answered from the stored result. Files are copied out of the
         local cache (``link``: hard-linked, see ``pull``). Returns the export (the server's JSON)
         plus ``path`` and ``bytes_downloaded``.
@@ -762,6 +765,7 @@ class RegistryClient:
         body: dict[str, Any] = {"adapters": [{"ref": r, "weight": float(w)} for r, w in zip(refs, weights)], "dtype": dtype}
         if base is not None:
             body["base"] = base
+        body.update({k: v for k, v in (combination or {}).items() if v is not None})
         job = self.request("POST", "/v1/exports", json=body).json()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while job["state"] in ("queued", "running"):

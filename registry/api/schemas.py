@@ -305,6 +305,14 @@ class ExportCreate(StrictRequest):
     adapters: list[ExportAdapter] = Field(min_length=1, max_length=16)
     base: str | None = Field(default=None, max_length=300)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # a combination method (POST /v1/combinations' methods) applied before the merge; "linear_delta" (the
+    # default): the weighted sum of the adapters' changes
+    method: str = Field(default="linear_delta", max_length=32)
+    density: float | None = None
+    majority_sign_method: str | None = Field(default=None, max_length=16)
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    seed: int | None = None
 
 
 class ExportInputPublic(Response):
@@ -321,6 +329,7 @@ class ExportPublic(Response):
     base: BaseRef
     adapters: list[ExportInputPublic]
     dtype: str
+    combination: dict[str, Any] | None = None  # {method, params} when the adapters were combined first
     progress: dict[str, Any]
     error: dict[str, Any] | None
     files: list[FilePublic]

@@ -100,8 +100,9 @@ class ExportWorker:
                     f.path: {"size": f.size, "digest": f.digest}
                     for f in session.scalars(select(VersionFile).where(VersionFile.version_id == i.version_id))
                 }
-                inputs.append((vfiles, i.weight))
+                inputs.append((vfiles, i.weight, i.name or i.manifest_digest))
             dtype = job.dtype
+            combination = (job.request or {}).get("combine")
         shard_names = list(dict.fromkeys(t[3] for t in base_tensors))
         shards = []
         headers = []
@@ -112,14 +113,7 @@ class ExportWorker:
             headers.append(header)
             shards.append(engine.BaseShard(name=name, path=path, header=header))
         layout = validate.base_layout_from_headers(headers, base_config)
-        adapters = []
-        for n, (vfiles, weight) in enumerate(inputs):
-            cfg_entry, st_entry = vfiles["adapter_config.json"], vfiles["adapter_model.safetensors"]
-            config = peft.parse_adapter_config(self.registry.store.read_range(cfg_entry["digest"], 0, cfg_entry["size"]))
-            st_path = self._local(st_entry["digest"], st_entry["size"], scratch, f"adapter-{n}.safetensors")
-            header = safetensors.read_header_from_file(st_path)
-            report = validate.validate_adapter(config, header, layout)
-            adapters.append(engine.AdapterInput(config=config, header=header, path=st_path, report=report, weight=weight))
+        adapters = self._adapters(inputs, layout, scratch, combination)
         out_dir = scratch / "out"
         out_dir.mkdir()
 
@@ -156,6 +150,38 @@ class ExportWorker:
             else:
                 files.append(ResultFile(name, f["size"], f["digest"]))
         return files, device
+
+
+    def _adapters(self, inputs: list[Any], layout: Any, scratch: Path, combination: dict[str, Any] | None) -> list[Any]:
+        """The engine's adapter inputs: the versions with their weights, or their combination (weight 1)."""
+        from loreg.registry.merge import combine, engine
+
+        store = self.registry.store
+        folders = []
+        for n, (vfiles, weight, name) in enumerate(inputs):
+            cfg_entry, st_entry = vfiles["adapter_config.json"], vfiles["adapter_model.safetensors"]
+            config = peft.parse_adapter_config(store.read_range(cfg_entry["digest"], 0, cfg_entry["size"]))
+            st_path = self._local(st_entry["digest"], st_entry["size"], scratch, f"adapter-{n}.safetensors")
+            folders.append((config, st_path, weight, name))
+        if combination is not None:  # combined first, then merged as one adapter of weight 1
+            combined = []
+            for n, (config, st_path, _, name) in enumerate(folders):
+                folder = scratch / f"combine-in-{n}"
+                folder.mkdir()
+                (folder / combine.ADAPTER_FILE).symlink_to(st_path)
+                combined.append(combine.CombineInput(name=name, folder=folder, config=config))
+            params = combine.CombineParams(combination["method"], tuple(w for _, _, w, _ in folders),
+                                           **combination["params"])
+            out = scratch / "combined"
+            combine.combine_to_dir(combined, params, out, device=resolve_device(self.device))
+            config = peft.parse_adapter_config((out / combine.CONFIG_FILE).read_bytes())
+            folders = [(config, out / combine.ADAPTER_FILE, 1.0, "combination")]
+        adapters = []
+        for config, st_path, weight, _ in folders:
+            header = safetensors.read_header_from_file(st_path)
+            report = validate.validate_adapter(config, header, layout)
+            adapters.append(engine.AdapterInput(config=config, header=header, path=st_path, report=report, weight=weight))
+        return adapters
 
 
 def local_blob(registry: AppContext, digest: str, size: int, scratch: Path, name: str) -> Path:

@@ -93,6 +93,22 @@ def lineage(row: Combination) -> dict[str, Any]:
     }
 
 
+def plan_stored(
+    registry: AppContext, labels: list[str], files: list[tuple[str, int, str, int]], params: combine.CombineParams
+) -> None:
+    """Run the combination's planning on stored versions' headers and configs (``files``: config digest and
+    size, safetensors digest and size, per input): every refusal before anything is stored."""
+    store, settings = registry.store, registry.settings
+    inputs, headers = [], []
+    for label, (cfg_digest, cfg_size, st_digest, st_size) in zip(labels, files):
+        config = peft.parse_adapter_config(store.read_range(cfg_digest, 0, cfg_size), max_size=settings.max_config_size)
+        headers.append(safetensors.read_header(
+            lambda s, e, d=st_digest: store.read_range(d, s, e), st_size, max_header_size=settings.max_header_size
+        ))
+        inputs.append(combine.CombineInput(name=label, folder=None, config=config))  # type: ignore[arg-type]
+    combine.plan_combination(inputs, params, headers)
+
+
 def split_name(name: str) -> tuple[str, int]:
     full, _, number = name.rpartition(":")
     return full, int(number)
@@ -147,7 +163,7 @@ class CombinationService:
             rows = [(v.id, label, v.manifest_digest) for v, label in zip(versions, labels)]
             file_refs = [(f["adapter_config.json"], f["adapter_model.safetensors"]) for f in files]
             base_id, weights_digest = base.id, base.weights_digest
-        self._plan(labels, [(c.digest, c.size, st.digest, st.size) for c, st in file_refs], checked)
+        plan_stored(self.registry, labels, [(c.digest, c.size, st.digest, st.size) for c, st in file_refs], checked)
         out = [(vid, label, md, w) for (vid, label, md), w in zip(rows, checked.weights)]
         canonical = {
             "format": COMBINATION_FORMAT,
@@ -184,18 +200,6 @@ class CombinationService:
                     hint="combine adapters trained on the same base model",
                 )
         return first
-
-    def _plan(self, labels: list[str], files: list[tuple[str, int, str, int]], params: combine.CombineParams) -> None:
-        """Run the combination's planning on the stored headers and configs: every refusal before anything is stored."""
-        store, settings = self.registry.store, self.registry.settings
-        inputs, headers = [], []
-        for label, (cfg_digest, cfg_size, st_digest, st_size) in zip(labels, files):
-            config = peft.parse_adapter_config(store.read_range(cfg_digest, 0, cfg_size), max_size=settings.max_config_size)
-            headers.append(safetensors.read_header(
-                lambda s, e, d=st_digest: store.read_range(d, s, e), st_size, max_header_size=settings.max_header_size
-            ))
-            inputs.append(combine.CombineInput(name=label, folder=None, config=config))  # type: ignore[arg-type]
-        combine.plan_combination(inputs, params, headers)
 
     def _record(
         self, session: Session, r: _Resolved, to: str, aliases: list[str], principal: Principal

@@ -210,3 +210,54 @@ def test_job_whose_worker_died_is_taken_over(pushed: RegistryClient, api: Any, r
     assert later.run_once() == job["id"]
     done = api.get(f"/v1/combinations/{job['id']}").json()
     assert done["state"] == "done" and done["attempts"] == 2 and done["version"] == 1
+
+
+# --- exports of a combination ------------------------------------------------------------------
+
+
+@pytest.fixture
+def with_weights(bare_client: RegistryClient, family: dict[str, Path]) -> RegistryClient:
+    bare_client.register_base(family["base"], factories.base_name("llama"), upload_weights=True)
+    for name in ("a", "b", "r4"):
+        bare_client.push(family[name], f"org/{name}")
+    return bare_client
+
+
+def test_export_with_a_method_merges_the_combination_and_records_it(
+    with_weights: RegistryClient, api: Any, registry: Any, family: dict[str, Path], tmp_path: Path
+) -> None:
+    export = {"adapters": [{"ref": "org/a:1", "weight": WEIGHTS[0]}, {"ref": "org/b:1", "weight": WEIGHTS[1]}]}
+    ties = api.post("/v1/exports", json={**export, "method": "ties", "density": 0.5})
+    assert ties.status_code == 202, ties.text
+    plain = api.post("/v1/exports", json=export)
+    assert plain.json()["id"] != ties.json()["id"]  # the method is part of the request key
+    run_jobs(registry)
+    out = with_weights.export(["org/a:1", "org/b:1"], tmp_path / "merged", weights=list(WEIGHTS),
+                              combination={"method": "ties", "density": 0.5})
+    assert out["id"] == ties.json()["id"]
+    assert out["combination"] == {"method": "ties", "params": {"density": 0.5, "majority_sign_method": "total",
+                                                                "svd_rank": None, "svd_clamp": None, "seed": None}}
+    assert api.get(f"/v1/exports/{plain.json()['id']}").json()["combination"] is None
+
+    inputs = [combine.CombineInput(f.name, f, parse_adapter_config((f / "adapter_config.json").read_bytes()))
+              for f in (family["a"], family["b"])]
+    combine.combine_to_dir(inputs, combine.CombineParams("ties", WEIGHTS, density=0.5), tmp_path / "c", device="cpu")
+    with_weights.export(["org/a:1", "org/b:1"], tmp_path / "plain", weights=list(WEIGHTS))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 77, 2, 100]])
+    with torch.no_grad():
+        expected = factories.load_adapter_model(family["base"], tmp_path / "c").merge_and_unload()(input_ids=ids).logits
+        plain_logits = factories.load_base_model(tmp_path / "plain")(input_ids=ids).logits  # the weighted sum
+        ours = factories.load_base_model(tmp_path / "merged")(input_ids=ids).logits
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, plain_logits, atol=1e-5)
+
+
+def test_export_with_a_method_is_refused_like_a_combination(with_weights: RegistryClient, api: Any, registry: Any) -> None:
+    from loreg.registry.db.models import Export
+
+    r = api.post("/v1/exports", json={"adapters": [{"ref": "org/a:1"}, {"ref": "org/r4:1"}], "method": "ties",
+                                      "density": 0.5})
+    assert r.status_code == 422 and r.json()["errors"][0]["code"] == "RANK_MISMATCH"
+    r = api.post("/v1/exports", json={"adapters": [{"ref": "org/a:1"}], "density": 0.5})
+    assert r.status_code == 422 and r.json()["errors"][0]["code"] == "COMBINATION_INVALID"
+    assert count_rows(registry, Export) == 0
