@@ -206,6 +206,8 @@ class ExportService:
         if principal is ANONYMOUS:  # anonymous read may not spend merge time
             raise UnauthorizedError("exports need a token", hint="run loreg login, or set LOREG_TOKEN")
         self._check_request(adapters)
+        if combination is not None:  # the parameters first: no look-up for a request that cannot run
+            check_params(dataclasses.replace(combination, weights=tuple(a.weight for a in adapters)), len(adapters))
         resolved = self._resolve(adapters, base, dtype, combination)
         return self.jobs.request(lambda session: self._record(session, resolved, dtype, principal), what="export request")
 

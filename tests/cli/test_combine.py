@@ -74,3 +74,10 @@ def test_unequal_ranks_exit_1_naming_the_input(loreg: Loreg, inputs: None) -> No
 def test_mismatched_weights_are_a_usage_error(loreg: Loreg, inputs: None) -> None:  # noqa: F811
     run = loreg("combine", "org/a", "org/b", "--method", "cat", "--weight", "1", "--to", "org/mix")
     assert run.code == 2 and "--weight" in run.stderr
+
+
+def test_export_passes_the_method_and_its_parameters(loreg: Loreg, inputs: None, tmp_path: Path) -> None:  # noqa: F811
+    run = loreg("export", "org/a", "--density", "0.5", "-o", tmp_path / "out")
+    assert run.code == 1 and "COMBINATION_INVALID" in run.stderr  # parameters without a method
+    run = loreg("export", "org/a", "org/b", "--method", "nope", "-o", tmp_path / "out")
+    assert run.code == 1 and "COMBINATION_INVALID" in run.stderr and "'nope'" in run.stderr
