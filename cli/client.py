@@ -743,9 +743,12 @@ class RegistryClient:
         on_state: Callable[[dict[str, Any]], None] | None = None,
         progress: Progress | None = None,
         link: bool = False,
+        combination: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Ask the server to merge ``refs`` (weighted) into their base, wait, and download the result.
 
+        ``combination``: ``{"method": ..., "density": ..., ...}`` (the parameters of ``combine``): the
+        adapters are combined with that method first; default the weighted sum of their changes.
         An identical request is answered from the stored result. Files are copied out of the
         local cache (``link``: hard-linked, see ``pull``). Returns the export (the server's JSON)
         plus ``path`` and ``bytes_downloaded``.
@@ -762,6 +765,7 @@ class RegistryClient:
         body: dict[str, Any] = {"adapters": [{"ref": r, "weight": float(w)} for r, w in zip(refs, weights)], "dtype": dtype}
         if base is not None:
             body["base"] = base
+        body.update({k: v for k, v in (combination or {}).items() if v is not None})
         job = self.request("POST", "/v1/exports", json=body).json()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while job["state"] in ("queued", "running"):
@@ -793,6 +797,67 @@ class RegistryClient:
             _place(cached, dest / path, link=link)
         job["path"] = str(dest)
         job["bytes_downloaded"] = downloaded
+        return job
+
+    def combine(
+        self,
+        refs: list[str],
+        to: str,
+        *,
+        method: str,
+        weights: list[float] | None = None,
+        density: float | None = None,
+        majority_sign_method: str | None = None,
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        seed: int | None = None,
+        aliases: list[str] | None = None,
+        poll_s: float = 0.5,
+        timeout_s: float | None = None,
+        on_state: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Ask the server to combine ``refs`` (PEFT's ``add_weighted_adapter`` methods) into the next version
+        of ``to``, and wait. An identical request answers its stored job. Returns the job (the server's
+        JSON) plus ``pushed``: the new version.
+
+        Raises:
+            RequestInvalidError (weights), the server's refusal (COMBINATION_INVALID, RANK_MISMATCH,
+            MERGE_UNSUPPORTED, DENIED), ExportTimeoutError, the job's error when it failed
+        """
+        import time
+
+        weights = list(weights or [1.0] * len(refs))
+        if len(weights) != len(refs):
+            raise RequestInvalidError(
+                f"{len(weights)} weights for {len(refs)} references", hint="give one --weight per adapter reference, in order"
+            )
+        for r in refs:
+            names.parse_reference(r)
+        body: dict[str, Any] = {
+            "inputs": [{"ref": r, "weight": float(w)} for r, w in zip(refs, weights)], "method": method, "to": to,
+            "aliases": list(aliases or []),
+        }
+        optional = {"density": density, "majority_sign_method": majority_sign_method, "svd_rank": svd_rank,
+                    "svd_clamp": svd_clamp, "seed": seed}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        job = self.request("POST", "/v1/combinations", json=body).json()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while job["state"] in ("queued", "running"):
+            if on_state:
+                on_state(job)
+            if deadline is not None and time.monotonic() > deadline:
+                raise ExportTimeoutError(
+                    f"combination {job['id']} is still {job['state']}", detail={"id": job["id"]},
+                    hint="run the same loreg combine again to wait for it",
+                )
+            time.sleep(poll_s)
+            job = self.get_json(f"/v1/combinations/{job['id']}")
+        if on_state:
+            on_state(job)
+        if job["state"] == "failed":
+            err = job.get("error") or {}
+            raise error_from_envelope(500, {"errors": [err]} if err else None)
+        job["pushed"] = self.version(f"{job['to']}:{job['version']}")
         return job
 
     # --- pull ---------------------------------------------------------------------------------

@@ -14,12 +14,13 @@ from loreg.registry.api.docs import install_docs
 from loreg.registry.api.errors import install_error_handlers
 from loreg.registry.api.limits import RequestLimitsMiddleware, body_limit_for
 from loreg.registry.api.ratelimit import FailureLimiter, TrustedProxies
-from loreg.registry.api.routes import adapters, bases, blobs, exports, health, tokens
+from loreg.registry.api.routes import adapters, bases, blobs, combinations, exports, health, tokens
 from loreg.registry.api.streaming import UploadSlots
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.blobs import BlobService
 from loreg.registry.services.browse import BrowseService
+from loreg.registry.services.combinations import CombinationService
 from loreg.registry.services.exports import ExportService
 from loreg.registry.services.inspect import InspectService
 from loreg.registry.services.context import AppContext, open_registry
@@ -41,12 +42,13 @@ def create_app(settings: Settings | None = None, *, registry: AppContext | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = None
         if settings.export_worker == "inprocess" and importlib.util.find_spec("torch") is not None:
-            from loreg.registry.merge.worker import ExportWorker
+            from loreg.registry.merge.worker import JobWorker
             from loreg.registry.services.jobs import WorkerPool
 
-            pool = WorkerPool(lambda: ExportWorker(reg), settings.export_concurrency)
+            pool = WorkerPool(lambda: JobWorker(reg), settings.export_concurrency)
             pool.start()
             app.state.exports.jobs.on_queued.append(pool.notify)
+            app.state.combinations.jobs.on_queued.append(pool.notify)
         try:
             yield
         finally:
@@ -77,13 +79,14 @@ def create_app(settings: Settings | None = None, *, registry: AppContext | None 
     app.state.adapters = AdapterService(reg, validator=app.state.bases.validate_push)
     app.state.inspect = InspectService(reg)
     app.state.exports = ExportService(reg, app.state.adapters, app.state.bases)
+    app.state.combinations = CombinationService(reg)
     app.state.browse = BrowseService(reg, app.state.adapters, app.state.exports)
     install_error_handlers(app)
     app.add_middleware(
         RequestLimitsMiddleware, limit_for=body_limit_for(settings.max_json_body), idle_timeout_s=settings.body_idle_timeout_s
     )
     install_docs(app)
-    for module in (health, blobs, adapters, bases, exports, tokens):
+    for module in (health, blobs, adapters, bases, exports, combinations, tokens):
         app.include_router(module.router)
     install_ui(app)
     return app

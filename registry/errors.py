@@ -69,6 +69,7 @@ AliasNotFoundError = _error("AliasNotFoundError", "ALIAS_NOT_FOUND", 404, "No su
 BlobNotFoundError = _error("BlobNotFoundError", "BLOB_NOT_FOUND", 404, "No such blob.")
 BaseNotFoundError = _error("BaseNotFoundError", "BASE_NOT_FOUND", 404, "No such base model.")
 ExportNotFoundError = _error("ExportNotFoundError", "EXPORT_NOT_FOUND", 404, "No such export.")
+CombinationNotFoundError = _error("CombinationNotFoundError", "COMBINATION_NOT_FOUND", 404, "No such combination.")
 TokenNotFoundError = _error("TokenNotFoundError", "TOKEN_NOT_FOUND", 404, "No such token.")
 FileNotStoredError = _error("FileNotStoredError", "FILE_NOT_FOUND", 404, "A version or export has no such file.")
 MethodNotAllowedError = _error("MethodNotAllowedError", "METHOD_NOT_ALLOWED", 405, "The route has no such method.")

@@ -18,15 +18,26 @@ from loreg.cli.output import emit_json, human_size, transfer_progress
 @click.option("--link", is_flag=True,
               help="Hard-link the files to the local cache instead of copying them (no second copy on disk; "
                    "only for folders nobody edits).")
+@click.option("--method", default="linear_delta", show_default=True,
+              help="linear_delta: the weighted sum of the adapters' changes; or a `loreg combine` method, applied first.")
+@click.option("--density", type=float, default=None, help="With --method: as `loreg combine`.")
+@click.option("--majority-sign", "majority_sign", type=click.Choice(["total", "frequency"]), default=None)
+@click.option("--svd-rank", type=int, default=None)
+@click.option("--svd-clamp", type=float, default=None)
+@click.option("--seed", type=int, default=None)
 @json_option
 @url_option
 def export(refs: tuple[str, ...], weights: tuple[float, ...], base: str | None, dtype: str, output: Path,
-           link: bool, as_json: bool, url: str | None) -> None:
+           link: bool, method: str, density: float | None, majority_sign: str | None, svd_rank: int | None,
+           svd_clamp: float | None, seed: int | None, as_json: bool, url: str | None) -> None:
     """Merge adapters into their base model on the server and download the merged model.
 
     The folder holds the base's safetensors shards with merged weights, the index when sharded,
-    config.json and the tokenizer: transformers and vLLM load it as is.
+    config.json and the tokenizer: transformers and vLLM load it as is. With --method the adapters
+    are combined first (see `loreg combine`); the method is part of the export's record.
     """
+    combination = {"method": method, "density": density, "majority_sign_method": majority_sign,
+                   "svd_rank": svd_rank, "svd_clamp": svd_clamp, "seed": seed}
     if weights and len(weights) != len(refs):
         raise click.BadParameter("give one --weight per REF, or none", param_hint="--weight")
     bar = None
@@ -54,7 +65,7 @@ def export(refs: tuple[str, ...], weights: tuple[float, ...], base: str | None, 
     with client(url) as c, transfer_progress(not as_json) as progress:
         try:
             out = c.export(list(refs), output, weights=list(weights) or None, base=base, dtype=dtype,
-                           on_state=on_state, progress=progress, link=link)
+                           on_state=on_state, progress=progress, link=link, combination=combination)
         finally:
             if bar is not None:
                 bar.stop()

@@ -34,6 +34,9 @@ def show(ref: str, as_json: bool, url: str | None) -> None:
     base = v.get("base")
     if base:
         click.echo(f"base      {', '.join(base['names']) or '-'}  {base['weights_digest']}")
+    if v.get("made_by"):
+        for line in lineage_lines(v["made_by"]):
+            click.echo(line)
     click.echo(f"config    r={cfg.get('r')} lora_alpha={cfg.get('lora_alpha')} task_type={cfg.get('task_type')}")
     click.echo(f"          target_modules={cfg.get('target_modules')}")
     click.echo(f"          base_model_name_or_path={cfg.get('base_model_name_or_path')}")
@@ -58,6 +61,19 @@ def show(ref: str, as_json: bool, url: str | None) -> None:
         click.echo(f"serve     {engine:7s} {how['sync']}")
         for line in how["lines"]:
             click.echo(f"                  {line}")
+
+
+def lineage_lines(made_by: dict[str, Any]) -> list[str]:
+    """How a version a combination made shows its lineage (inputs, method, every parameter)."""
+    from loreg.registry.merge.combine import FACTOR_METHODS  # no torch: the module imports it inside functions
+
+    params = ", ".join(f"{k}={val}" for k, val in sorted(made_by.get("params", {}).items()) if val is not None)
+    lines = [f"made by   combination {made_by['id']}: {made_by['method']}" + (f" ({params})" if params else "")]
+    lines += [f"          {i['weight']:g} x {i['name']}  {i['digest']}" for i in made_by.get("inputs", [])]
+    if made_by["method"] in FACTOR_METHODS:
+        lines.append("          A's and B's combined separately: not the weighted sum of the inputs' changes "
+                     "(PEFT issue #3004)")
+    return lines
 
 
 def usage(v: dict[str, Any]) -> dict[str, Any]:

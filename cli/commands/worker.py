@@ -7,13 +7,13 @@ import click
 @click.option("--once", is_flag=True, help="Run at most one job, then exit.")
 @click.option("--device", default=None, help="auto (default), cpu or cuda[:N].")
 def worker(once: bool, device: str | None) -> None:
-    """Run a standalone export worker (Postgres): claims merge jobs under a renewed lease."""
+    """Run a standalone job worker (Postgres): claims export and combination jobs under a renewed lease."""
     import signal
     import threading
 
     from loreg.registry.admin import open_for_admin
     from loreg.registry.errors import SettingsInvalidError
-    from loreg.registry.merge.worker import ExportWorker
+    from loreg.registry.merge.worker import JobWorker
     from loreg.registry.settings import Settings
 
     settings = Settings()
@@ -24,8 +24,8 @@ def worker(once: bool, device: str | None) -> None:
         )
     registry = open_for_admin(settings)
     try:
-        w = ExportWorker(registry, device=device)
-        click.echo(f"export worker {w.owner} started", err=True)
+        w = JobWorker(registry, device=device)
+        click.echo(f"job worker {w.owner} started (exports, combinations)", err=True)
         if once:
             ran = w.run_once()
             click.echo(f"ran {ran}" if ran else "no job", err=True)

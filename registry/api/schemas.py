@@ -158,6 +158,7 @@ class VersionPublic(Response):
     metrics_history: list[MetricPublic]
     aliases: list[str]
     base: BaseRef | None
+    made_by: dict[str, Any] | None = None  # lineage: {"kind": "combination", id, method, params, inputs}
     created: bool = False
 
 
@@ -304,6 +305,14 @@ class ExportCreate(StrictRequest):
     adapters: list[ExportAdapter] = Field(min_length=1, max_length=16)
     base: str | None = Field(default=None, max_length=300)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # a combination method (POST /v1/combinations' methods) applied before the merge; "linear_delta" (the
+    # default): the weighted sum of the adapters' changes
+    method: str = Field(default="linear_delta", max_length=32)
+    density: float | None = None
+    majority_sign_method: str | None = Field(default=None, max_length=16)
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    seed: int | None = None
 
 
 class ExportInputPublic(Response):
@@ -320,6 +329,7 @@ class ExportPublic(Response):
     base: BaseRef
     adapters: list[ExportInputPublic]
     dtype: str
+    combination: dict[str, Any] | None = None  # {method, params} when the adapters were combined first
     progress: dict[str, Any]
     error: dict[str, Any] | None
     files: list[FilePublic]
@@ -333,6 +343,52 @@ class ExportPublic(Response):
 
 class ExportList(Response):
     items: list[ExportPublic]
+
+
+class CombinationInputCreate(StrictRequest):
+    ref: str = Field(min_length=3, max_length=300)
+    # inf and NaN pass here so that every bad weight gets the combination's own refusal (COMBINATION_INVALID)
+    weight: float = Field(default=1.0, allow_inf_nan=True)
+
+
+class CombinationCreate(StrictRequest):
+    inputs: list[CombinationInputCreate] = Field(min_length=1, max_length=16)
+    method: str = Field(max_length=32)
+    density: float | None = None
+    majority_sign_method: str | None = Field(default=None, max_length=16)
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    seed: int | None = None
+    to: str = Field(min_length=3, max_length=160)
+    aliases: list[Annotated[str, Field(max_length=64)]] = Field(default=[], max_length=16)
+
+
+class CombinationInputPublic(Response):
+    name: str
+    version: int
+    digest: str
+    weight: float
+
+
+class CombinationPublic(Response):
+    id: str
+    state: Literal["queued", "running", "done", "failed"]
+    request_digest: str
+    method: str
+    params: dict[str, Any]
+    inputs: list[CombinationInputPublic]
+    to: str
+    aliases: list[str]
+    base: BaseRef | None
+    version: int | None
+    progress: dict[str, Any]
+    error: dict[str, Any] | None
+    device: str | None
+    attempts: int
+    loreg_version: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
 
 
 # --- diff ---------------------------------------------------------------------------------------

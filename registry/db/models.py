@@ -335,3 +335,59 @@ class ExportFile(OrmBase):
     path: Mapped[str] = mapped_column(String(256), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest", ondelete="RESTRICT"), index=True)
+
+
+class Combination(OrmBase):
+    """A request to combine adapter versions into the next version of ``target`` (``ns/name``), and its result.
+
+    ``request_digest`` is the sha256 of the canonical request (inputs by name and manifest digest,
+    method, every parameter canonicalized, target, aliases): an identical request is answered from
+    this record. ``version_id`` is the pushed version; its lineage is this row (``made_by``).
+    """
+
+    __tablename__ = "combinations"
+    __table_args__ = (
+        digest_check("request_digest"),
+        CheckConstraint("state IN ('queued', 'running', 'done', 'failed')", name="state_valid"),
+        Index("ix_combinations_state_created", "state", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    request_digest: Mapped[str] = mapped_column(String(DIGEST_LEN), unique=True)
+    requested_by: Mapped[str | None] = mapped_column(String(32))
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
+    target: Mapped[str] = mapped_column(String(160))
+    aliases: Mapped[list[str]] = mapped_column(JSON, default=list)
+    method: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id", ondelete="SET NULL"), index=True)
+    result_name: Mapped[str | None] = mapped_column(String(160))  # ``ns/name:N``, kept after a delete
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    loreg_version: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    inputs: Mapped[list[CombinationInput]] = relationship(
+        passive_deletes=True, order_by="CombinationInput.position"
+    )
+
+
+class CombinationInput(OrmBase):
+    """Lineage: which adapter version (with which weight) went into a combination; ``name`` outlives it."""
+
+    __tablename__ = "combination_inputs"
+
+    combination_id: Mapped[str] = mapped_column(ForeignKey("combinations.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id", ondelete="SET NULL"), index=True)
+    name: Mapped[str] = mapped_column(String(160))
+    manifest_digest: Mapped[str] = mapped_column(String(DIGEST_LEN))
+    weight: Mapped[float] = mapped_column(Float)

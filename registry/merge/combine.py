@@ -16,7 +16,7 @@ Public:
     combine_factors(factors, params, rank, *, module="") -> (A, B)   one module, float32
     module_seed(seed, module) -> int                      the torch seed DARE uses for ``module``
     CombineInput(name, folder, config)                    one adapter folder
-    plan_combination(inputs, params) -> CombinePlan       every check that needs headers and configs only
+    plan_combination(inputs, params, headers=None) -> CombinePlan      every check that needs headers and configs only
     combine_to_dir(inputs, params, out_dir, *, device="auto") -> CombineResult
 
 Semantics (Δᵢ = sᵢ·Bᵢ·Aᵢ with sᵢ the input's PEFT scaling; wᵢ its weight):
@@ -531,13 +531,17 @@ def _factor_keys(module: _Module) -> tuple[str, str]:
     return f"{lora.PEFT_PREFIX}{module.name}.lora_A.weight", f"{lora.PEFT_PREFIX}{module.name}.lora_B.weight"
 
 
-def plan_combination(inputs: Sequence[CombineInput], params: CombineParams) -> CombinePlan:
-    """Check the inputs and parameters against each other and lay out the result; reads headers only."""
+def plan_combination(inputs: Sequence[CombineInput], params: CombineParams,
+                     headers: Sequence[Header] | None = None) -> CombinePlan:
+    """Check the inputs and parameters against each other and lay out the result; reads headers only
+    (``headers``: the inputs' headers read already, e.g. from a blob store at request time)."""
     requested = check_params(params, len(inputs))
     p = replace(requested, method=effective_method(requested.method, len(inputs)))
     for inp in inputs:
         _check_config(inp)
-    headers = tuple(read_header_from_file(Path(inp.folder) / ADAPTER_FILE) for inp in inputs)
+    if headers is None:
+        headers = tuple(read_header_from_file(Path(inp.folder) / ADAPTER_FILE) for inp in inputs)
+    headers = tuple(headers)
     found, copies = _collect(inputs, headers)
     if not found:
         raise _refuse("the adapters hold no LoRA factors to combine", "check the inputs")

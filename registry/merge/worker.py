@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -78,18 +79,7 @@ class ExportWorker:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _local(self, digest: str, size: int, scratch: Path, name: str) -> Path:
-        """A local path to a blob: the store's own file when it has one, else a verified download."""
-        store = self.registry.store
-        local = store.local_path(digest)
-        if local is not None:
-            return Path(local)
-        dest = scratch / "in" / digest.removeprefix("sha256:")[:16] / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with store.open(digest) as src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, COPY_CHUNK)
-        if dest.stat().st_size != size:
-            raise InternalError(f"download of {name} is short")
-        return dest
+        return local_blob(self.registry, digest, size, scratch, name)
 
     def _merge(self, claim: Claim, scratch: Path, lease: Lease) -> tuple[list[ResultFile], str]:
         from loreg.registry.merge import engine
@@ -110,8 +100,9 @@ class ExportWorker:
                     f.path: {"size": f.size, "digest": f.digest}
                     for f in session.scalars(select(VersionFile).where(VersionFile.version_id == i.version_id))
                 }
-                inputs.append((vfiles, i.weight))
+                inputs.append((vfiles, i.weight, i.name or i.manifest_digest))
             dtype = job.dtype
+            combination = (job.request or {}).get("combine")
         shard_names = list(dict.fromkeys(t[3] for t in base_tensors))
         shards = []
         headers = []
@@ -122,14 +113,7 @@ class ExportWorker:
             headers.append(header)
             shards.append(engine.BaseShard(name=name, path=path, header=header))
         layout = validate.base_layout_from_headers(headers, base_config)
-        adapters = []
-        for n, (vfiles, weight) in enumerate(inputs):
-            cfg_entry, st_entry = vfiles["adapter_config.json"], vfiles["adapter_model.safetensors"]
-            config = peft.parse_adapter_config(self.registry.store.read_range(cfg_entry["digest"], 0, cfg_entry["size"]))
-            st_path = self._local(st_entry["digest"], st_entry["size"], scratch, f"adapter-{n}.safetensors")
-            header = safetensors.read_header_from_file(st_path)
-            report = validate.validate_adapter(config, header, layout)
-            adapters.append(engine.AdapterInput(config=config, header=header, path=st_path, report=report, weight=weight))
+        adapters = self._adapters(inputs, layout, scratch, combination)
         out_dir = scratch / "out"
         out_dir.mkdir()
 
@@ -166,6 +150,77 @@ class ExportWorker:
             else:
                 files.append(ResultFile(name, f["size"], f["digest"]))
         return files, device
+
+
+    def _adapters(self, inputs: list[Any], layout: Any, scratch: Path, combination: dict[str, Any] | None) -> list[Any]:
+        """The engine's adapter inputs: the versions with their weights, or their combination (weight 1)."""
+        from loreg.registry.merge import combine, engine
+
+        store = self.registry.store
+        folders = []
+        for n, (vfiles, weight, name) in enumerate(inputs):
+            cfg_entry, st_entry = vfiles["adapter_config.json"], vfiles["adapter_model.safetensors"]
+            config = peft.parse_adapter_config(store.read_range(cfg_entry["digest"], 0, cfg_entry["size"]))
+            st_path = self._local(st_entry["digest"], st_entry["size"], scratch, f"adapter-{n}.safetensors")
+            folders.append((config, st_path, weight, name))
+        if combination is not None:  # combined first, then merged as one adapter of weight 1
+            combined = []
+            for n, (config, st_path, _, name) in enumerate(folders):
+                folder = scratch / f"combine-in-{n}"
+                folder.mkdir()
+                (folder / combine.ADAPTER_FILE).symlink_to(st_path)
+                combined.append(combine.CombineInput(name=name, folder=folder, config=config))
+            params = combine.CombineParams(combination["method"], tuple(w for _, _, w, _ in folders),
+                                           **combination["params"])
+            out = scratch / "combined"
+            combine.combine_to_dir(combined, params, out, device=resolve_device(self.device))
+            config = peft.parse_adapter_config((out / combine.CONFIG_FILE).read_bytes())
+            folders = [(config, out / combine.ADAPTER_FILE, 1.0, "combination")]
+        adapters = []
+        for config, st_path, weight, _ in folders:
+            header = safetensors.read_header_from_file(st_path)
+            report = validate.validate_adapter(config, header, layout)
+            adapters.append(engine.AdapterInput(config=config, header=header, path=st_path, report=report, weight=weight))
+        return adapters
+
+
+def local_blob(registry: AppContext, digest: str, size: int, scratch: Path, name: str) -> Path:
+    """A local path to a blob: the store's own file when it has one, else a verified download."""
+    store = registry.store
+    local = store.local_path(digest)
+    if local is not None:
+        return Path(local)
+    dest = scratch / "in" / digest.removeprefix("sha256:")[:16] / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with store.open(digest) as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out, COPY_CHUNK)
+    if dest.stat().st_size != size:
+        raise InternalError(f"download of {name} is short")
+    return dest
+
+
+class JobWorker:
+    """One worker for every kind of job (exports, combinations): each look at the queues starts with
+    the kind after the one that ran last, so neither kind waits behind a stream of the other."""
+
+    def __init__(self, registry: AppContext, *, device: str | None = None, **kw: Any):
+        from loreg.registry.merge.combine_worker import CombinationWorker
+
+        self.kinds: list[Any] = [ExportWorker(registry, device=device, **kw), CombinationWorker(registry, device=device, **kw)]
+        self.owner = self.kinds[0].owner
+        self.next = 0
+
+    def run_once(self) -> str | None:
+        for k in range(len(self.kinds)):
+            n = (self.next + k) % len(self.kinds)
+            ran = self.kinds[n].run_once()
+            if ran is not None:
+                self.next = n + 1
+                return ran
+        return None
+
+    def run_forever(self, stop: threading.Event, wake: threading.Event | None = None, poll_s: float = 2.0) -> None:
+        work_loop(self, stop, wake, poll_s)
 
 
 def resolve_device(device: str) -> str:

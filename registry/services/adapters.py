@@ -20,6 +20,7 @@ from loreg.registry.db.models import (
     AliasEvent,
     Blob,
     BlobScan,
+    Combination,
     Metric,
     Version,
     VersionFile,
@@ -671,6 +672,7 @@ class AdapterService:
             metrics_history=[MetricView(key=m.key, value=m.value, created_at=m.created_at) for m in v.metrics],
             aliases=aliases,
             base=base_ref(v.base_model),
+            made_by=_made_by(session, v.id),
         )
 
     # --- lookup -------------------------------------------------------------------------------
@@ -839,6 +841,16 @@ class AdapterService:
 
 
 SCAN_CHUNK = 4 << 20
+
+
+def _made_by(session: Session, version_id: int) -> dict[str, Any] | None:
+    """The lineage of a version a combination pushed (the first one, if identical requests met)."""
+    from loreg.registry.services.combinations import lineage
+
+    row = session.scalar(
+        select(Combination).where(Combination.version_id == version_id).order_by(Combination.finished_at).limit(1)
+    )
+    return lineage(row) if row is not None else None
 
 
 def _read_chunks(stream: Any, n: int) -> Any:

@@ -15,6 +15,7 @@ The job/record model (exports, and every job that turns stored versions into a r
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import uuid
@@ -26,7 +27,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from loreg.registry.db.models import Adapter, Export, ExportFile, ExportInput, Token
+from loreg.registry.db.models import Adapter, Export, ExportFile, ExportInput, Token, VersionFile
 from loreg.registry.db.models import BaseModelRow
 from loreg.registry.errors import (
     DeniedError,
@@ -38,6 +39,7 @@ from loreg.registry.errors import (
     UnauthorizedError,
 )
 from loreg.registry.formats import fingerprint, names
+from loreg.registry.merge.combine import CombineParams, check_params
 from loreg.registry.services import jobs, resolve
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.bases import BaseService
@@ -50,19 +52,28 @@ from loreg.registry.version import loreg_version
 EXPORT_FORMAT = 1
 
 
-def content_key(base_digest: str, inputs: list[tuple[str, float]], dtype: str) -> str:
-    """Digest of what decides the result's bytes: base weights, [manifest digest, weight]..., dtype."""
-    canonical = {
+def content_key(
+    base_digest: str, inputs: list[tuple[str, float]], dtype: str, combine: dict[str, Any] | None = None
+) -> str:
+    """Digest of what decides the result's bytes: base weights, [manifest digest, weight]..., dtype, and the
+    combination method with its parameters when the adapters are combined first."""
+    canonical: dict[str, Any] = {
         "format": EXPORT_FORMAT, "base": base_digest, "adapters": [[d, w] for d, w in inputs], "dtype": dtype,
     }  # exactly the request digest's form before 0005, so migrated rows keep it as their content digest
+    if combine is not None:  # absent for the weighted sum: its keys stay what they were
+        canonical["combine"] = combine
     return fingerprint.sha256_digest(fingerprint.canonical_json(canonical))
 
 
-def request_key(base_digest: str, inputs: list[tuple[str, str, float]], dtype: str) -> tuple[dict[str, Any], str]:
+def request_key(
+    base_digest: str, inputs: list[tuple[str, str, float]], dtype: str, combine: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
     """The canonical request (inputs as [``ns/name:N``, manifest digest, weight]) and its digest."""
-    canonical = {
+    canonical: dict[str, Any] = {
         "format": EXPORT_FORMAT, "base": base_digest, "inputs": [[n, d, w] for n, d, w in inputs], "dtype": dtype,
     }
+    if combine is not None:
+        canonical["combine"] = combine
     return canonical, fingerprint.sha256_digest(fingerprint.canonical_json(canonical))
 
 
@@ -134,6 +145,7 @@ class ExportView:
     base: BaseRefView | None
     adapters: list[ExportInputView]
     dtype: str
+    combination: dict[str, Any] | None  # {method, params}: the adapters were combined first (else a weighted sum)
     progress: dict[str, Any]
     error: dict[str, Any] | None
     files: list[StoredFile]
@@ -173,10 +185,18 @@ class ExportService:
         self.jobs = jobs.JobQueue(registry, Export)
 
     def request(
-        self, adapters: Sequence[WeightedRef], principal: Principal, *, base: str | None = None, dtype: str = "auto"
+        self,
+        adapters: Sequence[WeightedRef],
+        principal: Principal,
+        *,
+        base: str | None = None,
+        dtype: str = "auto",
+        combination: CombineParams | None = None,
     ) -> ExportRequested:
         """Queue an export of ``adapters`` merged into ``base`` (default: the first adapter's), or answer it
         from what is stored. The caller has checked that ``principal`` may read every adapter reference.
+        ``combination`` (its weights are the adapters'): combine the adapters with that method first
+        (merge/combine.py), then merge the result; None: the weighted sum of their changes.
 
         Raises:
             VersionNotFoundError, BaseNotFoundError, MergeUnsupportedError (a weight out of bounds, a
@@ -186,7 +206,9 @@ class ExportService:
         if principal is ANONYMOUS:  # anonymous read may not spend merge time
             raise UnauthorizedError("exports need a token", hint="run loreg login, or set LOREG_TOKEN")
         self._check_request(adapters)
-        resolved = self._resolve(adapters, base, dtype)
+        if combination is not None:  # the parameters first: no look-up for a request that cannot run
+            check_params(dataclasses.replace(combination, weights=tuple(a.weight for a in adapters)), len(adapters))
+        resolved = self._resolve(adapters, base, dtype, combination)
         return self.jobs.request(lambda session: self._record(session, resolved, dtype, principal), what="export request")
 
     def _check_request(self, adapters: Sequence[WeightedRef]) -> None:
@@ -205,7 +227,9 @@ class ExportService:
                 hint="install the merge extra on the server (pip install 'loreg[merge]'), or run `loreg worker` on a GPU host",
             )
 
-    def _resolve(self, adapters: Sequence[WeightedRef], base_ref_: str | None, dtype: str) -> _Resolved:
+    def _resolve(
+        self, adapters: Sequence[WeightedRef], base_ref_: str | None, dtype: str, combination: CombineParams | None
+    ) -> _Resolved:
         """The versions and the base the request names, checked to fit together, and the request's keys."""
         refs = [names.parse_reference(a.ref) for a in adapters]
         with self.registry.sessions.begin() as session:
@@ -236,9 +260,29 @@ class ExportService:
                  float(a.weight))
                 for v, a in zip(versions, adapters)
             ]
-            canonical, digest = request_key(base.weights_digest, [(n, md, w) for _, n, md, w in inputs], dtype)
-            content = content_key(base.weights_digest, [(md, w) for _, _, md, w in inputs], dtype)
-            return _Resolved(base.id, inputs, canonical, digest, content)
+            files = [
+                {f.path: f for f in session.scalars(select(VersionFile).where(VersionFile.version_id == v.id))}
+                for v in versions
+            ]
+        combine = self._check_combination(combination, inputs, files)
+        canonical, digest = request_key(base.weights_digest, [(n, md, w) for _, n, md, w in inputs], dtype, combine)
+        content = content_key(base.weights_digest, [(md, w) for _, _, md, w in inputs], dtype, combine)
+        return _Resolved(base.id, inputs, canonical, digest, content)
+
+    def _check_combination(
+        self, params: CombineParams | None, inputs: list[tuple[int, str, str, float]], files: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """The canonical method and parameters of a combination (None: the weighted sum), refused like a
+        combination request (naming the inputs) before anything is stored."""
+        if params is None:
+            return None
+        from loreg.registry.services.combinations import PARAM_FIELDS, plan_stored
+
+        checked = check_params(dataclasses.replace(params, weights=tuple(w for *_, w in inputs)), len(inputs))
+        pairs = [(f["adapter_config.json"], f["adapter_model.safetensors"]) for f in files]
+        plan_stored(self.registry, [n for _, n, _, _ in inputs], [(c.digest, c.size, t.digest, t.size) for c, t in pairs],
+                    checked)
+        return {"method": checked.method, "params": {k: getattr(checked, k) for k in PARAM_FIELDS}}
 
     def _record(
         self, session: Session, resolved: _Resolved, dtype: str, principal: Principal
@@ -370,6 +414,7 @@ class ExportService:
             base=base_ref(base),
             adapters=adapters,
             dtype=row.dtype,
+            combination=(row.request or {}).get("combine"),
             progress=row.progress or {},
             error=row.error,
             files=[StoredFile(path=f.path, size=f.size, digest=f.digest) for f in row.files],

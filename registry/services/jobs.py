@@ -1,4 +1,4 @@
-"""Jobs: the one state machine of queued work (exports today; combinations reuse it as another kind).
+"""Jobs: the one state machine of queued work (exports, and combinations: services/combinations.py).
 
     request --> queued --claim--> running --finish--> done
                   ^                  |  \\--fail----> failed
@@ -45,7 +45,7 @@ def utcnow() -> datetime:
 
 
 class JobRow(Protocol):
-    """The columns every kind of job has (an ORM class: ``Export``, later ``Combination``)."""
+    """The columns every kind of job has (an ORM class: ``Export``, ``Combination``)."""
 
     id: str
     state: str

@@ -62,6 +62,7 @@ class VersionView:
     metrics_history: list[MetricView]
     aliases: list[str]
     base: BaseRefView | None
+    made_by: dict[str, Any] | None = None  # lineage of a version a job made (services/combinations.py)
 
 
 @dataclass(frozen=True)

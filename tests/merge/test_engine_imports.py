@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]  # the `loreg` package
 MERGE = REPO / "registry" / "merge"
-NOT_ENGINE = {"worker.py", "__init__.py"}  # the worker (database, storage) calls the engine, not the reverse
+NOT_ENGINE = {"worker.py", "combine_worker.py", "__init__.py"}  # the workers (database, storage) call the engine, not the reverse
 
 THIRD_PARTY = {"torch", "numpy", "safetensors"}
 RULES = "loreg.registry.formats.lora"

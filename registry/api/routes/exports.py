@@ -8,7 +8,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loreg.registry.api.deps import ReadDep
 from loreg.registry.api.schemas import ExportCreate, ExportList, ExportPublic
 from loreg.registry.api.streaming import verified_download
+from loreg.registry.errors import CombinationInvalidError
 from loreg.registry.formats import names
+from loreg.registry.merge.combine import CombineParams
 from loreg.registry.services.exports import ExportService, WeightedRef
 
 router = APIRouter(tags=["exports"])
@@ -27,8 +29,21 @@ def create_export(body: ExportCreate, request: Request, principal: ReadDep) -> J
     for a in body.adapters:
         ref = names.parse_reference(a.ref)
         principal.require("read", ref.namespace, ref.name)
+    combination = None
+    if body.method != "linear_delta":
+        combination = CombineParams(
+            method=body.method, weights=tuple(a.weight for a in body.adapters), density=body.density,
+            majority_sign_method=body.majority_sign_method, svd_rank=body.svd_rank, svd_clamp=body.svd_clamp,
+            seed=body.seed,
+        )
+    elif any(v is not None for v in (body.density, body.majority_sign_method, body.svd_rank, body.svd_clamp, body.seed)):
+        raise CombinationInvalidError(
+            "combination parameters need a method", detail={"parameter": "method"},
+            hint="name a method (e.g. ties), or drop the parameters for the weighted sum",
+        )
     answer = _svc(request).request(
-        [WeightedRef(ref=a.ref, weight=a.weight) for a in body.adapters], principal, base=body.base, dtype=body.dtype
+        [WeightedRef(ref=a.ref, weight=a.weight) for a in body.adapters], principal, base=body.base, dtype=body.dtype,
+        combination=combination,
     )
     out = ExportPublic.model_validate(answer.export)
     return JSONResponse(out.model_dump(mode="json"), status_code=200 if out.state == "done" else 202)
