@@ -261,3 +261,25 @@ def test_export_with_a_method_is_refused_like_a_combination(with_weights: Regist
     r = api.post("/v1/exports", json={"adapters": [{"ref": "org/a:1"}], "density": 0.5})
     assert r.status_code == 422 and r.json()["errors"][0]["code"] == "COMBINATION_INVALID"
     assert count_rows(registry, Export) == 0
+
+
+def test_the_version_page_shows_what_the_combination_was_made_from(
+    pushed: RegistryClient, api: Any, registry: Any, app: Any, admin_token: str
+) -> None:
+    import re
+
+    from tests.web.test_access import browser, login
+
+    api.post("/v1/combinations", json=body("ties", density=0.5))
+    run_jobs(registry)
+    a, b = pushed.version("org/a:1"), pushed.version("org/b:1")
+    with browser(app) as http:
+        login(http, admin_token)
+        page = http.get("/ui/adapters/org/mix/versions/1")
+        assert page.status_code == 200
+        assert re.search(r'id="made-by" data-method="ties">ties, density=0.5, majority_sign_method=total<', page.text)
+        links = re.findall(r'<a class="made-from" href="([^"]+)" data-digest="([^"]+)" data-weight="([^"]+)">', page.text)
+        assert links == [("/ui/adapters/org/a/versions/1", a["digest"], "0.7"),
+                         ("/ui/adapters/org/b/versions/1", b["digest"], "-0.4")]
+        assert http.get(links[0][0]).status_code == 200
+        assert 'id="made-by"' not in http.get("/ui/adapters/org/a/versions/1").text
