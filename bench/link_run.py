@@ -103,6 +103,7 @@ class LinkBench:
         self.server: subprocess.Popen[bytes] | None = None
         self.client_env: dict[str, str] = {}
         self.times: dict[str, list[float]] = {}
+        self.profile_dir: Path | None = None
         self.server_cpu: dict[str, list[float]] = {}
 
     def start(self, layers: int) -> None:
@@ -145,12 +146,19 @@ class LinkBench:
             raise RuntimeError(f"{key}: {' '.join(argv[:3])} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
         return done.stdout
 
+    def loreg(self, key: str, i: int, *args: str) -> list[str]:
+        """The `loreg` command, under cProfile (one file per run in --profile DIR) when asked."""
+        if self.profile_dir is None:
+            return [LOREG, *args]
+        return [sys.executable, "-m", "cProfile", "-o", str(self.profile_dir / f"{key}-{i}.prof"), LOREG, *args]
+
     def round(self, i: int, folder: Path, size: int) -> None:
         """One interleaved round: raw upload, loreg push, raw download, loreg pull."""
         st = folder / "adapter_model.safetensors"
         py = sys.executable
         self.timed("raw_up", [py, "-c", RAW_UP, self.endpoint, str(st), f"raw/{i}"], self.env)
-        pushed = json.loads(self.timed("push", [LOREG, "push", str(folder), "bench/adapter", "--json"], self.client_env))
+        pushed = json.loads(self.timed("push", self.loreg("push", i, "push", str(folder), "bench/adapter", "--json"),
+                                       self.client_env))
         assert pushed["version"] == i + 1 and pushed["bytes_uploaded"] >= size, pushed
         target, pulled = self.work / "raw-download", self.work / "pulled"
         # each download writes into memory freed just before it (see push_pull.py's docstring)
@@ -159,8 +167,8 @@ class LinkBench:
         if target.stat().st_size != st.stat().st_size:
             raise RuntimeError("raw download is short")
         _fresh(target, pulled, self.work / "client" / "cache")
-        out = json.loads(self.timed("pull", [LOREG, "pull", f"bench/adapter:{i + 1}", "-o", str(pulled), "--json"],
-                                    self.client_env))
+        out = json.loads(self.timed("pull", self.loreg("pull", i, "pull", f"bench/adapter:{i + 1}", "-o", str(pulled),
+                                                       "--json"), self.client_env))
         assert out["bytes_downloaded"] >= size, out
         _fresh(pulled, self.work / "client" / "cache")
 
@@ -173,7 +181,7 @@ def _fresh(*paths: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def run_link(rate: str, size_gb: float, repeat: int, delay_ms: float) -> None:
+def run_link(rate: str, size_gb: float, repeat: int, delay_ms: float, profile: Path | None = None) -> None:
     from tests.support.moto import FAKE_AWS_ENV, UNSET_AWS_ENV
 
     if os.geteuid() != 0:
@@ -191,6 +199,9 @@ def run_link(rate: str, size_gb: float, repeat: int, delay_ms: float) -> None:
         with shaped_link(rate, delay_ms) as link:
             link.enter_server_side()
             bench = LinkBench(link, work, env)
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+                bench.profile_dir = profile.resolve()
             try:
                 bench.start(layers)
                 for i, folder in enumerate(adapters):

@@ -31,7 +31,7 @@ same bytes in this process. Needs root; the namespaces are removed on exit, SIGT
 Ctrl-C, and a later run removes what a killed one left.
 
     python bench/push_pull.py [--layers 32] [--repeat 3]
-    python bench/push_pull.py --link 1gbit [--size-gb 1] [--repeat 3] [--delay-ms 1]
+    python bench/push_pull.py --link 1gbit [--size-gb 1] [--repeat 3] [--delay-ms 1] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -105,11 +105,13 @@ def main() -> None:
     ap.add_argument("--link", default=None, metavar="RATE", help="shaped link (e.g. 1gbit, 200mbit) instead of loopback")
     ap.add_argument("--size-gb", type=float, default=1.0, help="adapter size with --link")
     ap.add_argument("--delay-ms", type=float, default=1.0, help="added one-way delay with --link (netem)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="with --link: run the loreg commands under cProfile, one .prof per run in DIR")
     args = ap.parse_args()
     if args.link:
         from bench.link_run import run_link
 
-        run_link(args.link, args.size_gb, args.repeat, args.delay_ms)
+        run_link(args.link, args.size_gb, args.repeat, args.delay_ms, args.profile)
         return
     loopback(args.layers, args.repeat)
 
