@@ -116,8 +116,8 @@ class LinkBench:
         server_env = {**self.env, "LOREG_HOME": str(self.work / "server"), "LOREG_STORAGE_URL": "s3://bench/registry",
                       "LOREG_S3_ENDPOINT_URL": self.endpoint, "LOREG_S3_REGION": "us-east-1",
                       "LOREG_EXPORT_WORKER": "external"}
-        self.server = _start([LOREG, "serve", "--host", SERVER_ADDR, "--port", str(LOREG_PORT), "--log-level", "warning"],
-                             server_env, self.work, "serve", f"{self.url}/v1/health")
+        serve = [LOREG, "serve", "--host", SERVER_ADDR, "--port", str(LOREG_PORT), "--log-level", "warning"]
+        self.server = _start(serve, server_env, self.work, "serve", f"{self.url}/v1/health")
         token = str(json.loads((self.work / "server" / "credentials.json").read_text())[self.url])
         self.client_env = {**self.env, "LOREG_HOME": str(self.work / "client"), "LOREG_URL": self.url,
                            "LOREG_TOKEN": token}
@@ -213,7 +213,9 @@ def run_link(rate: str, size_gb: float, repeat: int, delay_ms: float, profile: P
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(rate: str, delay: str, layers: int, r: int, size: int, repeat: int, bench: LinkBench, sha_cpu: float) -> None:
+def report(
+    rate: str, delay: str, layers: int, r: int, size: int, repeat: int, bench: LinkBench, sha_cpu: float
+) -> None:
     m = {k: statistics.median(v) for k, v in bench.times.items()}
     gb, mb = size / 1e9, size / 1e6
     print(f"link: {rate} veth between two network namespaces (tc tbf), {delay}; client in its own namespace, "

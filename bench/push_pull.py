@@ -102,7 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--link", default=None, metavar="RATE", help="shaped link (e.g. 1gbit, 200mbit) instead of loopback")
+    ap.add_argument("--link", default=None, metavar="RATE",
+                    help="shaped link (e.g. 1gbit, 200mbit) instead of loopback")
     ap.add_argument("--size-gb", type=float, default=1.0, help="adapter size with --link")
     ap.add_argument("--delay-ms", type=float, default=1.0, help="added one-way delay with --link (netem)")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",

@@ -117,7 +117,8 @@ class ShapedLink:
         _ip("netns", "add", self.client_ns)
         _ip("link", "add", self.client_dev, "netns", self.client_ns, "type", "veth",
             "peer", "name", self.server_dev, "netns", self.server_ns)
-        for ns, dev, addr in ((self.server_ns, self.server_dev, SERVER_ADDR), (self.client_ns, self.client_dev, CLIENT_ADDR)):
+        ends = ((self.server_ns, self.server_dev, SERVER_ADDR), (self.client_ns, self.client_dev, CLIENT_ADDR))
+        for ns, dev, addr in ends:
             _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", dev, "up")
