@@ -17,7 +17,21 @@ writes into memory freed just before: on a VM that hands freed memory back to it
 free page reporting), memory untouched for a few seconds costs a host fault per page, ~2.5 ms per MB
 here, which would otherwise decide which side looks faster.
 
+Those loopback figures are CPU-bound: on a small machine the bench, `loreg serve` and moto share the
+cores, and what they measure is who gets the CPU, not a transfer.
+
+--link RATE (1gbit, 200mbit) measures what users feel instead: the client in its own network
+namespace, `loreg serve` and the S3 server (moto) in another, joined by a veth pair shaped with tc
+(bench/shaped_link.py). Both sides are timed the same way, as commands started in the client
+namespace: raw boto3 upload_file / streamed get_object as their own Python process, loreg as the
+`loreg push` / `loreg pull` command; interleaved, medians of --repeat runs, on a --size-gb adapter
+(1 GB by default, so that process starts do not decide the ratio). It also prints the CPU seconds
+`loreg serve` spent per GB pushed and pulled (/proc/<pid>/stat), next to one sha256 pass over the
+same bytes in this process. Needs root; the namespaces are removed on exit, SIGTERM, SIGHUP and
+Ctrl-C, and a later run removes what a killed one left.
+
     python bench/push_pull.py [--layers 32] [--repeat 3]
+    python bench/push_pull.py --link 1gbit [--size-gb 1] [--repeat 3] [--delay-ms 1] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -88,8 +102,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--link", default=None, metavar="RATE",
+                    help="shaped link (e.g. 1gbit, 200mbit) instead of loopback")
+    ap.add_argument("--size-gb", type=float, default=1.0, help="adapter size with --link")
+    ap.add_argument("--delay-ms", type=float, default=1.0, help="added one-way delay with --link (netem)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="with --link: run the loreg commands under cProfile, one .prof per run in DIR")
     args = ap.parse_args()
+    if args.link:
+        from bench.link_run import run_link
 
+        run_link(args.link, args.size_gb, args.repeat, args.delay_ms, args.profile)
+        return
+    loopback(args.layers, args.repeat)
+
+
+def loopback(layers: int, repeat: int) -> None:
+    """The loopback figures (CPU-bound, see the module's docstring)."""
     import boto3
 
     from loreg.cli.client import RegistryClient
@@ -129,9 +158,9 @@ def main() -> None:
         server_env = env_with(LOREG_HOME=str(work / "server"), LOREG_STORAGE_URL="s3://bench/registry",
                               LOREG_S3_ENDPOINT_URL=moto.endpoint_url, LOREG_S3_REGION="us-east-1",
                               LOREG_EXPORT_WORKER="external")
-        adapters = [work / f"adapter-{i}" for i in range(args.repeat)]
+        adapters = [work / f"adapter-{i}" for i in range(repeat)]
         for i, folder in enumerate(adapters):
-            write_adapter(folder, args.layers, seed=i)
+            write_adapter(folder, layers, seed=i)
             (folder / "adapter_model.safetensors").read_bytes()  # in the page cache, as for both sides
         size = (adapters[0] / "adapter_model.safetensors").stat().st_size
         s3 = boto3.client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")
@@ -151,7 +180,7 @@ def main() -> None:
             client = RegistryClient(url, token_for(work / "server", url))
             client.request("POST", "/v1/base-models", json={
                 "name": "bench/llama-like", "config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
-                "tensors": base_tensors(args.layers),
+                "tensors": base_tensors(layers),
                 "files": [{"path": "model.safetensors", "size": 1, "digest": "sha256:" + "0" * 64}]})
             for i, folder in enumerate(adapters):
                 st = folder / "adapter_model.safetensors"
@@ -161,7 +190,7 @@ def main() -> None:
             t0 = time.perf_counter()
             again = client.push(adapters[-1], "bench/adapter")
             t_repush = time.perf_counter() - t0
-            for i in range(args.repeat):
+            for i in range(repeat):
                 fresh(work / "raw-download")
                 timed("raw_down", lambda: raw_download(f"raw/{i}", work / "raw-download", False))
                 fresh(work / "raw-download")
@@ -172,7 +201,7 @@ def main() -> None:
         with serving({**server_env, "LOREG_S3_PRESIGN_DOWNLOADS": "true"}, work) as (url, proc):
             pids["server"] = proc.pid
             client = RegistryClient(url, token_for(work / "server", url))
-            for i in range(args.repeat):
+            for i in range(repeat):
                 fresh(work / "raw-download")
                 timed("raw_down", lambda: raw_download(f"raw/{i}", work / "raw-download", False))
                 fresh(work / "raw-download", work / "pulled", cache)
@@ -188,8 +217,9 @@ def main() -> None:
             print(f"{label:24s} {m[key]:6.2f} s {mb / m[key]:7.1f} MB/s   (runs: {runs}; cpu s: client {used[0]:.2f}, "
                   f"server {used[1]:.2f}, moto {used[2]:.2f}){note}")
 
-        print(f"adapter: {mb:.0f} MB ({args.layers} layers x 7 modules, r=16, float32); S3 = moto on 127.0.0.1; "
-              f"loreg serve in its own process; {os.cpu_count()} cpus; medians of {args.repeat} runs (raw download: "
+        print("loopback, CPU-bound (the bench, loreg serve and moto share the cores; see --link for a network)")
+        print(f"adapter: {mb:.0f} MB ({layers} layers x 7 modules, r=16, float32); S3 = moto on 127.0.0.1; "
+              f"loreg serve in its own process; {os.cpu_count()} cpus; medians of {repeat} runs (raw download: "
               f"{len(times['raw_down'])})")
         line("raw boto3 upload_file", "raw_up")
         line("loreg push", "push")
