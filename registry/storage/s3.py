@@ -178,9 +178,12 @@ class S3BlobStore:
                 "retries": {"mode": "standard", "max_attempts": max_attempts},
                 "max_pool_connections": max(10, 2 * max_concurrency),
             }
+            # nor a sha256 of each body for the signature (botocore's default over http, and over
+            # https when no checksum header is sent): the store's own sha256 covers every byte
+            options["s3"] = {"payload_signing_enabled": False}
             if endpoint_url:
                 # Custom endpoints rarely have wildcard DNS for virtual-hosted buckets.
-                options["s3"] = {"addressing_style": "path"}
+                options["s3"]["addressing_style"] = "path"
             session = boto3.session.Session()
             client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options))
             if presign_endpoint_url:
