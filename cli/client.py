@@ -260,11 +260,7 @@ class RegistryClient:
             location = resp.headers["location"]
         if not location.startswith(("http://", "https://")):
             raise ConnectionFailedError("the server redirected a download to an unsupported URL")
-        if self._direct is None:
-            self._direct = urllib3.PoolManager(
-                timeout=urllib3.Timeout(connect=10.0, read=self._timeout), retries=False, maxsize=2
-            )
-        direct = self._direct.request("GET", location, headers=headers, preload_content=False, redirect=False)
+        direct = self._direct_pool().request("GET", location, headers=headers, preload_content=False, redirect=False)
         try:
             # the stored bytes as they are: no content decoding, the digest is over these bytes
             yield _Download(direct.status, direct.stream(CHUNK, decode_content=False), lambda: _storage_error(direct.status))
@@ -289,10 +285,46 @@ class RegistryClient:
 
     def missing_blobs(self, digests: list[str], name: str | None = None) -> list[str]:
         """Which digests ``name`` does not hold yet (or, without a name, storage lacks)."""
+        return self._check_blobs(digests, name)[0]
+
+    def _check_blobs(self, digests: list[str], name: str | None = None) -> tuple[list[str], bool]:
+        """The missing digests, and whether the server takes direct (presigned) uploads."""
         if not digests:
-            return []
-        path = self._blobs_path(name) + ":check"
-        return list(self.request("POST", path, json={"digests": digests}).json()["missing"])
+            return [], False
+        answer = self.request("POST", self._blobs_path(name) + ":check", json={"digests": digests}).json()
+        return list(answer["missing"]), bool(answer.get("direct_upload", False))
+
+    def upload_blob_direct(
+        self, path: Path, digest: str, size: int, name: str, progress: Progress | None = None
+    ) -> dict[str, Any] | None:
+        """Upload a file for adapter ``name`` straight to storage through presigned part URLs, then
+        have the server adopt it (it reads and verifies the bytes there). None when storage cannot
+        be reached from here or refuses the URLs: upload through the API then."""
+        base = self._blobs_path(name)
+        staged = self.request("POST", base + ":stage", json={"digest": digest, "size": size}).json()
+        direct = self._direct_pool()
+        with open(path, "rb") as f:
+            for url in staged["urls"]:
+                if not url.startswith(("http://", "https://")):
+                    return None
+                part = f.read(staged["part_size"])
+                try:
+                    resp = direct.request("PUT", url, body=part, headers={"Content-Length": str(len(part))}, redirect=False)
+                except urllib3.exceptions.HTTPError:
+                    return None  # storage unreachable from here (the staged upload is left to gc)
+                if resp.status >= 300:
+                    return None
+                if progress:
+                    progress(path.name, len(part), size)
+        adopt = {"digest": digest, "size": size, "nonce": staged["nonce"], "upload_id": staged["upload_id"]}
+        return dict(self.request("POST", base + ":adopt", json=adopt).json())
+
+    def _direct_pool(self) -> urllib3.PoolManager:
+        if self._direct is None:
+            self._direct = urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=10.0, read=self._timeout), retries=False, maxsize=2
+            )
+        return self._direct
 
     def upload_blob(
         self, path: Path, digest: str, size: int, progress: Progress | None = None, name: str | None = None
@@ -459,13 +491,18 @@ class RegistryClient:
         entries = []
         for rel, path in scanned.files.items():
             entries.append({"path": rel, "size": path.stat().st_size, "digest": sha256_file(path)})
-        missing = set(self.missing_blobs(sorted({e["digest"] for e in entries}), name))
+        missing_list, direct = self._check_blobs(sorted({e["digest"] for e in entries}), name)
+        missing = set(missing_list)
         uploaded = 0
         files_uploaded = []
         done: set[str] = set()
         for e in entries:
             if e["digest"] in missing and e["digest"] not in done:
-                self.upload_blob(scanned.files[e["path"]], e["digest"], e["size"], progress, name=name)
+                path = scanned.files[e["path"]]
+                sent = direct and self.upload_blob_direct(path, e["digest"], e["size"], name, progress) is not None
+                if not sent:
+                    direct = False  # storage is not reachable from here: the API for the rest
+                    self.upload_blob(path, e["digest"], e["size"], progress, name=name)
                 uploaded += e["size"]
                 files_uploaded.append(e["path"])
                 done.add(e["digest"])

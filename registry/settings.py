@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     # data path); only when clients can reach the S3 endpoint the server uses
     s3_presign_downloads: bool = False
     s3_presign_expires_s: int = 900
+    # let clients upload files straight to S3 (presigned multipart part URLs for a staging key); the
+    # server then reads each staged file once to verify it and copies it to its blob key inside S3
+    s3_presign_uploads: bool = False
+    # the S3 endpoint as clients reach it, when it differs from s3_endpoint_url (URLs are signed per host)
+    s3_presign_endpoint_url: str | None = None
 
     # limits: each answered with its own status before the whole body is read
     max_file_size: int = 4 * GiB

@@ -82,6 +82,30 @@ class BlobCheck(StrictRequest):
 
 class BlobCheckResult(Response):
     missing: list[str]
+    # the server hands out presigned upload URLs (blobs:stage, then blobs:adopt)
+    direct_upload: bool = False
+
+
+class BlobStage(StrictRequest):
+    digest: Digest
+    size: int = Field(ge=0)
+
+
+class BlobStaged(Response):
+    """Upload part ``i + 1`` (``part_size`` bytes, the last one shorter) with a PUT to ``urls[i]``,
+    then adopt with ``nonce`` and ``upload_id``."""
+
+    nonce: str
+    upload_id: str
+    part_size: int
+    urls: list[str]
+
+
+class BlobAdopt(StrictRequest):
+    digest: Digest
+    size: int = Field(ge=0)
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
+    upload_id: str = Field(min_length=1, max_length=1024)
 
 
 class BlobPublic(Response):

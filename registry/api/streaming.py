@@ -130,9 +130,12 @@ async def _consume(request: Request, consumer: Callable[[io.BufferedReader], T],
     loop = asyncio.get_running_loop()
     q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_CHUNKS)
     space = asyncio.Event()
+    waiting = [False]  # the loop waits for room: only then does a take wake it (a syscall each)
 
     def took() -> None:
-        loop.call_soon_threadsafe(space.set)
+        if waiting[0]:
+            waiting[0] = False
+            loop.call_soon_threadsafe(space.set)
 
     reader = io.BufferedReader(QueueReader(q, took), buffer_size=1 << 20)
     task = asyncio.ensure_future(anyio.to_thread.run_sync(consumer, reader, limiter=limiter))
@@ -147,6 +150,7 @@ async def _consume(request: Request, consumer: Callable[[io.BufferedReader], T],
                 return True
             except queue.Full:
                 space.clear()
+                waiting[0] = True
                 if q.full() and not task.done():
                     await space.wait()
 

@@ -138,21 +138,27 @@ class BlobService:
         limit = self.registry.settings.max_file_size
         if size is not None and size > limit:
             raise TooLargeError(f"upload of {size} bytes is over the limit of {limit}", detail={"limit": limit})
-        scanner = values.StreamScanner(max_header_size=self.registry.settings.max_header_size)
-        guarded = GuardedStream(stream, limit=limit, max_header_size=self.registry.settings.max_header_size)
-        tapped = io.BufferedReader(ScanningStream(guarded, scanner), buffer_size=1 << 20)
+        tapped, scanner = self.checked_stream(stream)
         if self._stored(digest):
             # knowing a digest proves nothing: the bytes are read and checked, and storage keeps
             # the one copy it has
             reader = HashingReader(tapped, size)  # type: ignore[arg-type]
             reader.drain()
             reader.verify(digest)
-            self._record(digest, reader.count, scanner.finish(), link=link)
+            self.record(digest, reader.count, scanner.finish(), link=link)
             return reader.count, False
         stat = self.registry.store.put(tapped, digest, size)  # type: ignore[arg-type]
         crash_point("after_blob_put")  # testing hook (registry/faults.py)
-        self._record(digest, stat.size, scanner.finish(), link=link)
+        self.record(digest, stat.size, scanner.finish(), link=link)
         return stat.size, True
+
+    def checked_stream(self, stream: BinaryIO) -> tuple[BinaryIO, values.StreamScanner]:
+        """``stream`` behind the checks every upload passes (format sniff, size cap, value scan).
+        Read it to the end, then ``scanner.finish()``."""
+        settings = self.registry.settings
+        scanner = values.StreamScanner(max_header_size=settings.max_header_size)
+        guarded = GuardedStream(stream, limit=settings.max_file_size, max_header_size=settings.max_header_size)
+        return io.BufferedReader(ScanningStream(guarded, scanner), buffer_size=1 << 20), scanner  # type: ignore[return-value]
 
     def mount(self, namespace: str, name: str, digest: str, source: tuple[str, str]) -> int:
         """Link a blob of adapter ``source`` to ``namespace/name`` without sending its bytes (OCI's
@@ -169,10 +175,10 @@ class BlobService:
                 hint="upload the file for this adapter instead",
             )
         size = self.registry.store.stat(digest).size
-        self._record(digest, size, link=(namespace, name))
+        self.record(digest, size, link=(namespace, name))
         return size
 
-    def _record(
+    def record(
         self, digest: str, size: int, scan: values.StreamScan | None = None, *, link: tuple[str, str] | None = None
     ) -> None:
         now = datetime.now(UTC)

@@ -36,5 +36,6 @@ def open_registry(settings: Settings, *, store: BlobStore | None = None) -> AppC
             settings.effective_storage_url,
             s3_endpoint_url=settings.s3_endpoint_url,
             s3_region=settings.s3_region,
+            s3_presign_endpoint_url=settings.s3_presign_endpoint_url,
         )
     return AppContext(settings=settings, engine=engine, sessions=make_session_factory(engine), store=store)

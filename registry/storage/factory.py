@@ -9,7 +9,9 @@ from loreg.registry.errors import SettingsInvalidError
 from loreg.registry.storage.protocol import BlobStore
 
 
-def store_from_url(url: str, *, s3_endpoint_url: str | None = None, s3_region: str | None = None) -> BlobStore:
+def store_from_url(
+    url: str, *, s3_endpoint_url: str | None = None, s3_region: str | None = None, s3_presign_endpoint_url: str | None = None
+) -> BlobStore:
     """Build the store for ``file:///absolute/path`` or ``s3://bucket[/prefix]``.
 
     Creates no folder and opens no connection (the S3 backend, and boto3, are imported only here).
@@ -44,7 +46,13 @@ def store_from_url(url: str, *, s3_endpoint_url: str | None = None, s3_region: s
             )
         from loreg.registry.storage.s3 import S3BlobStore
 
-        return S3BlobStore(parts.netloc, unquote(parts.path), endpoint_url=s3_endpoint_url, region=s3_region)
+        return S3BlobStore(
+            parts.netloc,
+            unquote(parts.path),
+            endpoint_url=s3_endpoint_url,
+            region=s3_region,
+            presign_endpoint_url=s3_presign_endpoint_url,
+        )
     raise SettingsInvalidError(
         f"unsupported storage URL scheme {parts.scheme!r}",
         detail={"url": url},

@@ -9,16 +9,25 @@ hashed, and the upload is completed only if the digest and size matched, else ab
 failure aborts it too, so a failed put leaves no object and no open multipart upload (a crashed
 process may leave one: ``abort_stale_multipart_uploads`` is for garbage collection).
 
+Direct (presigned) uploads stage under ``<prefix>/staging/<64 hex>``, a name the service derives
+from the token, adapter, digest and a server nonce: the client sends parts straight to S3 through
+presigned part URLs, the server completes the upload, reads it once (digest and value scan), then
+copies it to its blob key server-side and deletes the staged object. Nothing under ``staging/`` is
+a blob: listing, stat and presence checks look under ``blobs/`` only.
+
 Every botocore exception is translated into a loreg storage error before it leaves this module.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -60,7 +69,9 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 MIN_PART_SIZE = 5 * MIB  # S3 refuses smaller parts (except the last)
 MAX_PARTS = 10_000
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+MAX_COPY_SIZE = 5 * 1024 * MIB  # larger objects are copied part by part (UploadPartCopy)
+STAGING_NAME_RE = re.compile(r"[0-9a-f]{64}")
+_NOT_FOUND = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
 _TIMEOUT = {"RequestTimeout"}
 
 
@@ -99,6 +110,16 @@ def _s3(action: str, digest: str | None = None) -> Iterator[None]:
         raise _storage_error(exc, action) from exc
 
 
+@dataclass(frozen=True)
+class StagedUpload:
+    """A multipart upload to a staging key: the client PUTs part ``i + 1`` (``part_size`` bytes,
+    the last one shorter) to ``urls[i]``."""
+
+    upload_id: str
+    part_size: int
+    urls: list[str]
+
+
 def _utc(value: Any) -> datetime | None:
     return value.astimezone(UTC) if isinstance(value, datetime) else None
 
@@ -115,6 +136,8 @@ class S3BlobStore:
         max_concurrency: parts in flight per put; a put holds at most (max_concurrency + 1) parts in memory.
         connect_timeout, read_timeout: seconds, per request.
         max_attempts: total attempts per request (botocore "standard" retry mode).
+        presign_endpoint_url: the endpoint clients reach S3 at, when it differs from the server's
+            (presigned URLs are signed for their host).
         client: a ready boto3 S3 client (then the connection settings above are ignored).
     """
 
@@ -130,6 +153,7 @@ class S3BlobStore:
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         max_attempts: int = 3,
+        presign_endpoint_url: str | None = None,
         client: Any = None,
     ):
         if not bucket:
@@ -142,20 +166,32 @@ class S3BlobStore:
         self.prefix = prefix.strip("/")
         self.part_size = part_size
         self.max_concurrency = max_concurrency
+        signer = None
         if client is None:
             options: dict[str, Any] = {
+                # the store hashes every byte itself (sha256): botocore's default CRC32 on each
+                # part and its MD5 on each response would be a second and third pass
+                "request_checksum_calculation": "when_required",
+                "response_checksum_validation": "when_required",
                 "connect_timeout": connect_timeout,
                 "read_timeout": read_timeout,
                 "retries": {"mode": "standard", "max_attempts": max_attempts},
                 "max_pool_connections": max(10, 2 * max_concurrency),
             }
+            # nor a sha256 of each body for the signature (botocore's default over http, and over
+            # https when no checksum header is sent): the store's own sha256 covers every byte
+            options["s3"] = {"payload_signing_enabled": False}
             if endpoint_url:
                 # Custom endpoints rarely have wildcard DNS for virtual-hosted buckets.
-                options["s3"] = {"addressing_style": "path"}
-            client = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options)
-            )
+                options["s3"]["addressing_style"] = "path"
+            session = boto3.session.Session()
+            client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options))
+            if presign_endpoint_url:
+                signer = session.client(
+                    "s3", endpoint_url=presign_endpoint_url, region_name=region, config=Config(**options)
+                )
         self._client = client
+        self._signer = signer if signer is not None else client
 
     def __repr__(self) -> str:
         return f"S3BlobStore(bucket={self.bucket!r}, prefix={self.prefix!r})"
@@ -300,7 +336,8 @@ class S3BlobStore:
             log.warning("could not abort multipart upload %s of %s", upload_id, key, exc_info=True)
 
     def abort_stale_multipart_uploads(self, older_than: datetime) -> int:
-        """Abort multipart uploads under this store's prefix started before ``older_than``.
+        """Abort multipart uploads under this store's prefix (blob puts and staged direct uploads)
+        started before ``older_than``.
 
         Returns:
             how many were aborted.
@@ -309,17 +346,153 @@ class S3BlobStore:
             raise ValueError("older_than must be timezone-aware")
         stale = []
         with _s3("list multipart uploads"):
-            pages = self._client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=self._blobs_prefix
-            )
-            for page in pages:
-                for upload in page.get("Uploads", []):
-                    initiated = _utc(upload.get("Initiated"))
-                    if initiated is not None and initiated < older_than:
-                        stale.append((upload["Key"], upload["UploadId"]))
+            for prefix in (self._blobs_prefix, self._staging_prefix):
+                pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix)
+                for page in pages:
+                    for upload in page.get("Uploads", []):
+                        initiated = _utc(upload.get("Initiated"))
+                        if initiated is not None and initiated < older_than:
+                            stale.append((upload["Key"], upload["UploadId"]))
         for key, upload_id in stale:
             with _s3("abort a multipart upload"):
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        return len(stale)
+
+    # -- direct uploads (staging) ----------------------------------------------------------------
+
+    @property
+    def _staging_prefix(self) -> str:
+        return f"{self.prefix}/staging/" if self.prefix else "staging/"
+
+    def _staging_key(self, name: str) -> str:
+        if STAGING_NAME_RE.fullmatch(name) is None:
+            raise ValueError("a staging name is 64 lowercase hex (derived by the service)")
+        return self._staging_prefix + name
+
+    def stage_upload(self, name: str, size: int, expires_s: int) -> StagedUpload:
+        """Start a multipart upload to staging key ``name`` and sign one PUT URL per part."""
+        key = self._staging_key(name)
+        part_size = max(self.part_size, 16 * MIB, math.ceil(size / MAX_PARTS))
+        count = max(1, math.ceil(size / part_size))
+        with _s3("start a multipart upload"):
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        with _s3("sign a URL"):
+            urls = [
+                self._signer.generate_presigned_url(
+                    "upload_part",
+                    Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number},
+                    ExpiresIn=expires_s,
+                )
+                for number in range(1, count + 1)
+            ]
+        return StagedUpload(upload_id, part_size, urls)
+
+    def complete_staged(self, name: str, upload_id: str) -> None:
+        """Complete the staged upload from the parts S3 holds (the client's word is not needed).
+
+        Raises:
+            BlobNotFoundError: no such upload at this key (another token's, finished, or aborted).
+        """
+        key = self._staging_key(name)
+        parts: list[dict[str, Any]] = []
+        try:
+            # some S3 servers (moto) find an upload by its id alone, whatever the key: the id must
+            # be one of this key's own uploads, or another token's upload could be completed
+            with _s3("list multipart uploads"):
+                listed = self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=key).get("Uploads", [])
+            if not any(u["Key"] == key and u["UploadId"] == upload_id for u in listed):
+                raise BlobNotFoundError("no such staged upload")
+            with _s3("list the parts of an upload", "staged upload"):
+                pages = self._client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                for page in pages:
+                    parts.extend({"ETag": p["ETag"], "PartNumber": p["PartNumber"]} for p in page.get("Parts", []))
+        except BlobNotFoundError:
+            parts = []
+        if not parts:
+            raise BlobNotFoundError(
+                "this token staged no such upload (or it holds no parts)",
+                detail={"upload_id": upload_id[:80]},
+                hint="stage the upload again with the token that will adopt it",
+            )
+        with _s3("complete a multipart upload", "staged upload"):
+            self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+
+    def open_staged(self, name: str) -> BinaryIO:
+        """The completed staged object, to be read (and verified) once."""
+        with _s3("read a staged upload", "staged upload"):
+            answer = self._client.get_object(Bucket=self.bucket, Key=self._staging_key(name))
+        body = answer["Body"]
+
+        def read(n: int) -> bytes:
+            with _s3("read a staged upload"):
+                return cast(bytes, body.read(n))
+
+        return cast(BinaryIO, RangeStream(read, int(answer["ContentLength"]), body.close))
+
+    def publish_staged(self, name: str, digest: str, size: int) -> None:
+        """Copy the verified staged object to blob ``digest`` inside S3 (unless it is stored), then
+        delete the staged object."""
+        source = {"Bucket": self.bucket, "Key": self._staging_key(name)}
+        if not self.exists(digest):
+            if size <= MAX_COPY_SIZE:
+                with _s3("copy a staged upload"):
+                    self._client.copy_object(Bucket=self.bucket, Key=self._key(digest), CopySource=source)
+            else:
+                self._copy_in_parts(source, self._key(digest), size)
+        self.delete_staged(name)
+
+    def _copy_in_parts(self, source: dict[str, str], key: str, size: int) -> None:
+        part = max(MAX_COPY_SIZE // 5, math.ceil(size / MAX_PARTS))
+        with _s3("start a multipart upload"):
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        try:
+            parts = []
+            for number, start in enumerate(range(0, size, part), start=1):
+                with _s3("copy a part"):
+                    answer = self._client.upload_part_copy(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, CopySource=source,
+                        CopySourceRange=f"bytes={start}-{min(start + part, size) - 1}",
+                    )
+                parts.append({"ETag": answer["CopyPartResult"]["ETag"], "PartNumber": number})
+            with _s3("complete a multipart upload"):
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+
+    def delete_staged(self, name: str, upload_id: str | None = None) -> None:
+        """Remove a staged object (and abort its upload when ``upload_id`` is given); missing is fine."""
+        key = self._staging_key(name)
+        if upload_id is not None:
+            try:
+                with _s3("abort a multipart upload", "staged upload"):
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except BlobNotFoundError:
+                pass
+        with _s3("delete a staged upload"):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def cleanup_staging(self, older_than: datetime) -> int:
+        """Delete staged objects last written before ``older_than`` (an adoption that never ended).
+
+        Returns:
+            how many were deleted.
+        """
+        stale = []
+        with _s3("list staged uploads"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._staging_prefix)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    modified = _utc(item.get("LastModified"))
+                    if modified is not None and modified < older_than:
+                        stale.append(item["Key"])
+        for key in stale:
+            with _s3("delete a staged upload"):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
         return len(stale)
 
     # -- reading -------------------------------------------------------------------------------
@@ -402,7 +575,7 @@ class S3BlobStore:
         with _s3("sign a URL"):
             return cast(
                 str,
-                self._client.generate_presigned_url(
+                self._signer.generate_presigned_url(
                     "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
                 ),
             )

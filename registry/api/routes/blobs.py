@@ -12,11 +12,20 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from loreg.registry.api.deps import AdminDep, BlobsDep, WriteDep
-from loreg.registry.api.schemas import BlobCheck, BlobCheckResult, BlobMount, BlobPublic
+from loreg.registry.api.schemas import (
+    BlobAdopt,
+    BlobCheck,
+    BlobCheckResult,
+    BlobMount,
+    BlobPublic,
+    BlobStage,
+    BlobStaged,
+)
 from loreg.registry.api.streaming import consume_body
 from loreg.registry.errors import DeniedError, RequestInvalidError, TooLargeError
 from loreg.registry.formats import names
 from loreg.registry.services.blobs import BlobService
+from loreg.registry.services.direct_uploads import DirectUploadService
 from loreg.registry.services.tokens import Principal
 from loreg.registry.storage.protocol import check_digest
 
@@ -31,7 +40,34 @@ async def check_blobs(namespace: str, name: str, body: BlobCheck, blobs: BlobsDe
     Blobs other adapters hold count as missing: the answer reveals nothing about them."""
     names.check_name(namespace, name)
     missing = await run_in_threadpool(blobs.missing, body.digests, link=(namespace, name))
-    return BlobCheckResult(missing=missing)
+    return BlobCheckResult(missing=missing, direct_upload=DirectUploadService(blobs.registry).available)
+
+
+@router.post("/v1/adapters/{namespace}/{name}/blobs:stage", response_model=BlobStaged)
+async def stage_blob(namespace: str, name: str, body: BlobStage, blobs: BlobsDep, principal: WriteDep) -> BlobStaged:
+    """Presigned part URLs to upload one file straight to storage (when the server offers direct
+    uploads: see ``direct_upload`` in blobs:check). Nothing is a blob until it is adopted."""
+    names.check_name(namespace, name)
+    direct = DirectUploadService(blobs.registry)
+    staged = await run_in_threadpool(direct.stage, principal.token_id, (namespace, name), body.digest, body.size)
+    return BlobStaged(nonce=staged.nonce, upload_id=staged.upload_id, part_size=staged.part_size, urls=staged.urls)
+
+
+@router.post(
+    "/v1/adapters/{namespace}/{name}/blobs:adopt",
+    response_model=BlobPublic,
+    status_code=201,
+    responses={200: {"model": BlobPublic}},
+)
+async def adopt_blob(namespace: str, name: str, body: BlobAdopt, blobs: BlobsDep, principal: WriteDep) -> JSONResponse:
+    """Verify a file this token staged (read once: digest, size, format, values), store it as the
+    blob and link it to this adapter; a staged file that fails is deleted."""
+    names.check_name(namespace, name)
+    direct = DirectUploadService(blobs.registry)
+    size, _ = await run_in_threadpool(
+        direct.adopt, principal.token_id, (namespace, name), body.digest, body.size, body.nonce, body.upload_id
+    )
+    return _blob_response(body.digest, size, created=True)
 
 
 @router.put(
