@@ -71,6 +71,7 @@ def run_server(host: str, port: int, log_level: str, workers: int) -> None:
         else:
             # each worker process builds its own app from the environment (loreg.registry.asgi)
             app.state.registry.close()
+            options["http"] = "loreg.registry.http:SettingsHeaderDeadlineProtocol"
             uvicorn.run("loreg.registry.asgi:app", workers=workers, **options)
     finally:
         if metrics_dir is not None:
