@@ -49,7 +49,7 @@ def run_server(host: str, port: int, log_level: str, workers: int) -> None:
         raise SettingsInvalidError(
             "--workers > 1 needs Postgres", hint="set LOREG_DATABASE_URL to a Postgres URL, or run one process"
         )
-    metrics_dir = _multiprocess_metrics_dir(workers)
+    metrics_dir = share_metrics(workers)
     try:
         from loreg.registry.server import prepare
 
@@ -78,9 +78,18 @@ def run_server(host: str, port: int, log_level: str, workers: int) -> None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _multiprocess_metrics_dir(workers: int) -> str | None:
-    """With N processes, prometheus-client's multiprocess mode: each process writes its values to
-    a folder and a scrape sums them. Set before prometheus_client is first imported."""
+def share_metrics(workers: int) -> str | None:
+    """Put prometheus-client in multiprocess mode when values must be summed across processes;
+    returns a temporary folder to remove at exit. Set before prometheus_client is first imported.
+
+    LOREG_METRICS_DIR names a folder kept across runs that `loreg serve` and `loreg gc` / `fsck`
+    share (their results then show in /metrics); else N API processes share a temporary one.
+    """
+    shared = os.environ.get("LOREG_METRICS_DIR")
+    if shared:
+        os.makedirs(shared, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+        return None
     if workers == 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
     folder = tempfile.mkdtemp(prefix="loreg-metrics-")

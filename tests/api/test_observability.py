@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -115,3 +118,23 @@ def test_error_envelopes_carry_the_request_id(api: TestClient, anon: TestClient)
     too_large = api.post("/v1/adapters/org/x/versions", content=b"x" * (2 << 20), headers={"Content-Type": "application/json"})
     assert too_large.status_code == 413
     assert too_large.json()["request_id"] == too_large.headers["x-request-id"]
+
+
+def test_gc_and_fsck_results_are_scraped(api: TestClient, registry: Any) -> None:
+    from loreg.registry.services.maintenance import MaintenanceService
+
+    stray = b"an object no row names (a crash between the store write and the row)"
+    digest = "sha256:" + hashlib.sha256(stray).hexdigest()
+    registry.store.put(io.BytesIO(stray), digest, len(stray))
+    before = scrape(api)
+    service = MaintenanceService(registry)
+    report = service.gc(grace=timedelta(0))
+    checked = service.fsck()
+    after = scrape(api)
+    assert report.stray_deleted == [digest]
+    assert delta(before, after, "loreg_gc_deleted_blobs_total") == 1
+    assert delta(before, after, "loreg_gc_freed_bytes_total") == len(stray)
+    assert after[("loreg_gc_last_run_timestamp_seconds", ())] > before.get(("loreg_gc_last_run_timestamp_seconds", ()), 0)
+    assert after[("loreg_fsck_checked_blobs", ())] == checked.checked
+    assert after[("loreg_fsck_bad_blobs", (("kind", "corrupt"),))] == 0
+    assert after[("loreg_fsck_last_run_timestamp_seconds", ())] > 0

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.moto import free_port
-from tests.support.server import LOREG, env_with, serving
+from tests.support.server import LOREG, env_with, loreg, serving, token_for
 
 pytestmark = pytest.mark.slow
 ROUTE = "/v1/adapters/{namespace}/{name}"
@@ -51,3 +51,15 @@ def test_workers_are_refused_on_sqlite(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "--workers > 1 needs Postgres" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "home" / "loreg.db").exists()
+
+
+def test_fsck_from_the_cli_shows_in_metrics_through_the_shared_folder(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = env_with(LOREG_HOME=str(home), LOREG_METRICS_DIR=str(tmp_path / "metrics"))
+    with serving(env, tmp_path) as (url, _proc):
+        headers = {"Authorization": f"Bearer {token_for(home, url)}"}
+        loreg("fsck", env=env, cwd=tmp_path)
+        text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
+    samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples["loreg_fsck_checked_blobs"] == 0
+    assert samples["loreg_fsck_last_run_timestamp_seconds"] > 0
