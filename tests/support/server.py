@@ -69,7 +69,7 @@ def serving(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tuple[str, s
     """`loreg serve` on a free port with ``env``; yields (url, process) once /v1/health answers.
 
     The process is always ended on exit (terminate, then kill); its output goes to
-    ``cwd/serve-<port>.log``, quoted when it dies before answering.
+    ``cwd/serve-<port>.log``, quoted when it dies before answering. ``args``: more `loreg serve` options.
     """
     port = free_port()
     log_path = cwd / f"serve-{port}.log"
