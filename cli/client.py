@@ -239,7 +239,7 @@ class RegistryClient:
                 body = resp.json()
             except ValueError:
                 body = None
-            raise error_from_envelope(resp.status_code, body)
+            raise error_from_envelope(resp.status_code, body, request_id=resp.headers.get("x-request-id"))
         return resp
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
@@ -1153,7 +1153,7 @@ def _api_error(resp: httpx.Response) -> LoregError:
         body = resp.json()
     except ValueError:
         body = None
-    return error_from_envelope(resp.status_code, body)
+    return error_from_envelope(resp.status_code, body, request_id=resp.headers.get("x-request-id"))
 
 
 def _storage_error(status: int) -> LoregError:

@@ -105,6 +105,8 @@ def fail(err: LoregError, as_json: bool) -> None:
                 click.echo(f"  … and {more} more", err=True)
         if err.hint:
             click.secho(f"hint: {err.hint}", fg="cyan", err=True)
+        if err.request_id:
+            click.echo(f"request id: {err.request_id} (quote it to the server's operator)", err=True)
     sys.exit(1)
 
 

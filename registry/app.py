@@ -14,7 +14,8 @@ from loreg.registry.api.docs import install_docs
 from loreg.registry.api.errors import install_error_handlers
 from loreg.registry.api.limits import RequestLimitsMiddleware, body_limit_for
 from loreg.registry.api.ratelimit import FailureLimiter, TrustedProxies
-from loreg.registry.api.routes import adapters, bases, blobs, combinations, exports, health, tokens
+from loreg.registry.api.observe import ObservabilityMiddleware
+from loreg.registry.api.routes import adapters, bases, blobs, combinations, exports, health, metrics, tokens
 from loreg.registry.api.streaming import UploadSlots
 from loreg.registry.services.adapters import AdapterService
 from loreg.registry.services.bases import BaseService
@@ -85,8 +86,9 @@ def create_app(settings: Settings | None = None, *, registry: AppContext | None 
     app.add_middleware(
         RequestLimitsMiddleware, limit_for=body_limit_for(settings.max_json_body), idle_timeout_s=settings.body_idle_timeout_s
     )
+    app.add_middleware(ObservabilityMiddleware)  # added last: outermost, it sees refused requests too
     install_docs(app)
-    for module in (health, blobs, adapters, bases, exports, combinations, tokens):
+    for module in (health, blobs, adapters, bases, exports, combinations, tokens, metrics):
         app.include_router(module.router)
     install_ui(app)
     return app

@@ -1,7 +1,7 @@
 """Every error loreg answers with, and its HTTP status: one table, shared by server and client.
 
 The server turns a LoregError into the envelope
-``{"errors": [{"code": ..., "message": ..., "detail": {...}}]}`` with the class's status;
+``{"errors": [{"code": ..., "message": ..., "detail": {...}}], "request_id": ...}`` with the class's status;
 the client turns the envelope back into the same class (``error_from_envelope``).
 """
 
@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 class LoregError(Exception):
     code: ClassVar[str] = "INTERNAL"
     status: ClassVar[int] = 500
+    # the server's id of the request that failed (client side), for the user to quote
+    request_id: str | None = None
 
     def __init__(self, message: str, *, detail: dict[str, Any] | None = None, hint: str | None = None):
         super().__init__(message)
@@ -30,7 +32,10 @@ class LoregError(Exception):
         return {"code": self.code, "message": self.message, "detail": self.detail}
 
     def envelope(self) -> dict[str, Any]:
-        return {"errors": [self.to_dict()]}
+        body: dict[str, Any] = {"errors": [self.to_dict()]}
+        if self.request_id:
+            body["request_id"] = self.request_id
+        return body
 
 
 def _error(name: str, code: str, status: int, doc: str) -> type[LoregError]:
@@ -122,8 +127,15 @@ ERRORS: dict[str, type[LoregError]] = {
 ERRORS["INTERNAL"] = InternalError
 
 
-def error_from_envelope(status: int, body: Any) -> LoregError:
-    """Rebuild the typed error from a server's error envelope (client side)."""
+def error_from_envelope(status: int, body: Any, request_id: str | None = None) -> LoregError:
+    """Rebuild the typed error from a server's error envelope (client side), with its request id."""
+    err = _from_envelope(status, body)
+    carried = body.get("request_id") if isinstance(body, dict) else None
+    err.request_id = carried if isinstance(carried, str) else request_id
+    return err
+
+
+def _from_envelope(status: int, body: Any) -> LoregError:
     try:
         first = body["errors"][0]
         code, message = str(first["code"]), str(first["message"])

@@ -50,3 +50,14 @@ def protocol_with_header_deadline(seconds: float) -> type[H11Protocol]:
             super().connection_lost(exc)
 
     return HeaderDeadlineProtocol
+
+
+def __getattr__(name: str) -> Any:
+    # `loreg serve --workers N`: uvicorn builds each worker's config from an import string, and a
+    # class made by protocol_with_header_deadline cannot travel to a spawned process; built on
+    # demand here, with the deadline from that worker's settings (no work at import time)
+    if name == "SettingsHeaderDeadlineProtocol":
+        from loreg.registry.settings import Settings
+
+        return protocol_with_header_deadline(Settings().header_timeout_s)
+    raise AttributeError(name)

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     auth_failure_window_s: float = 300.0
     # peers (CIDRs) whose X-Forwarded-For names the client; empty: the peer is the client
     trusted_proxies: Annotated[list[str], NoDecode] = []
+    # GET /metrics without a token (a scraper inside a private network); else the admin token
+    metrics_public: bool = False
     gc_grace_seconds: int = 24 * 3600
     export_concurrency: int = 1
     # "inprocess": `loreg serve` runs export workers as threads (the embedded default);

@@ -16,8 +16,7 @@ def upgrade() -> None:
 
     registry = open_for_admin(schema="any")
     try:
-        before = migrate.current_revision(registry.engine)
-        migrate.upgrade(registry.engine)
+        before = migrate.upgrade(registry.engine)  # read under the migration lock
         after = migrate.current_revision(registry.engine)
     finally:
         registry.close()

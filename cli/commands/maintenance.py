@@ -19,9 +19,11 @@ def gc(grace_s: int | None, dry_run: bool, as_json: bool) -> None:
     """Delete unreferenced blobs older than the grace period (server host; safe while pushes run)."""
     from datetime import timedelta
 
+    from loreg.cli.serving_process import share_metrics
     from loreg.registry.admin import open_for_admin
     from loreg.registry.services.maintenance import MaintenanceService
 
+    share_metrics(1)  # with LOREG_METRICS_DIR, the result shows in the server's /metrics
     registry = open_for_admin()
     try:
         report = MaintenanceService(registry).gc(grace=None if grace_s is None else timedelta(seconds=grace_s), dry_run=dry_run)
@@ -40,9 +42,11 @@ def gc(grace_s: int | None, dry_run: bool, as_json: bool) -> None:
 @json_option
 def fsck(as_json: bool) -> None:
     """Re-hash every stored blob and report corruption (server host). Exits 1 if any is bad."""
+    from loreg.cli.serving_process import share_metrics
     from loreg.registry.admin import open_for_admin
     from loreg.registry.services.maintenance import MaintenanceService
 
+    share_metrics(1)  # with LOREG_METRICS_DIR, the result shows in the server's /metrics
     registry = open_for_admin()
     try:
         report = MaintenanceService(registry).fsck()

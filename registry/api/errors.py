@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +24,7 @@ from loreg.registry.errors import (
     TooManyRequestsError,
     UnauthorizedError,
 )
+from loreg.registry.observability import REQUEST_ID, STORAGE_ERROR_CODES, metrics, request_id_from
 
 log = logging.getLogger("loreg.api")
 
@@ -39,12 +39,20 @@ FRAMEWORK_STATUSES: dict[int, type[LoregError]] = {
 
 
 def error_response(err: LoregError) -> JSONResponse:
+    """The envelope, with the request's id (ObservabilityMiddleware set it) for the user to quote."""
     headers = {}
+    body = err.envelope()
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        body["request_id"] = request_id
+        headers["X-Request-ID"] = request_id
+    if err.code in STORAGE_ERROR_CODES:
+        metrics().storage_errors.labels(kind=err.code).inc()
     if isinstance(err, UnauthorizedError):
         headers["WWW-Authenticate"] = 'Bearer realm="loreg"'
     if err.status in (429, 503):
         headers["Retry-After"] = str(err.detail.get("retry_after", 5))
-    return JSONResponse(err.envelope(), status_code=err.status, headers=headers)
+    return JSONResponse(body, status_code=err.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -105,6 +113,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _internal(exc: Exception) -> JSONResponse:
-    request_id = uuid.uuid4().hex[:12]
+    request_id = REQUEST_ID.get()
+    if request_id is None:  # raised outside ObservabilityMiddleware (it is outermost but one)
+        request_id = request_id_from(None)
+        REQUEST_ID.set(request_id)
     log.error("unhandled error (request %s)", request_id, exc_info=exc)
     return error_response(InternalError("internal error", detail={"request_id": request_id}))

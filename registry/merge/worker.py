@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from loreg.registry.db.models import BaseModelRow
 from loreg.registry.db.models import Export, ExportFile, ExportInput, Version, VersionFile
 from loreg.registry.errors import InternalError, MergeUnsupportedError
+from loreg.registry.faults import pause_point
 from loreg.registry.formats import peft, safetensors, validate
 from loreg.registry.services.context import AppContext
 from loreg.registry.services.exports import adopt_stored_result
@@ -120,6 +121,8 @@ class ExportWorker:
         def on_progress(t_done: int, t_total: int, b_done: int, b_total: int) -> None:
             lease.progress.update(tensors_done=t_done, tensors_total=t_total, bytes_done=b_done, bytes_total=b_total)
             lease.check()
+            if t_done >= 1:
+                pause_point("mid_merge")  # testing hook (registry/faults.py)
 
         out_dtype = None if dtype == "auto" else dtype
         device = resolve_device(self.device)

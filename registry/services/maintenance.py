@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from loreg.registry.db.models import BaseModelRow
 from loreg.registry.db.models import AdapterBlob, Blob, ExportFile, VersionFile
 from loreg.registry.errors import BlobNotFoundError
+from loreg.registry.observability import metrics
 from loreg.registry.services.context import AppContext
 
 log = logging.getLogger("loreg.gc")
@@ -118,6 +120,7 @@ class MaintenanceService:
             abort = getattr(store, "abort_stale_multipart_uploads", None)
             if callable(abort):
                 report.multipart_aborted = int(abort(cutoff))
+            metrics().record_gc(len(report.deleted) + len(report.stray_deleted), report.bytes_freed, time.time())
         return report
 
     # Each deletion holds the blob's row (deleted, or claimed with a placeholder) in an open
@@ -190,4 +193,5 @@ class MaintenanceService:
             actual = "sha256:" + h.hexdigest()
             if actual != digest or n != size:
                 report.corrupt.append({"digest": digest, "actual": actual, "size": size, "actual_size": n})
+        metrics().record_fsck(report.checked, len(report.corrupt), len(report.missing), time.time())
         return report

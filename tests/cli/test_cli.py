@@ -345,7 +345,8 @@ def test_shape_mismatch_prints_each_key_once_with_a_hint(loreg: Loreg, tmp_path:
     keys = sorted(read_header_from_file(adapter / "adapter_model.safetensors").tensors)
     result = loreg("push", adapter, "org/bot")
     assert result.code == 1
-    lines = result.stderr.splitlines()
+    *lines, quoted = result.stderr.splitlines()
+    assert re.fullmatch(r"request id: [0-9a-f]{32} \(quote it to the server's operator\)", quoted)
     assert lines[0] == f"error: {len(keys)} adapter tensors do not fit the base's shapes [SHAPE_MISMATCH]"
     assert sorted(lines[1:-1]) == sorted(
         f"  - {k}: expected {[8, 32] if 'lora_A' in k else [32, 8]}, found {[8, 64] if 'lora_A' in k else [64, 8]}"

@@ -65,16 +65,16 @@ def _answers(url: str) -> bool:
 
 
 @contextmanager
-def serving(env: dict[str, str], cwd: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def serving(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`loreg serve` on a free port with ``env``; yields (url, process) once /v1/health answers.
 
     The process is always ended on exit (terminate, then kill); its output goes to
-    ``cwd/serve-<port>.log``, quoted when it dies before answering.
+    ``cwd/serve-<port>.log``, quoted when it dies before answering. ``args``: more `loreg serve` options.
     """
     port = free_port()
     log_path = cwd / f"serve-{port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([LOREG, "serve", "--port", str(port), "--log-level", "warning"], env=env, cwd=cwd,
+        proc = subprocess.Popen([LOREG, "serve", "--port", str(port), "--log-level", "warning", *args], env=env, cwd=cwd,
                                 stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
