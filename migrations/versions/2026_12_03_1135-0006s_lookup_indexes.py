@@ -1,7 +1,8 @@
 """lookup at scale: latest metric values in an indexed table, a searchable text per version
 
 Adds version_metrics_latest (each (version, key)'s latest value, indexed by (key, value,
-version_id)), metrics(version_id, id) for loading a version's metrics, and versions.search_text
+version_id)), metrics(version_id, id) for loading a version's metrics, versions(base_model_id,
+adapter_id, number, rank_min, rank_max, id) for lookup's newest-per-adapter window, and versions.search_text
 (lower("namespace/name message"), what ?q= matches) with a trigram index on Postgres (pg_trgm, a
 trusted extension the database owner may create).
 
@@ -45,6 +46,8 @@ def upgrade() -> None:
 
     with op.batch_alter_table('versions', schema=None) as batch_op:
         batch_op.add_column(sa.Column('search_text', sa.Text(), nullable=True))
+        batch_op.create_index('ix_versions_base_adapter_number',
+                              ['base_model_id', 'adapter_id', 'number', 'rank_min', 'rank_max', 'id'], unique=False)
     op.execute(
         "UPDATE versions SET search_text = (SELECT lower(adapters.namespace || '/' || adapters.name || ' '"
         " || coalesce(versions.message, '')) FROM adapters WHERE adapters.id = versions.adapter_id)"
@@ -61,6 +64,7 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == 'postgresql':
         op.drop_index('ix_versions_search_text_trgm', table_name='versions')
     with op.batch_alter_table('versions', schema=None) as batch_op:
+        batch_op.drop_index('ix_versions_base_adapter_number')
         batch_op.drop_column('search_text')
     with op.batch_alter_table('metrics', schema=None) as batch_op:
         batch_op.drop_index('ix_metrics_version_id')

@@ -160,6 +160,9 @@ class Version(OrmBase):
         digest_check("manifest_digest"),
         CheckConstraint("number > 0", name="number_positive"),
         Index("ix_versions_base_rank", "base_model_id", "rank_max"),
+        # a base's versions in the order of lookup's newest-per-adapter window, with the columns the
+        # window and the rank filters read: an index-only scan, no visit to the wide rows
+        Index("ix_versions_base_adapter_number", "base_model_id", "adapter_id", "number", "rank_min", "rank_max", "id"),
         # lookups' ?q= is a substring match: a trigram index serves it on Postgres (SQLite scans)
         Index(
             "ix_versions_search_text_trgm",

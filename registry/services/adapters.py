@@ -181,8 +181,7 @@ def _filter_conditions(filters: LookupFilters) -> list[Any]:
 
 
 def _metric_value(filters: LookupFilters, conds: list[Any]) -> Any:
-    """The named metric's latest value per version (``version_metrics_latest``, which the lookup
-    joins for that key), None without a metric;
+    """The named metric's latest value per version (from ``version_metrics_latest``), None without a metric;
     its bounds are appended to ``conds``. Sorting alone does not filter: versions without it come last."""
     bounds = {k: x for k, x in (("metric_min", filters.metric_min), ("metric_max", filters.metric_max)) if x is not None}
     if bounds and not filters.metric:
@@ -195,7 +194,14 @@ def _metric_value(filters: LookupFilters, conds: list[Any]) -> Any:
         raise RequestInvalidError("metric_min and metric_max must be finite numbers", detail={"fields": sorted(bounds)})
     if not filters.metric:
         return None
-    value = MetricLatest.value
+    # a probe of the (version_id, key) primary key per candidate: a join would let the planner hash
+    # the key's whole column when the other filters are selective only together
+    value = (
+        select(MetricLatest.value)
+        .where(MetricLatest.version_id == Version.id, MetricLatest.key == filters.metric)
+        .correlate(Version)
+        .scalar_subquery()
+    )
     if filters.metric_min is not None:
         conds.append(value >= filters.metric_min)
     if filters.metric_max is not None:
@@ -717,9 +723,7 @@ class AdapterService:
             Adapter, Adapter.id == Version.adapter_id
         )
         if metric_value is not None:
-            query = query.add_columns(metric_value.label("mv")).outerjoin(
-                MetricLatest, and_(MetricLatest.version_id == Version.id, MetricLatest.key == filters.metric)
-            )
+            query = query.add_columns(metric_value.label("mv"))
         if conds:
             query = query.where(and_(*conds))
         if filters.latest_only:
