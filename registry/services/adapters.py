@@ -86,7 +86,7 @@ class LookupFilters:
 
 def _glob_to_like(part: str) -> str:
     """One part of a token namespace glob (``team-*``) as a SQL LIKE pattern."""
-    escaped = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    escaped = part.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped.replace("*", "%")
 
 
