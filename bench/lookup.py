@@ -70,10 +70,10 @@ def fill(url: str, versions: int) -> float:
 FLOOR_SQL = {
     "lookup": """
         SELECT r.vid, r.mv FROM (
-          SELECT v.id AS vid, l.value AS mv, row_number() OVER (PARTITION BY v.adapter_id ORDER BY v.number DESC) AS rn
-          FROM versions v JOIN adapters a ON a.id = v.adapter_id
-          LEFT JOIN version_metrics_latest l ON l.version_id = v.id AND l.key = 'eval_loss'
-          WHERE v.base_model_id = :base AND v.rank_min >= 16 AND l.value <= 0.5 {vis}) r
+          SELECT v.id AS vid, m.value AS mv, row_number() OVER (PARTITION BY v.adapter_id ORDER BY v.number DESC) AS rn
+          FROM versions v JOIN adapters a ON a.id = v.adapter_id,
+          LATERAL (SELECT l.value FROM version_metrics_latest l WHERE l.version_id = v.id AND l.key = 'eval_loss') m
+          WHERE v.base_model_id = :base AND v.rank_min >= 16 AND m.value <= 0.5 {vis}) r
         WHERE r.rn = 1 AND (r.mv > :mv OR (r.mv = :mv AND r.vid > :vid))
         ORDER BY r.mv ASC NULLS LAST, r.vid ASC LIMIT 51""",
     "alias": """
@@ -86,7 +86,7 @@ FLOOR_SQL = {
         SELECT r.vid FROM (
           SELECT v.id AS vid, row_number() OVER (PARTITION BY v.adapter_id ORDER BY v.number DESC) AS rn
           FROM versions v JOIN adapters a ON a.id = v.adapter_id
-          WHERE lower(a.namespace || '/' || a.name || ' ' || coalesce(v.message, '')) LIKE :q {vis}) r
+          WHERE v.search_text LIKE :q {vis}) r
         WHERE r.rn = 1 ORDER BY r.vid DESC LIMIT 51""",
 }
 
