@@ -33,19 +33,23 @@ FILL = [
     """INSERT INTO adapters (id, namespace, name, last_number, created_at)
        SELECT g, 'team-' || (g % 100), 'adapter-' || g, :per, now() FROM generate_series(1, :adapters) g""",
     """INSERT INTO versions (id, adapter_id, number, manifest_digest, message, size, config, facts, warnings,
-                             rank_min, rank_max, use_dora, task_type, base_model_id, base_mapping, created_at)
+                             rank_min, rank_max, use_dora, task_type, base_model_id, base_mapping, search_text,
+                             created_at)
        SELECT v, (v - 1) / :per + 1, (v - 1) % :per + 1, 'sha256:' || encode(sha256(v::text::bytea), 'hex'),
               'run ' || v, 2500000, '{}'::json,
               json_build_object('r', r, 'lora_alpha', 2 * r, 'ranks', json_build_array(r),
                                 'targets', json_build_array('q_proj', 'v_proj'), 'use_dora', v % 7 = 0,
                                 'use_rslora', false, 'dtype', 'F32', 'parameter_count', 100000 * r),
               '[]'::json, r, r, v % 7 = 0, 'CAUSAL_LM', :base_id, NULL,
+              'team-' || (((v - 1) / :per + 1) % 100) || '/adapter-' || ((v - 1) / :per + 1) || ' run ' || v,
               now() - ((:total - v) * interval '1 second')
        FROM (SELECT v, (ARRAY[4, 8, 16, 32])[v % 4 + 1] AS r FROM generate_series(1, :total) v) s""",
     """INSERT INTO version_targets (version_id, target)
        SELECT v, t FROM generate_series(1, :total) v, (VALUES ('q_proj'), ('v_proj')) AS x(t)""",
     """INSERT INTO metrics (version_id, key, value, created_at)
        SELECT v, 'eval_loss', 0.5 + (hashtext(v::text) & 65535) / 65536.0, now() FROM generate_series(1, :total) v""",
+    """INSERT INTO version_metrics_latest (version_id, key, value, metric_id)
+       SELECT version_id, key, value, id FROM metrics""",
     """INSERT INTO aliases (adapter_id, name, version_id, updated_at)
        SELECT a, 'prod', a * :per, now() FROM generate_series(1, :adapters) a""",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import Connection
 
@@ -9,6 +11,17 @@ from loreg.registry.db import models  # noqa: F401  (fills the metadata for auto
 from loreg.registry.db.orm import OrmBase
 
 config = context.config
+
+
+def _for_this_dialect(dialect: str) -> Any:
+    """Autogenerate's filter: a model index made for one dialect only (``Index(...).ddl_if(dialect=…)``,
+    the trigram index on Postgres) is no difference on another."""
+
+    def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        ddl_if = getattr(obj, "_ddl_if", None)
+        return not (type_ == "index" and not reflected and ddl_if is not None and ddl_if.dialect not in (None, dialect))
+
+    return include
 
 
 def run_migrations_online() -> None:
@@ -37,6 +50,7 @@ def run_on(connection: Connection) -> None:
             target_metadata=OrmBase.metadata,
             render_as_batch=sqlite,
             compare_type=True,
+            include_object=_for_this_dialect(connection.dialect.name),
         )
         with context.begin_transaction():
             context.run_migrations()

@@ -160,6 +160,16 @@ class Version(OrmBase):
         digest_check("manifest_digest"),
         CheckConstraint("number > 0", name="number_positive"),
         Index("ix_versions_base_rank", "base_model_id", "rank_max"),
+        # a base's versions in the order of lookup's newest-per-adapter window, with the columns the
+        # window and the rank filters read: an index-only scan, no visit to the wide rows
+        Index("ix_versions_base_adapter_number", "base_model_id", "adapter_id", "number", "rank_min", "rank_max", "id"),
+        # lookups' ?q= is a substring match: a trigram index serves it on Postgres (SQLite scans)
+        Index(
+            "ix_versions_search_text_trgm",
+            "search_text",
+            postgresql_using="gin",
+            postgresql_ops={"search_text": "gin_trgm_ops"},
+        ).ddl_if(dialect="postgresql"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -178,6 +188,8 @@ class Version(OrmBase):
     task_type: Mapped[str | None] = mapped_column(String(64), index=True)
     base_model_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
     base_mapping: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # lower("namespace/name message"), what ?q= searches, kept here so one index can serve it
+    search_text: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
@@ -214,13 +226,31 @@ class Metric(OrmBase):
     """An evaluation appended to a version; lookups use each key's latest value."""
 
     __tablename__ = "metrics"
-    __table_args__ = (Index("ix_metrics_key_version", "key", "version_id"),)
+    __table_args__ = (
+        Index("ix_metrics_key_version", "key", "version_id"),
+        # a version's metrics, in order (every summary loads them)
+        Index("ix_metrics_version_id", "version_id", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"))
     key: Mapped[str] = mapped_column(String(128))
     value: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class MetricLatest(OrmBase):
+    """Each (version, key)'s latest value, written with every metric: lookups join, filter and sort
+    by it on an index ((key, value, version_id)) instead of finding the latest row per version."""
+
+    __tablename__ = "version_metrics_latest"
+    __table_args__ = (Index("ix_version_metrics_latest_key_value", "key", "value", "version_id"),)
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    # the metrics row it copies: of two racing evaluations the later row wins, whichever commits last
+    metric_id: Mapped[int] = mapped_column(Integer)
 
 
 class Alias(OrmBase):

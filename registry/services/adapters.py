@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, true, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from loreg.registry.db.models import (
@@ -22,6 +23,7 @@ from loreg.registry.db.models import (
     BlobScan,
     Combination,
     Metric,
+    MetricLatest,
     Version,
     VersionFile,
     VersionTarget,
@@ -83,18 +85,33 @@ class LookupFilters:
     allowed: tuple[str, ...] | None = None
 
 
-def _glob_to_like(glob: str) -> str:
-    """A token namespace glob (``team-a``, ``team-a/*``, ``team-*/bot``) as a SQL LIKE pattern."""
-    if "/" not in glob:
-        glob = f"{glob}/*"
-    escaped = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+def _glob_to_like(part: str) -> str:
+    """One part of a token namespace glob (``team-*``) as a SQL LIKE pattern."""
+    escaped = part.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped.replace("*", "%")
 
 
 def visible(allowed: tuple[str, ...]) -> Any:
-    """The SQL condition "this adapter's ``ns/name`` matches one of the token's globs" (lookups, pages)."""
-    full = Adapter.namespace + "/" + Adapter.name
-    return or_(*[full.like(_glob_to_like(g), escape="\\") for g in allowed])
+    """The SQL condition "this adapter's ``ns/name`` matches one of the token's globs" (lookups, pages).
+
+    Names and namespaces hold no ``/``, so a glob matches part by part: a part without ``*`` is an
+    equality (``team-a/*`` is ``namespace = 'team-a'``, which the (namespace, name) index serves), a
+    ``*`` part matches anything, and only a part with ``*`` among other characters needs a LIKE."""
+    return or_(*[_glob_condition(g) for g in allowed])
+
+
+def _glob_condition(glob: str) -> Any:
+    if "/" not in glob:
+        glob = f"{glob}/*"
+    conds = []
+    for column, part in zip((Adapter.namespace, Adapter.name), glob.split("/", 1), strict=True):
+        if part == "*":
+            continue
+        if "*" not in part:
+            conds.append(column == part)
+        else:
+            conds.append(column.like(_glob_to_like(part), escape="\\"))
+    return and_(true(), *conds)
 
 
 def _encode_cursor(values: list[Any]) -> str:
@@ -160,16 +177,12 @@ def _filter_conditions(filters: LookupFilters) -> list[Any]:
     if filters.q:
         needle = filters.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"%{needle.lower()}%"
-        conds.append(
-            func.lower(Adapter.namespace + "/" + Adapter.name + " " + func.coalesce(v.message, "")).like(
-                pattern, escape="\\"
-            )
-        )
+        conds.append(v.search_text.like(pattern, escape="\\"))
     return conds
 
 
 def _metric_value(filters: LookupFilters, conds: list[Any]) -> Any:
-    """The named metric's latest value per version (a correlated subquery), None without a metric;
+    """The named metric's latest value per version (from ``version_metrics_latest``), None without a metric;
     its bounds are appended to ``conds``. Sorting alone does not filter: versions without it come last."""
     bounds = {k: x for k, x in (("metric_min", filters.metric_min), ("metric_max", filters.metric_max)) if x is not None}
     if bounds and not filters.metric:
@@ -182,11 +195,11 @@ def _metric_value(filters: LookupFilters, conds: list[Any]) -> Any:
         raise RequestInvalidError("metric_min and metric_max must be finite numbers", detail={"fields": sorted(bounds)})
     if not filters.metric:
         return None
+    # a probe of the (version_id, key) primary key per candidate: a join would let the planner hash
+    # the key's whole column when the other filters are selective only together
     value = (
-        select(Metric.value)
-        .where(Metric.version_id == Version.id, Metric.key == filters.metric)
-        .order_by(Metric.id.desc())
-        .limit(1)
+        select(MetricLatest.value)
+        .where(MetricLatest.version_id == Version.id, MetricLatest.key == filters.metric)
         .correlate(Version)
         .scalar_subquery()
     )
@@ -213,6 +226,26 @@ def _after_cursor(ranked: Any, values: list[Any], by_metric: bool, desc: bool) -
     if has:
         return or_(after(mv, value), and_(mv == value, after(vid, last_id)), mv.is_(None))
     return and_(mv.is_(None), after(vid, last_id))
+
+
+def _add_metrics(session: Session, version_id: int, metrics: dict[str, float]) -> None:
+    """Append evaluations and keep ``version_metrics_latest`` on each key's latest row (by id)."""
+    rows = [Metric(version_id=version_id, key=k, value=val) for k, val in metrics.items()]
+    if not rows:
+        return
+    session.add_all(rows)
+    session.flush()
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(MetricLatest).values(
+        [{"version_id": version_id, "key": m.key, "value": m.value, "metric_id": m.id} for m in rows]
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[MetricLatest.version_id, MetricLatest.key],
+        set_={"value": stmt.excluded.value, "metric_id": stmt.excluded.metric_id},
+        where=MetricLatest.metric_id < stmt.excluded.metric_id,
+    )
+    session.execute(stmt)
 
 
 def default_order(metric: str | None) -> str:
@@ -372,12 +405,13 @@ class AdapterService:
             task_type=facts.get("task_type"),
             base_model_id=checked.base_id,
             base_mapping=checked.base_mapping,
+            search_text=f"{namespace}/{name} {request.message or ''}".lower(),
         )
         session.add(version)
         session.flush()
         session.add_all(VersionFile(version_id=version.id, path=f.path, size=f.size, digest=f.digest) for f in files)
         session.add_all(VersionTarget(version_id=version.id, target=t) for t in sorted(set(facts["targets"])))
-        session.add_all(Metric(version_id=version.id, key=k, value=v) for k, v in request.metrics.items())
+        _add_metrics(session, version.id, request.metrics)
         session.flush()
         for alias in checked.aliases:
             self._move_alias(session, adapter, alias, version, actor)
@@ -808,7 +842,7 @@ class AdapterService:
         """Append evaluations; the version itself never changes."""
         with self.registry.sessions.begin() as session:
             version = resolve.version(session, namespace, name, tag)
-            session.add_all(Metric(version_id=version.id, key=k, value=val) for k, val in metrics.items())
+            _add_metrics(session, version.id, metrics)
             session.flush()
             session.expire(version, ["metrics"])
             return self._public(session, version)

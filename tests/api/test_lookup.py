@@ -99,3 +99,14 @@ def test_versions_of_an_adapter_are_listed_newest_first_in_pages(
         other.headers["Authorization"] = f"Bearer {make_token('read', ['team-b/*'])}"
         assert other.get("/v1/adapters/org/bot/versions").status_code == 403
         assert other.get("/v1/adapters/org/bot/versions").json()["errors"][0]["code"] == "DENIED"
+
+
+def test_a_later_evaluation_moves_a_version_in_sort_and_bounds(five: RegistryClient, api: Any) -> None:
+    """Lookups read each key's latest value (version_metrics_latest): a later evaluation re-sorts and
+    re-filters, a metric added to a version that lacked it joins the sorted part, q finds by message."""
+    for name, metrics in (("org/a2", {"eval_loss": 1.5}), ("org/a1", {"eval_loss": 0.1}), ("org/a2", {"eval_loss": 1.3})):
+        resp = api.post(f"/v1/adapters/{name}/versions/latest/metrics", json={"metrics": metrics})
+        assert resp.status_code == 200, resp.text
+    assert [n for page in pages(api, 2, metric="eval_loss") for n in page] == ["org/a1", "org/a0", "org/a4", "org/a2", "org/a3"]
+    assert [n for page in pages(api, 1, metric="eval_loss", metric_max=1.25) for n in page] == ["org/a1", "org/a0", "org/a4"]
+    assert [n for page in pages(api, 2, q="ORG/A3") for n in page] == ["org/a3"]

@@ -129,3 +129,34 @@ def test_0004_links_each_adapter_to_the_blobs_its_versions_reference(empty_engin
     assert links == {("org", "a", shared), ("org", "a", only_a), ("org", "b", shared)}
     migrate.downgrade(empty_engine, "0003")
     assert "adapter_blobs" not in inspect(empty_engine).get_table_names()
+
+
+def test_0006s_backfills_each_metrics_latest_value(empty_engine: Any) -> None:
+    """0006s: every (version, key) gets its highest-id metrics row in version_metrics_latest, every
+    version its lowered search text."""
+    from sqlalchemy import text
+
+    migrate.upgrade(empty_engine, "0005")
+    with empty_engine.begin() as conn:
+        conn.execute(text("INSERT INTO adapters (id, namespace, name, last_number, created_at) "
+                          "VALUES (1, 'org', 'a', 2, CURRENT_TIMESTAMP)"))
+        for version_id in (1, 2):
+            conn.execute(text(
+                "INSERT INTO versions (id, adapter_id, number, manifest_digest, message, size, config, facts, warnings, "
+                "rank_min, rank_max, use_dora, created_at) VALUES (:v, 1, :v, :m, :msg, 1, '{}', '{}', '[]', 8, 8, "
+                "false, CURRENT_TIMESTAMP)"),
+                {"v": version_id, "m": "sha256:" + str(version_id) * 64, "msg": "First Run" if version_id == 1 else None})
+        # ids out of insertion order on purpose: the latest is the highest id, not the last written
+        for metric_id, version_id, key, value in ((5, 1, "loss", 0.5), (9, 1, "loss", 0.25), (7, 1, "acc", 0.75),
+                                                  (3, 2, "loss", 2.0), (2, 2, "loss", 1.0)):
+            conn.execute(text("INSERT INTO metrics (id, version_id, key, value, created_at) "
+                              "VALUES (:i, :v, :k, :x, CURRENT_TIMESTAMP)"),
+                         {"i": metric_id, "v": version_id, "k": key, "x": value})
+    migrate.upgrade(empty_engine)
+    with empty_engine.connect() as conn:
+        rows = set(conn.execute(text("SELECT version_id, key, value, metric_id FROM version_metrics_latest")).all())
+        search = conn.execute(text("SELECT search_text FROM versions ORDER BY id")).scalars().all()
+    assert rows == {(1, "loss", 0.25, 9), (1, "acc", 0.75, 7), (2, "loss", 2.0, 3)}
+    assert search == ["org/a first run", "org/a "]
+    migrate.downgrade(empty_engine, "0005")
+    assert "version_metrics_latest" not in inspect(empty_engine).get_table_names()
