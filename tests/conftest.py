@@ -269,3 +269,13 @@ def adapter_dir(tiny_llama: dict[str, Path], tmp_path: Path) -> Path:
     dest = tmp_path / "adapter"
     shutil.copytree(tiny_llama["adapter"], dest)
     return dest
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Browser tests last. Playwright's sync API keeps its event loop marked running in the main thread
+    while the session's browser lives, so any later `asyncio.run` (the vLLM resolver tests) would fail;
+    pytest's grouping by the session-scoped browser parameter otherwise moves them mid-suite."""
+    browser = [item for item in items if item.nodeid.startswith("tests/web/test_browser.py")]
+    if browser:
+        items[:] = [item for item in items if item not in browser] + browser

@@ -196,7 +196,7 @@ def register_blob(
     size: int,
     *,
     now: datetime,
-    scan: safetensors.StreamScan | None = None,
+    scan: values.StreamScan | None = None,
     link: tuple[str, str] | None = None,
     what: str = "this blob",
     again: str = "upload it again",

@@ -124,7 +124,7 @@ class MaintenanceService:
         return report
 
     # Each deletion holds the blob's row (deleted, or claimed with a placeholder) in an open
-    # transaction while the object goes. An upload recording the same digest (BlobService._record)
+    # transaction while the object goes. An upload recording the same digest (BlobService.record)
     # or a commit touching it waits for that transaction, then finds the row gone and checks the
     # object: so an object is never deleted after a push re-uploaded it and saw it present.
 

@@ -182,7 +182,7 @@ def race_gc_with_a_push(
 
     recorded, checked, deleted = threading.Event(), threading.Event(), threading.Event()
     blobs = app.state.blobs
-    real_record, real_stat = blobs._record, registry.store.stat
+    real_record, real_stat = blobs.record, registry.store.stat
 
     def record(d: str, *args: Any, **kwargs: Any) -> Any:
         out = real_record(d, *args, **kwargs)
@@ -197,7 +197,7 @@ def race_gc_with_a_push(
             deleted.wait(HOLD_S + 30)  # the commit goes on once GC deleted the object
         return out
 
-    monkeypatch.setattr(blobs, "_record", record)
+    monkeypatch.setattr(blobs, "record", record)
     monkeypatch.setattr(registry.store, "stat", stat)
     outcome: dict[str, Any] = {}
 

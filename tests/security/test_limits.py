@@ -243,7 +243,7 @@ def test_serve_bounds_request_header_size(monkeypatch: pytest.MonkeyPatch) -> No
 
     captured: dict[str, Any] = {}
     fake_app = SimpleNamespace(state=SimpleNamespace(settings=Settings()))
-    monkeypatch.setattr(server, "prepare", lambda host, port: (fake_app, f"http://{host}:{port}"))
+    monkeypatch.setattr(server, "prepare", lambda host, port, settings=None: (fake_app, f"http://{host}:{port}"))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(kw))
     result = CliRunner().invoke(serve, [])
     assert result.exit_code == 0, result.output
