@@ -8,12 +8,8 @@ retried job whose first attempt pushed already finds the same files and the same
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
-import uuid
-from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,43 +24,20 @@ from loreg.registry.services.adapters import AdapterService, PushRequest
 from loreg.registry.services.bases import BaseService
 from loreg.registry.services.blobs import register_blob
 from loreg.registry.services.context import AppContext
-from loreg.registry.services.jobs import Claim, JobQueue, Lease, ResultFile, utcnow, work_loop
+from loreg.registry.services.jobs import Claim, Lease, QueueWorker, ResultFile, utcnow
 from loreg.registry.services.views import StoredFile
 
 log = logging.getLogger("loreg.worker")
 
 
-class CombinationWorker:
+class CombinationWorker(QueueWorker):
     """Runs combination jobs: the combination and its push; the job's transitions are the queue's."""
 
-    def __init__(
-        self,
-        registry: AppContext,
-        *,
-        owner: str | None = None,
-        lease_s: float | None = None,
-        clock: Callable[[], datetime] = utcnow,
-        device: str | None = None,
-    ):
-        self.registry = registry
-        self.jobs = JobQueue(registry, Combination, clock=clock)
-        self.owner = owner or f"{os.uname().nodename[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.lease_s = lease_s if lease_s is not None else registry.settings.export_lease_s
-        self.device = device or registry.settings.export_device
+    model = Combination
+
+    def __init__(self, registry: AppContext, **kw: Any):
+        super().__init__(registry, **kw)
         self.adapters = AdapterService(registry, validator=BaseService(registry).validate_push)
-
-    def claim(self) -> Claim | None:
-        return self.jobs.claim(self.owner, self.lease_s)
-
-    def run_once(self) -> str | None:
-        claim = self.claim()
-        if claim is None:
-            return None
-        self.run(claim)
-        return claim.job_id
-
-    def run_forever(self, stop: Any, wake: Any = None, poll_s: float = 2.0) -> None:
-        work_loop(self, stop, wake, poll_s)
 
     def run(self, claim: Claim) -> None:
         scratch = Path(tempfile.mkdtemp(prefix="loreg-combine-", dir=self.registry.settings.work_dir))

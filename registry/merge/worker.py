@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import threading
-import uuid
-from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,44 +25,16 @@ from loreg.registry.faults import pause_point
 from loreg.registry.formats import peft, safetensors, validate
 from loreg.registry.services.context import AppContext
 from loreg.registry.services.exports import adopt_stored_result
-from loreg.registry.services.jobs import Claim, JobQueue, Lease, ResultFile, utcnow, work_loop
+from loreg.registry.services.jobs import Claim, Lease, QueueWorker, ResultFile, work_loop
 
 log = logging.getLogger("loreg.worker")
 COPY_CHUNK = 8 << 20
 
 
-class ExportWorker:
+class ExportWorker(QueueWorker):
     """Runs export jobs: the merge and its result's files; the job's transitions are the queue's (services/jobs.py)."""
 
-    def __init__(
-        self,
-        registry: AppContext,
-        *,
-        owner: str | None = None,
-        lease_s: float | None = None,
-        clock: Callable[[], datetime] = utcnow,
-        device: str | None = None,
-    ):
-        self.registry = registry
-        self.jobs = JobQueue(registry, Export, clock=clock)
-        self.owner = owner or f"{os.uname().nodename[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.lease_s = lease_s if lease_s is not None else registry.settings.export_lease_s
-        self.device = device or registry.settings.export_device
-
-    def claim(self) -> Claim | None:
-        """Take the oldest queued export, or a running one whose lease expired."""
-        return self.jobs.claim(self.owner, self.lease_s)
-
-    def run_once(self) -> str | None:
-        """Claim and run one job. Returns its id, or None when the queue is empty."""
-        claim = self.claim()
-        if claim is None:
-            return None
-        self.run(claim)
-        return claim.job_id
-
-    def run_forever(self, stop: threading.Event, wake: threading.Event | None = None, poll_s: float = 2.0) -> None:
-        work_loop(self, stop, wake, poll_s)
+    model = Export
 
     def run(self, claim: Claim) -> None:
         # requests of identical bytes queued before either finished meet here: no second merge

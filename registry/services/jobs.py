@@ -20,7 +20,9 @@ A worker that lost its lease changes nothing. ``execute`` runs one claimed job f
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import uuid
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -287,6 +289,45 @@ def work_loop(worker: Worker, stop: threading.Event, wake: threading.Event | Non
             ran = None
         if ran is None:
             (wake or stop).wait(poll_s)
+
+
+class QueueWorker:
+    """A worker of one job kind: its queue, owner name and lease; subclasses supply ``run(claim)``."""
+
+    model: Any  # the job table (Export, Combination)
+
+    def __init__(
+        self,
+        registry: AppContext,
+        *,
+        owner: str | None = None,
+        lease_s: float | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        device: str | None = None,
+    ):
+        self.registry = registry
+        self.jobs = JobQueue(registry, self.model, clock=clock)
+        self.owner = owner or f"{os.uname().nodename[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_s = lease_s if lease_s is not None else registry.settings.export_lease_s
+        self.device = device or registry.settings.export_device
+
+    def claim(self) -> Claim | None:
+        """Take the oldest queued job, or a running one whose lease expired."""
+        return self.jobs.claim(self.owner, self.lease_s)
+
+    def run_once(self) -> str | None:
+        """Claim and run one job. Returns its id, or None when the queue is empty."""
+        claim = self.claim()
+        if claim is None:
+            return None
+        self.run(claim)
+        return claim.job_id
+
+    def run_forever(self, stop: threading.Event, wake: threading.Event | None = None, poll_s: float = 2.0) -> None:
+        work_loop(self, stop, wake, poll_s)
+
+    def run(self, claim: Claim) -> None:
+        raise NotImplementedError
 
 
 class WorkerPool:
