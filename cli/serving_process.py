@@ -39,6 +39,7 @@ def log_config(level: str) -> dict[str, Any]:
 def run_server(host: str, port: int, log_level: str, workers: int) -> None:
     import uvicorn
 
+    from loreg.registry.allocator import tune_for_streaming
     from loreg.registry.http import protocol_with_header_deadline
     from loreg.registry.settings import Settings
 
@@ -67,6 +68,7 @@ def run_server(host: str, port: int, log_level: str, workers: int) -> None:
             h11_max_incomplete_event_size=64 * 1024,
         )
         if workers == 1:
+            tune_for_streaming()
             uvicorn.run(app, **options)
         else:
             # each worker process builds its own app from the environment (loreg.registry.asgi)

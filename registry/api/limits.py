@@ -5,7 +5,7 @@ would otherwise end as a database error and a 500).
 JSON bodies are held in memory whole by the framework, so they get ``max_json_body``; a base
 model's tensor list is the one large JSON body (DeepSeek-V3 lists ~90k tensors, ~25 MB), so base
 registration gets ``BASE_BODY_FACTOR`` times that. Blob uploads are streamed and capped by
-``max_file_size`` in their route (GuardedStream), and a preflight validation body by the config
+``max_file_size`` in their route (services/blobs.py CheckedStream), and a preflight validation body by the config
 and header size limits in its route, so here they only get the idle timeout.
 
 A declared Content-Length over the limit is answered at once, without reading a byte; a chunked

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import queue
 import re
 from collections.abc import Callable, Iterator
@@ -33,18 +32,22 @@ class _Aborted(Exception):
     pass
 
 
-class QueueReader(io.RawIOBase):
+class BodyReader:
+    """The request body as the worker thread reads it: the chunks the event loop queued, handed on
+    as they came (``read1``: no copy) or gathered to a size (``read``)."""
+
     def __init__(self, q: queue.Queue[Any], on_take: Callable[[], None]):
         self._q = q
-        self._buf = memoryview(b"")
+        self._rest: bytes = b""
         self._eof = False
         self._on_take = on_take
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: Any) -> int:
-        while not self._buf and not self._eof:
+    def read1(self, n: int = -1) -> bytes:
+        """The rest of the current chunk, or the next one (at most ``n`` bytes); b"" at the end."""
+        while not self._rest and not self._eof:
             item = self._q.get()
             self._on_take()
             if item is None:
@@ -52,11 +55,20 @@ class QueueReader(io.RawIOBase):
             elif isinstance(item, BaseException):
                 raise item
             else:
-                self._buf = memoryview(item)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+                self._rest = item
+        if n < 0 or n >= len(self._rest):
+            data, self._rest = self._rest, b""
+        else:  # a piece of a chunk: only the sniff and part boundaries ask for one
+            data, self._rest = self._rest[:n], self._rest[n:]
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        pieces: list[bytes] = []
+        got = 0
+        while (n < 0 or got < n) and (data := self.read1(-1 if n < 0 else n - got)):
+            pieces.append(data)
+            got += len(data)
+        return b"".join(pieces)
 
 
 class UploadSlots:
@@ -112,7 +124,7 @@ class UploadSlots:
         self._free.release()
 
 
-async def consume_body(request: Request, consumer: Callable[[io.BufferedReader], T]) -> T:
+async def consume_body(request: Request, consumer: Callable[[BodyReader], T]) -> T:
     """Run ``consumer(stream)`` on an upload thread while the loop streams the request body into it.
 
     Raises:
@@ -126,7 +138,7 @@ async def consume_body(request: Request, consumer: Callable[[io.BufferedReader],
         slots.release()
 
 
-async def _consume(request: Request, consumer: Callable[[io.BufferedReader], T], limiter: anyio.CapacityLimiter) -> T:
+async def _consume(request: Request, consumer: Callable[[BodyReader], T], limiter: anyio.CapacityLimiter) -> T:
     loop = asyncio.get_running_loop()
     q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_CHUNKS)
     space = asyncio.Event()
@@ -137,7 +149,7 @@ async def _consume(request: Request, consumer: Callable[[io.BufferedReader], T],
             waiting[0] = False
             loop.call_soon_threadsafe(space.set)
 
-    reader = io.BufferedReader(QueueReader(q, took), buffer_size=1 << 20)
+    reader = BodyReader(q, took)
     task = asyncio.ensure_future(anyio.to_thread.run_sync(consumer, reader, limiter=limiter))
     task.add_done_callback(lambda _t: space.set())
 

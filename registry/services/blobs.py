@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import BinaryIO
@@ -16,68 +15,68 @@ from loreg.registry.errors import BlobNotFoundError, ConflictError, TooLargeErro
 from loreg.registry.faults import crash_point
 from loreg.registry.formats import safetensors, values
 from loreg.registry.services.context import AppContext
-from loreg.registry.storage.protocol import BlobStore, HashingReader, check_digest
+from loreg.registry.storage.protocol import CHUNK_SIZE, BlobStore, HashingReader, check_digest
 
 
-class GuardedStream(io.RawIOBase):
-    """Wraps an upload stream: refuses pickle/zip bytes (unless they open a safetensors header) and
-    enforces a size cap. Deciding may hold back up to 8 bytes + the header size limit."""
+class CheckedStream:
+    """An upload as storage reads it, behind the checks every upload passes: pickle and zip bytes are
+    refused (unless they open a safetensors header), the size is capped, and a StreamScanner sees
+    every byte. One pass, nothing copied: ``read1`` hands on the source's own pieces.
+    Deciding the format may hold back up to 8 bytes + the header size limit."""
 
-    def __init__(self, raw: BinaryIO, *, limit: int, max_header_size: int = safetensors.MAX_HEADER_SIZE_DEFAULT):
+    def __init__(self, raw: BinaryIO, scanner: values.StreamScanner, *, limit: int, max_header_size: int):
+        self._read1 = getattr(raw, "read1", raw.read)
         self._raw = raw
+        self.scanner = scanner
         self._limit = limit
         self._max_header = max_header_size
         self._count = 0
-        self._head = bytearray()
+        self._head = b""
         self._checked = False
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+    def read1(self, n: int = CHUNK_SIZE) -> bytes:
         if not self._checked:
-            while (need := safetensors.sniff_length(self._head, max_header_size=self._max_header)) > len(self._head):
-                more = self._raw.read(need - len(self._head))
-                if not more:
-                    break
-                self._head += more
-            self._checked = True
-            refused = safetensors.refused_format(self._head, max_header_size=self._max_header)
-            if refused:
-                raise UnsupportedFormatError(
-                    f"upload refused: the bytes are {refused}; loreg never stores pickle",
-                    detail={"format": refused},
-                    hint="save weights as safetensors (safe_serialization=True)",
-                )
+            self._sniff()
+        if n < 0:
+            n = CHUNK_SIZE
         if self._head:
-            n = min(len(buffer), len(self._head))
-            buffer[:n] = self._head[:n]
-            del self._head[:n]
+            data, self._head = self._head[:n], self._head[n:]
         else:
-            data = self._raw.read(len(buffer))
-            n = len(data)
-            buffer[:n] = data
-        self._count += n
-        if self._count > self._limit:
-            raise TooLargeError(f"upload is larger than the limit of {self._limit} bytes", detail={"limit": self._limit})
-        return n
+            data = self._read1(n)
+        if data:
+            self._count += len(data)
+            if self._count > self._limit:
+                raise TooLargeError(f"upload is larger than the limit of {self._limit} bytes", detail={"limit": self._limit})
+            self.scanner.feed(data)
+        return data
 
+    def read(self, n: int = -1) -> bytes:
+        pieces: list[bytes] = []
+        got = 0
+        while (n < 0 or got < n) and (data := self.read1(CHUNK_SIZE if n < 0 else n - got)):
+            pieces.append(data)
+            got += len(data)
+        return b"".join(pieces)
 
-class ScanningStream(io.RawIOBase):
-    """Passes an upload through while a StreamScanner looks at every byte (one pass, no re-read)."""
-
-    def __init__(self, raw: io.RawIOBase, scanner: values.StreamScanner):
-        self._raw = raw
-        self.scanner = scanner
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
-        n = self._raw.readinto(buffer)
-        if n:
-            self.scanner.feed(memoryview(buffer)[:n])
-        return n or 0
+    def _sniff(self) -> None:
+        head = bytearray()
+        while (need := safetensors.sniff_length(head, max_header_size=self._max_header)) > len(head):
+            more = self._raw.read(need - len(head))
+            if not more:
+                break
+            head += more
+        self._checked = True
+        refused = safetensors.refused_format(head, max_header_size=self._max_header)
+        if refused:
+            raise UnsupportedFormatError(
+                f"upload refused: the bytes are {refused}; loreg never stores pickle",
+                detail={"format": refused},
+                hint="save weights as safetensors (safe_serialization=True)",
+            )
+        self._head = bytes(head)
 
 
 class BlobService:
@@ -157,8 +156,8 @@ class BlobService:
         Read it to the end, then ``scanner.finish()``."""
         settings = self.registry.settings
         scanner = values.StreamScanner(max_header_size=settings.max_header_size)
-        guarded = GuardedStream(stream, limit=settings.max_file_size, max_header_size=settings.max_header_size)
-        return io.BufferedReader(ScanningStream(guarded, scanner), buffer_size=1 << 20), scanner  # type: ignore[return-value]
+        checked = CheckedStream(stream, scanner, limit=settings.max_file_size, max_header_size=settings.max_header_size)
+        return checked, scanner  # type: ignore[return-value]
 
     def mount(self, namespace: str, name: str, digest: str, source: tuple[str, str]) -> int:
         """Link a blob of adapter ``source`` to ``namespace/name`` without sending its bytes (OCI's

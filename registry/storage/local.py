@@ -110,7 +110,7 @@ class LocalBlobStore:
         try:
             try:
                 while True:
-                    chunk = reader.read(CHUNK_SIZE)
+                    chunk = reader.read1(CHUNK_SIZE)
                     if not chunk:
                         break
                     with _filesystem("write"):

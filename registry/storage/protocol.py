@@ -72,44 +72,60 @@ class HashingReader:
     With a declared ``size`` it never asks the stream for more than one byte past it, and raises
     SizeMismatchError as soon as that byte arrives: an oversized body is not read to its end.
     Exceptions raised by the stream itself pass through unchanged.
+
+    The stream's own pieces are passed on when it offers ``read1`` (io's "whatever one read gives"):
+    ``read1`` and ``readinto`` then hash and hand over the bytes without another copy.
     """
 
     def __init__(self, stream: BinaryIO, size: int | None = None):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             raise RequestInvalidError("size must be an integer >= 0", detail={"size": repr(size)[:40]})
-        self._stream = stream
+        self._take_from = getattr(stream, "read1", stream.read)
         self.size = size
         self.count = 0
         self.eof = False
         self._hash = hashlib.sha256()
 
+    def read1(self, n: int = CHUNK_SIZE) -> bytes:
+        """At most ``n`` bytes from one read of the stream (b"" only at the end: then ``eof`` is set)."""
+        if self.eof:
+            return b""
+        want = n if self.size is None else min(n, self.size - self.count + 1)
+        chunk = self._take_from(want)
+        if not chunk:
+            self.eof = True
+            return b""
+        self.count += len(chunk)
+        if self.size is not None and self.count > self.size:
+            raise SizeMismatchError(
+                f"the body is longer than the declared {self.size} bytes",
+                detail={"expected": self.size, "received_at_least": self.count},
+            )
+        self._hash.update(chunk)
+        return chunk
+
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; fewer only at the end of the stream (then ``eof`` is set)."""
         pieces: list[bytes] = []
         got = 0
-        while got < n and not self.eof:
-            want = min(n - got, CHUNK_SIZE)
-            if self.size is not None:
-                want = min(want, self.size - self.count + 1)
-            chunk = self._stream.read(want)
-            if not chunk:
-                self.eof = True
-                break
-            self.count += len(chunk)
-            if self.size is not None and self.count > self.size:
-                raise SizeMismatchError(
-                    f"the body is longer than the declared {self.size} bytes",
-                    detail={"expected": self.size, "received_at_least": self.count},
-                )
-            self._hash.update(chunk)
-            pieces.append(bytes(chunk))
+        while got < n and (chunk := self.read1(min(n - got, CHUNK_SIZE))):
+            pieces.append(chunk)
             got += len(chunk)
-        return b"".join(pieces)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        """Fill ``buffer``; fewer bytes only at the end of the stream (then ``eof`` is set)."""
+        view = memoryview(buffer).cast("B")
+        got = 0
+        while got < len(view) and (chunk := self.read1(min(len(view) - got, CHUNK_SIZE))):
+            view[got:got + len(chunk)] = chunk
+            got += len(chunk)
+        return got
 
     def drain(self) -> None:
         """Read (and hash) the rest of the stream, keeping nothing."""
-        while not self.eof:
-            self.read(CHUNK_SIZE)
+        while self.read1(CHUNK_SIZE):
+            pass
 
     @property
     def digest(self) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -124,6 +125,54 @@ def _utc(value: Any) -> datetime | None:
     return value.astimezone(UTC) if isinstance(value, datetime) else None
 
 
+class _PartBody:
+    """The first ``length`` bytes of a part buffer, as botocore reads a request body: ``read`` hands
+    out views of the buffer (nothing is copied on the way to the socket), ``seek(0)`` lets a retry
+    send it again, ``len`` gives the Content-Length."""
+
+    def __init__(self, buffer: bytearray, length: int):
+        self._view = memoryview(buffer)[:length]
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def read(self, n: int | None = -1) -> memoryview:
+        end = len(self._view) if n is None or n < 0 else min(self._pos + n, len(self._view))
+        out, self._pos = self._view[self._pos:end], end
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        self._pos = max(0, min(base + offset, len(self._view)))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _PartBuffers:
+    """Part-sized buffers lent to puts and kept for the next ones (at most ``keep``): a fresh
+    allocation of this size costs page faults and zeroing on every part, more than the copy into it."""
+
+    def __init__(self, size: int, keep: int):
+        self.size = size
+        self._keep = keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> bytearray:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return bytearray(self.size)
+
+    def give(self, buffer: bytearray) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buffer)
+
+
 class S3BlobStore:
     """BlobStore on an S3 bucket; see the module docstring for how a put is verified first.
 
@@ -166,6 +215,7 @@ class S3BlobStore:
         self.prefix = prefix.strip("/")
         self.part_size = part_size
         self.max_concurrency = max_concurrency
+        self._buffers = _PartBuffers(part_size, keep=max_concurrency + 1)
         signer = None
         if client is None:
             options: dict[str, Any] = {
@@ -238,14 +288,24 @@ class S3BlobStore:
             reader.drain()
             reader.verify(expected_digest)
             return existing
-        first = reader.read(self.part_size)
-        second = b"" if reader.eof else reader.read(self.part_size)
-        if not second:
-            reader.verify(expected_digest)
-            with _s3("store a blob"):
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=first, ContentLength=len(first))
-            return BlobStat(expected_digest, reader.count)
-        self._put_multipart(key, reader, expected_digest, [first, second])
+        head = [self._buffers.take()]
+        try:
+            filled = [reader.readinto(head[0])]
+            if filled[0] == self.part_size:  # more to come, or exactly one part: a second read tells
+                head.append(self._buffers.take())
+                filled.append(reader.readinto(head[1]))
+            if len(filled) == 1 or filled[1] == 0:  # the whole body fits one PutObject
+                reader.verify(expected_digest)
+                with _s3("store a blob"):
+                    self._client.put_object(
+                        Bucket=self.bucket, Key=key, Body=_PartBody(head[0], filled[0]), ContentLength=filled[0]
+                    )
+                return BlobStat(expected_digest, reader.count)
+            parts, head = list(zip(head, filled, strict=True)), []
+            self._put_multipart(key, reader, expected_digest, parts)
+        finally:
+            for buffer in head:
+                self._buffers.give(buffer)
         return BlobStat(expected_digest, reader.count)
 
     def put_file(self, path: Path, digest: str, size: int) -> BlobStat:
@@ -281,32 +341,44 @@ class S3BlobStore:
             raise StorageUnavailableError(f"S3 refused to store a blob: {exc}", detail={"action": "store a blob"}) from exc
         return BlobStat(digest, size)
 
-    def _put_multipart(self, key: str, reader: HashingReader, expected_digest: str, head: list[bytes]) -> None:
+    def _put_multipart(
+        self, key: str, reader: HashingReader, expected_digest: str, head: list[tuple[bytearray, int]]
+    ) -> None:
+        """Send ``head`` (buffers already read, with their lengths; this takes them over) and the rest
+        of ``reader`` as the parts of one multipart upload, at most ``max_concurrency`` in flight."""
         with _s3("start a multipart upload"):
             upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
-        inflight: deque[Future[dict[str, Any]]] = deque()
+        inflight: deque[tuple[Future[dict[str, Any]], bytearray]] = deque()
         done: list[dict[str, Any]] = []
         pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="loreg-s3-part")
         try:
             number = 0
             while True:
-                data = head.pop(0) if head else reader.read(self.part_size)
-                if not data:
-                    break
-                number += 1
-                if number > MAX_PARTS:
-                    raise RequestInvalidError(
-                        f"the body needs more than {MAX_PARTS} parts of {self.part_size} bytes",
-                        detail={"part_size": self.part_size},
-                    )
                 # Bounded memory: wait for the oldest part before reading past max_concurrency.
                 while len(inflight) >= self.max_concurrency:
-                    done.append(inflight.popleft().result())
-                inflight.append(pool.submit(self._upload_part, key, upload_id, number, data))
-                del data
+                    self._settle(inflight, done)
+                buffer: bytearray | None
+                buffer, length = head.pop(0) if head else (self._buffers.take(), None)
+                try:
+                    if length is None:
+                        length = reader.readinto(buffer)
+                    if not length:
+                        break
+                    number += 1
+                    if number > MAX_PARTS:
+                        raise RequestInvalidError(
+                            f"the body needs more than {MAX_PARTS} parts of {self.part_size} bytes",
+                            detail={"part_size": self.part_size},
+                        )
+                    part = pool.submit(self._upload_part, key, upload_id, number, _PartBody(buffer, length))
+                    inflight.append((part, buffer))
+                    buffer = None
+                finally:
+                    if buffer is not None:
+                        self._buffers.give(buffer)
             reader.verify(expected_digest)
             while inflight:
-                done.append(inflight.popleft().result())
+                self._settle(inflight, done)
             parts = sorted(done, key=lambda part: part["PartNumber"])
             with _s3("complete a multipart upload"):
                 self._client.complete_multipart_upload(
@@ -318,9 +390,16 @@ class S3BlobStore:
             self._abort(key, upload_id)
             raise
         finally:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True)  # no thread reads a buffer any more: they can be lent again
+            for buffer in [b for b, _ in head] + [b for _, b in inflight]:
+                self._buffers.give(buffer)
 
-    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+    def _settle(self, inflight: deque[tuple[Future[dict[str, Any]], bytearray]], done: list[dict[str, Any]]) -> None:
+        """Wait for the oldest part in flight; its buffer is free again once it is sent."""
+        done.append(inflight[0][0].result())
+        self._buffers.give(inflight.popleft()[1])
+
+    def _upload_part(self, key: str, upload_id: str, number: int, data: _PartBody) -> dict[str, Any]:
         with _s3("upload a part"):
             answer = self._client.upload_part(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data

@@ -44,6 +44,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._budget: int | None = None  # bytes still allowed upstream before the reset trips
         self._tripped = False
+        self._once = False  # reset one connection, then forward everything again
         self._latency = 0.0
         self.bytes_up = 0  # client -> upstream, all connections
         self.bytes_down = 0
@@ -64,6 +65,11 @@ class TcpProxy:
         with self._lock:
             self._budget, self._tripped = n, False
 
+    def reset_once_after(self, n: int) -> None:
+        """Forward ``n`` more bytes upstream, then reset that one connection and heal."""
+        with self._lock:
+            self._budget, self._tripped, self._once = n, False, True
+
     def refuse(self) -> None:
         """Reset every connection from now on (open ones at their next byte)."""
         with self._lock:
@@ -76,7 +82,7 @@ class TcpProxy:
 
     def heal(self) -> None:
         with self._lock:
-            self._budget, self._tripped, self._latency = None, False, 0.0
+            self._budget, self._tripped, self._once, self._latency = None, False, False, 0.0
 
     @property
     def tripped(self) -> bool:
@@ -146,7 +152,10 @@ class TcpProxy:
                     return True
                 if self._budget is not None:
                     if len(data) > self._budget:
-                        self._tripped = True
+                        if self._once:
+                            self._budget, self._once = None, False
+                        else:
+                            self._tripped = True
                         return True
                     self._budget -= len(data)
                 self.bytes_up += len(data)

@@ -101,6 +101,11 @@ def token_for(home: Path, url: str) -> str:
     return str(json.loads((home / "credentials.json").read_text())[url])
 
 
+def minor_faults(pid: int) -> int:
+    """Page faults a process has taken that needed no disk read (a fresh page zeroed, mostly)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (VmRSS), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
