@@ -17,6 +17,11 @@ the lookup service runs for each query, and whether any scans versions sequentia
 Goals: p99 <= 1.5x the floor; p99 at the large size <= 1.2x p99 at 1,000 versions.
 
     python bench/lookup.py [--versions 1000000] [--quick] [--repeat 200] [--database-url postgresql://…]
+                           [--keep DIR]
+
+--keep DIR keeps the throwaway cluster in DIR (created on first use) and reuses each size's database
+when a previous run filled it (the schema is still upgraded, so a new migration applies): a 1M fill
+takes minutes, a rerun after a code change none. Delete DIR to fill again.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ BASES = 100
 LIMITED = ("team-6/*", "team-7/*")
 
 
-def fill(url: str, versions: int) -> float:
-    """Create the schema and the rows; returns the seconds the rows took."""
+def fill(url: str, versions: int) -> float | None:
+    """Create the schema and the rows; returns the seconds the rows took, None when a previous run
+    (--keep) filled this database already."""
     from sqlalchemy import text
 
     from loreg.registry.db import migrate
@@ -54,6 +60,10 @@ def fill(url: str, versions: int) -> float:
     migrate.upgrade(engine)
     adapters = min(10_000, max(1, versions // 100))
     per = max(1, versions // adapters)
+    with engine.connect() as conn:
+        if conn.execute(text("SELECT count(*) FROM versions")).scalar() == adapters * per:
+            engine.dispose()
+            return None
     start = time.perf_counter()
     with engine.begin() as conn:
         for sql in fill_sql(adapters, per):
@@ -265,7 +275,50 @@ def report(big: int, at_big: dict[Any, list[float]], at_small: dict[Any, list[fl
 
 
 @contextlib.contextmanager
-def databases(given: str | None) -> Iterator[Callable[[str], str]]:
+def kept_postgres(root: Path) -> Iterator[Any]:
+    """A cluster in ``root`` that outlives the run (--keep)."""
+    import os
+    import shutil
+    import subprocess
+
+    from tests.support.moto import free_port
+    from tests.support.postgres import PgServer, _as_postgres
+
+    root.mkdir(parents=True, exist_ok=True)
+    datadir, sockdir = root / "data", root / "sock"
+    sockdir.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        os.chmod(root, 0o755)
+        shutil.chown(root, "postgres")
+        shutil.chown(sockdir, "postgres")
+    server = PgServer(datadir=datadir, sockdir=sockdir, port=free_port(), logfile=root / "postgres.log")
+    if not datadir.exists():
+        subprocess.run(_as_postgres(["initdb", "-D", str(datadir), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                                     "--no-sync"]), check=True, stdout=subprocess.DEVNULL)
+    server.stop()  # one an interrupted run left running
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop("fast")
+
+
+@contextlib.contextmanager
+def databases(given: str | None, keep: Path | None = None) -> Iterator[Callable[[str], str]]:
+    if keep is not None:
+        with kept_postgres(keep) as pg:
+            def make_kept(name: str) -> str:
+                from sqlalchemy import create_engine, text
+
+                admin = create_engine(pg.url("postgres"), isolation_level="AUTOCOMMIT")
+                with admin.connect() as conn:
+                    if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first() is None:
+                        conn.execute(text(f"CREATE DATABASE {name}"))
+                admin.dispose()
+                return pg.url(name)
+
+            yield make_kept
+        return
     if given:
         from sqlalchemy import create_engine, text
 
@@ -293,13 +346,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100,000 versions, 50 rounds")
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--database-url", help="a Postgres server (postgresql+psycopg://…/postgres) to create databases on")
+    ap.add_argument("--keep", type=Path, help="keep the cluster in this folder and reuse filled databases")
     args = ap.parse_args()
     big, repeat = (100_000, 50) if args.quick else (args.versions, args.repeat)
-    with databases(args.database_url) as make:
+    with databases(args.database_url, args.keep) as make:
         results = {}
         for size in (big, 1000):
             url = make(f"bench_lookup_{size}")
-            print(f"fill {size:,} versions: {fill(url, size):.1f} s", flush=True)
+            took = fill(url, size)
+            print(f"fill {size:,} versions: " + (f"{took:.1f} s" if took is not None else "reused"), flush=True)
             if size == big:
                 print("plans without a sequential scan of versions:", explain(url), flush=True)
             results[size] = measure(url, repeat)
