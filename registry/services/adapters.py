@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from loreg.registry.db.models import (
     Adapter,
+    AdapterBase,
     AdapterBlob,
     Alias,
     AliasEvent,
@@ -157,17 +158,9 @@ def _finite(value: Any) -> bool:
 def _filter_conditions(filters: LookupFilters) -> list[Any]:
     """The SQL conditions of every filter but the metric bounds."""
     v = Version
-    conds: list[Any] = []
-    if filters.namespace is not None:
-        names.check_name_part(filters.namespace, "namespace")
-        conds.append(Adapter.namespace == filters.namespace)
-    if filters.name is not None:
-        conds.append(Adapter.name == filters.name)
-    if filters.allowed:
-        conds.append(visible(filters.allowed))
+    conds = _adapter_conditions(filters)
     if filters.base_ids is not None:
-        all_ids = tuple(filters.base_ids) + tuple(filters.layout_base_ids or ())
-        conds.append(v.base_model_id.in_(all_ids or (-1,)))
+        conds.append(v.base_model_id.in_(_all_base_ids(filters)))
     if filters.target:
         conds.append(v.id.in_(select(VersionTarget.version_id).where(VersionTarget.target == filters.target)))
     if filters.min_rank is not None:
@@ -182,6 +175,19 @@ def _filter_conditions(filters: LookupFilters) -> list[Any]:
         needle = filters.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"%{needle.lower()}%"
         conds.append(v.search_text.like(pattern, escape="\\"))
+    return conds
+
+
+def _adapter_conditions(filters: LookupFilters) -> list[Any]:
+    """The filters on the adapter alone (namespace, name, the token's globs)."""
+    conds: list[Any] = []
+    if filters.namespace is not None:
+        names.check_name_part(filters.namespace, "namespace")
+        conds.append(Adapter.namespace == filters.namespace)
+    if filters.name is not None:
+        conds.append(Adapter.name == filters.name)
+    if filters.allowed:
+        conds.append(visible(filters.allowed))
     return conds
 
 
@@ -252,6 +258,13 @@ def _add_metrics(session: Session, version_id: int, metrics: dict[str, float]) -
     session.execute(stmt)
 
 
+def _note_base(session: Session, base_id: int, adapter_id: int) -> None:
+    """Record that the adapter has a version on this base (adapter_bases), once."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(AdapterBase).values(base_model_id=base_id, adapter_id=adapter_id).on_conflict_do_nothing())
+
+
 def default_order(metric: str | None) -> str:
     """The order when none is asked for (the CLI's too): by a metric whose name contains ``loss``,
     ascending (lower is better); by any other metric, and newest first without one, descending."""
@@ -270,21 +283,10 @@ def _lookup_query(filters: LookupFilters, cursor: str | None, limit: int) -> tup
     adapter), joined afterwards with the columns a summary shows. Returns (statement, by_metric)."""
     conds = _filter_conditions(filters)
     metric_value = _metric_value(filters, conds)
-    query = select(Version.id.label("vid"), Version.adapter_id.label("aid"), Version.number.label("num")).join(
-        Adapter, Adapter.id == Version.adapter_id
-    )
-    if metric_value is not None:
-        query = query.add_columns(metric_value.label("mv"))
-    if conds:
-        query = query.where(and_(*conds))
-    if filters.latest_only:
-        ranked = query.add_columns(
-            func.row_number().over(partition_by=Version.adapter_id, order_by=Version.number.desc()).label("rn")
-        ).subquery()
-        outer = select(ranked).where(ranked.c.rn == 1)
+    if filters.latest_only and filters.base_ids is not None:
+        ranked, outer = _newest_per_adapter(filters, conds)
     else:
-        ranked = query.subquery()
-        outer = select(ranked)
+        ranked, outer = _ranked(filters, conds, metric_value)
     desc = (filters.order or default_order(filters.metric)) != "asc"
     by_metric = metric_value is not None
     if cursor:
@@ -302,6 +304,55 @@ def _lookup_query(filters: LookupFilters, cursor: str | None, limit: int) -> tup
     if by_metric:
         joined = joined.add_columns(page.c.mv)
     return joined.order_by(*keys(page)), by_metric
+
+
+def _ranked(filters: LookupFilters, conds: list[Any], metric_value: Any) -> tuple[Any, Any]:
+    """Every matching version, ranked by number within its adapter (a window) when only the newest
+    counts: (the subquery with vid and, by a metric, mv; the select of the rows that count)."""
+    query = select(Version.id.label("vid"), Version.adapter_id.label("aid"), Version.number.label("num")).join(
+        Adapter, Adapter.id == Version.adapter_id
+    )
+    if metric_value is not None:
+        query = query.add_columns(metric_value.label("mv"))
+    if conds:
+        query = query.where(and_(*conds))
+    if not filters.latest_only:
+        ranked = query.subquery()
+        return ranked, select(ranked)
+    ranked = query.add_columns(
+        func.row_number().over(partition_by=Version.adapter_id, order_by=Version.number.desc()).label("rn")
+    ).subquery()
+    return ranked, select(ranked).where(ranked.c.rn == 1)
+
+
+def _newest_per_adapter(filters: LookupFilters, conds: list[Any]) -> tuple[Any, Any]:
+    """By base: each adapter with versions on these bases (adapter_bases) names its newest matching
+    version, one probe down its (adapter_id, number) index until a version matches. The work follows
+    the base's adapters, not all of its versions, and the answer is the window's."""
+    newest = (
+        select(Version.id)
+        .where(Version.adapter_id == Adapter.id, *conds)
+        .order_by(Version.number.desc())
+        .limit(1)
+        .correlate(Adapter)
+        .scalar_subquery()
+    )
+    on_base = select(AdapterBase.adapter_id).where(AdapterBase.base_model_id.in_(_all_base_ids(filters)))
+    picked = select(newest.label("vid")).where(Adapter.id.in_(on_base), *_adapter_conditions(filters)).subquery()
+    columns = [picked.c.vid]
+    if filters.metric:
+        columns.append(
+            select(MetricLatest.value)
+            .where(MetricLatest.version_id == picked.c.vid, MetricLatest.key == filters.metric)
+            .scalar_subquery()
+            .label("mv")
+        )
+    ranked = select(*columns).where(picked.c.vid.is_not(None)).subquery()
+    return ranked, select(ranked)
+
+
+def _all_base_ids(filters: LookupFilters) -> tuple[int, ...]:
+    return (tuple(filters.base_ids or ()) + tuple(filters.layout_base_ids or ())) or (-1,)
 
 
 def _head(*, full: bool) -> Any:
@@ -525,6 +576,8 @@ class AdapterService:
         )
         session.add(version)
         session.flush()
+        if checked.base_id is not None:
+            _note_base(session, checked.base_id, adapter.id)
         session.add_all(VersionFile(version_id=version.id, path=f.path, size=f.size, digest=f.digest) for f in files)
         session.add_all(VersionTarget(version_id=version.id, target=t) for t in sorted(set(facts["targets"])))
         _add_metrics(session, version.id, request.metrics)
