@@ -763,14 +763,14 @@ class AdapterService:
     # --- resolve / read -----------------------------------------------------------------------
 
     def get(self, namespace: str, name: str, tag: str = "latest") -> VersionView:
-        with self.registry.sessions.begin() as session:
+        with self.registry.reading() as session:
             return self._resolved_view(session, namespace, name, tag)
 
     def get_many(self, refs: list[names.Reference]) -> list[VersionView | LoregError]:
         """Each reference's version, or the error a lookup of it alone raises (one session for the
         batch; an alias moved meanwhile changes the ETag of the next batch, so the follower sees it then)."""
         out: list[VersionView | LoregError] = []
-        with self.registry.sessions.begin() as session:
+        with self.registry.reading() as session:
             for r in refs:
                 try:
                     out.append(self._resolved_view(session, r.namespace, r.name, r.tag))
@@ -915,7 +915,7 @@ class AdapterService:
         With ``latest_only`` each adapter contributes only its newest matching version.
         """
         limit = max(1, min(limit, 500))
-        with self.registry.sessions.begin() as session:
+        with self.registry.reading() as session:
             if filters.base is not None:
                 base_ids, layout_ids = resolve.base_ids(session, filters.base)
                 filters = replace(filters, base=None, base_ids=base_ids, layout_base_ids=layout_ids)

@@ -104,3 +104,27 @@ def test_a_lookup_page_and_a_version_take_a_few_statements_whatever_they_hold(fi
     assert len(page.items) == 2 and all(i.base and i.base.names == ["base-6"] and i.metrics for i in page.items)
     seen = statements(filled, lambda: service.get("team-6", "adapter-6", "prod"))
     assert len(seen) == 2, [s for s, _ in seen]
+
+
+def test_reads_on_postgres_send_no_begin_or_commit(filled: AppContext) -> None:
+    """Under READ COMMITTED a transaction around a read's statements adds nothing but BEGIN and
+    COMMIT (two round trips): the token check, a version read and a lookup run in autocommit."""
+    from loreg.registry.services.tokens import TokenService
+
+    tokens = TokenService(filled)
+    _row, secret = tokens.create("read", ["team-6/*"])
+    tokens.authenticate(secret)  # the first use records last_used_at (a write); later ones only read
+    service = AdapterService(filled)
+    modes: list[bool] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        modes.append(conn.connection.dbapi_connection.autocommit)
+
+    event.listen(filled.engine, "before_cursor_execute", record)
+    try:
+        tokens.authenticate(secret)
+        service.get("team-6", "adapter-6", "prod")
+        service.lookup(LookupFilters(base="base-6", metric="eval_loss", allowed=("team-6/*",)))
+    finally:
+        event.remove(filled.engine, "before_cursor_execute", record)
+    assert modes and all(modes), modes
