@@ -20,11 +20,13 @@ from loreg.registry.db.models import (
     AdapterBlob,
     Alias,
     AliasEvent,
+    BaseName,
     Blob,
     BlobScan,
     Combination,
     Metric,
     MetricLatest,
+    UTCDateTime,
     Version,
     VersionFile,
     VersionTarget,
@@ -62,7 +64,6 @@ from loreg.registry.services.views import (
     base_label,
     base_ref,
 )
-from loreg.registry.db.models import BaseName, UTCDateTime
 
 
 
