@@ -339,7 +339,11 @@ def _newest_per_adapter(filters: LookupFilters, conds: list[Any]) -> tuple[Any, 
         .scalar_subquery()
     )
     on_base = select(AdapterBase.adapter_id).where(AdapterBase.base_model_id.in_(_all_base_ids(filters)))
-    picked = select(newest.label("vid")).where(Adapter.id.in_(on_base), *_adapter_conditions(filters)).subquery()
+    # OFFSET 0 keeps the planner from inlining the subquery: each adapter's probe runs once, not once
+    # per reference to its result (the filter, the metric, the sort)
+    picked = (
+        select(newest.label("vid")).where(Adapter.id.in_(on_base), *_adapter_conditions(filters)).offset(0).subquery()
+    )
     columns = [picked.c.vid]
     if filters.metric:
         columns.append(
