@@ -98,6 +98,18 @@ class Adapter(OrmBase):
         return f"{self.namespace}/{self.name}"
 
 
+class AdapterBase(OrmBase):
+    """A base model some version of an adapter was validated against, written with every version.
+    A lookup by base asks each of these adapters for its newest matching version (a few index probes
+    each) instead of ranking all of the base's versions. Never removed with a version: a pair whose
+    versions are gone only answers nothing."""
+
+    __tablename__ = "adapter_bases"
+
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="CASCADE"), primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True)
+
+
 class AdapterBlob(OrmBase):
     """A blob linked to an adapter name (an OCI repository): only linked blobs may appear in its
     versions. A link comes from an upload for that adapter whose bytes the server read and verified,

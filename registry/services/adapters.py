@@ -6,24 +6,27 @@ import base64
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, true, update
+from sqlalchemy import Float, and_, cast, delete, exists, func, literal, null, or_, select, true, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from loreg.registry.db.models import (
     Adapter,
+    AdapterBase,
     AdapterBlob,
     Alias,
     AliasEvent,
+    BaseName,
     Blob,
     BlobScan,
     Combination,
     Metric,
     MetricLatest,
+    UTCDateTime,
     Version,
     VersionFile,
     VersionTarget,
@@ -58,6 +61,7 @@ from loreg.registry.services.views import (
     VersionPushed,
     VersionSummaryView,
     VersionView,
+    base_label,
     base_ref,
 )
 
@@ -68,6 +72,8 @@ from loreg.registry.services.views import (
 class LookupFilters:
     namespace: str | None = None
     name: str | None = None
+    # a base reference (name, name@revision, weights digest), resolved to base_ids in the lookup's transaction
+    base: str | None = None
     base_ids: tuple[int, ...] | None = None
     layout_base_ids: tuple[int, ...] | None = None
     target: str | None = None
@@ -153,17 +159,9 @@ def _finite(value: Any) -> bool:
 def _filter_conditions(filters: LookupFilters) -> list[Any]:
     """The SQL conditions of every filter but the metric bounds."""
     v = Version
-    conds: list[Any] = []
-    if filters.namespace is not None:
-        names.check_name_part(filters.namespace, "namespace")
-        conds.append(Adapter.namespace == filters.namespace)
-    if filters.name is not None:
-        conds.append(Adapter.name == filters.name)
-    if filters.allowed:
-        conds.append(visible(filters.allowed))
+    conds = _adapter_conditions(filters)
     if filters.base_ids is not None:
-        all_ids = tuple(filters.base_ids) + tuple(filters.layout_base_ids or ())
-        conds.append(v.base_model_id.in_(all_ids or (-1,)))
+        conds.append(v.base_model_id.in_(_all_base_ids(filters)))
     if filters.target:
         conds.append(v.id.in_(select(VersionTarget.version_id).where(VersionTarget.target == filters.target)))
     if filters.min_rank is not None:
@@ -178,6 +176,19 @@ def _filter_conditions(filters: LookupFilters) -> list[Any]:
         needle = filters.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"%{needle.lower()}%"
         conds.append(v.search_text.like(pattern, escape="\\"))
+    return conds
+
+
+def _adapter_conditions(filters: LookupFilters) -> list[Any]:
+    """The filters on the adapter alone (namespace, name, the token's globs)."""
+    conds: list[Any] = []
+    if filters.namespace is not None:
+        names.check_name_part(filters.namespace, "namespace")
+        conds.append(Adapter.namespace == filters.namespace)
+    if filters.name is not None:
+        conds.append(Adapter.name == filters.name)
+    if filters.allowed:
+        conds.append(visible(filters.allowed))
     return conds
 
 
@@ -248,6 +259,13 @@ def _add_metrics(session: Session, version_id: int, metrics: dict[str, float]) -
     session.execute(stmt)
 
 
+def _note_base(session: Session, base_id: int, adapter_id: int) -> None:
+    """Record that the adapter has a version on this base (adapter_bases), once."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(AdapterBase).values(base_model_id=base_id, adapter_id=adapter_id).on_conflict_do_nothing())
+
+
 def default_order(metric: str | None) -> str:
     """The order when none is asked for (the CLI's too): by a metric whose name contains ``loss``,
     ascending (lower is better); by any other metric, and newest first without one, descending."""
@@ -259,6 +277,160 @@ def latest_metrics(version: Version) -> dict[str, float]:
     for m in version.metrics:  # ordered by id: later evaluations win
         out[m.key] = m.value
     return out
+
+
+def _lookup_query(filters: LookupFilters, cursor: str | None, limit: int) -> tuple[Any, bool]:
+    """One statement for a lookup page: the keyset page of version ids (newest matching version per
+    adapter), joined afterwards with the columns a summary shows. Returns (statement, by_metric)."""
+    conds = _filter_conditions(filters)
+    metric_value = _metric_value(filters, conds)
+    if filters.latest_only and filters.base_ids is not None:
+        ranked, outer = _newest_per_adapter(filters, conds)
+    else:
+        ranked, outer = _ranked(filters, conds, metric_value)
+    desc = (filters.order or default_order(filters.metric)) != "asc"
+    by_metric = metric_value is not None
+    if cursor:
+        outer = outer.where(_after_cursor(ranked, _decode_cursor(cursor, by_metric=by_metric), by_metric, desc))
+
+    def keys(t: Any) -> list[Any]:
+        out = [t.c.vid.desc() if desc else t.c.vid.asc()]
+        if by_metric:
+            out.insert(0, (t.c.mv.desc() if desc else t.c.mv.asc()).nulls_last())
+        return out
+
+    # the limit stays inside: only the page's rows are joined to the wide columns
+    page = outer.order_by(*keys(ranked)).limit(limit + 1).subquery()
+    joined = _head(full=False).join(page, page.c.vid == Version.id)
+    if by_metric:
+        joined = joined.add_columns(page.c.mv)
+    return joined.order_by(*keys(page)), by_metric
+
+
+def _ranked(filters: LookupFilters, conds: list[Any], metric_value: Any) -> tuple[Any, Any]:
+    """Every matching version, ranked by number within its adapter (a window) when only the newest
+    counts: (the subquery with vid and, by a metric, mv; the select of the rows that count)."""
+    query = select(Version.id.label("vid"), Version.adapter_id.label("aid"), Version.number.label("num")).join(
+        Adapter, Adapter.id == Version.adapter_id
+    )
+    if metric_value is not None:
+        query = query.add_columns(metric_value.label("mv"))
+    if conds:
+        query = query.where(and_(*conds))
+    if not filters.latest_only:
+        ranked = query.subquery()
+        return ranked, select(ranked)
+    ranked = query.add_columns(
+        func.row_number().over(partition_by=Version.adapter_id, order_by=Version.number.desc()).label("rn")
+    ).subquery()
+    return ranked, select(ranked).where(ranked.c.rn == 1)
+
+
+def _newest_per_adapter(filters: LookupFilters, conds: list[Any]) -> tuple[Any, Any]:
+    """By base: each adapter with versions on these bases (adapter_bases) names its newest matching
+    version, one probe down its (adapter_id, number) index until a version matches. The work follows
+    the base's adapters, not all of its versions, and the answer is the window's."""
+    newest = (
+        select(Version.id)
+        .where(Version.adapter_id == Adapter.id, *conds)
+        .order_by(Version.number.desc())
+        .limit(1)
+        .correlate(Adapter)
+        .scalar_subquery()
+    )
+    on_base = select(AdapterBase.adapter_id).where(AdapterBase.base_model_id.in_(_all_base_ids(filters)))
+    # OFFSET 0 keeps the planner from inlining the subquery: each adapter's probe runs once, not once
+    # per reference to its result (the filter, the metric, the sort)
+    picked = (
+        select(newest.label("vid")).where(Adapter.id.in_(on_base), *_adapter_conditions(filters)).offset(0).subquery()
+    )
+    columns = [picked.c.vid]
+    if filters.metric:
+        columns.append(
+            select(MetricLatest.value)
+            .where(MetricLatest.version_id == picked.c.vid, MetricLatest.key == filters.metric)
+            .scalar_subquery()
+            .label("mv")
+        )
+    ranked = select(*columns).where(picked.c.vid.is_not(None)).subquery()
+    return ranked, select(ranked)
+
+
+def _all_base_ids(filters: LookupFilters) -> tuple[int, ...]:
+    return (tuple(filters.base_ids or ()) + tuple(filters.layout_base_ids or ())) or (-1,)
+
+
+def _head(*, full: bool) -> Any:
+    """A version's own columns with its adapter's name and its base's digests (a summary's, or with
+    ``full`` a whole version's); the base may be absent."""
+    columns = [
+        Version.id, Version.number, Version.manifest_digest, Version.size, Version.created_at, Version.rank_max,
+        Version.facts, Version.task_type, Version.use_dora, Version.warnings, Version.base_model_id,
+        Adapter.namespace, Adapter.name, BaseModelRow.weights_digest, BaseModelRow.layout_digest,
+    ]
+    if full:
+        made = exists().where(Combination.version_id == Version.id).label("made")
+        columns += [Version.message, Version.config, made]
+    return (
+        select(*columns)
+        .join(Adapter, Adapter.id == Version.adapter_id)
+        .outerjoin(BaseModelRow, BaseModelRow.id == Version.base_model_id)
+    )
+
+
+@dataclass
+class _Extras:
+    """The rows a page of versions shows beside their own columns, read in one statement: files,
+    metrics (in order: later evaluations win), aliases and the names of their bases."""
+
+    files: dict[int, list[StoredFile]] = field(default_factory=dict)
+    metrics: dict[int, list[MetricView]] = field(default_factory=dict)
+    aliases: dict[int, list[str]] = field(default_factory=dict)
+    base_names: dict[int, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, session: Session, version_ids: list[int], base_ids: list[int], *, files: bool = False) -> _Extras:
+        out = cls()
+        if not version_ids:
+            return out
+        # one column set for every kind: k the name, s its sort key (by the database's collation, as
+        # the separate ORDER BYs were), n a number (metric row id, file size, base name id), d a string
+        no_value, no_time = cast(null(), Float), cast(null(), UTCDateTime())
+        parts = [
+            select(literal("m").label("kind"), Metric.version_id.label("owner"), Metric.key.label("k"),
+                   literal("").label("s"), Metric.id.label("n"), Metric.value.label("x"), Metric.created_at.label("at"),
+                   literal("").label("d"))
+            .where(Metric.version_id.in_(version_ids)),
+            select(literal("a"), Alias.version_id, Alias.name, Alias.name, literal(0), no_value, no_time, literal(""))
+            .where(Alias.version_id.in_(version_ids)),
+        ]
+        if base_ids:
+            parts.append(
+                select(literal("b"), BaseName.base_model_id, BaseName.name, literal(""), BaseName.id, no_value,
+                       no_time, BaseName.revision).where(BaseName.base_model_id.in_(base_ids))
+            )
+        if files:
+            parts.append(
+                select(literal("f"), VersionFile.version_id, VersionFile.path, VersionFile.path, VersionFile.size,
+                       no_value, no_time, VersionFile.digest).where(VersionFile.version_id.in_(version_ids))
+            )
+        query = union_all(*parts)
+        c = query.selected_columns
+        for r in session.execute(query.order_by(c.kind, c.owner, c.s, c.n)):
+            if r.kind == "m":
+                out.metrics.setdefault(r.owner, []).append(MetricView(key=r.k, value=r.x, created_at=r.at))
+            elif r.kind == "a":
+                out.aliases.setdefault(r.owner, []).append(r.k)
+            elif r.kind == "b":
+                out.base_names.setdefault(r.owner, []).append(base_label(r.k, r.d))
+            else:
+                out.files.setdefault(r.owner, []).append(StoredFile(path=r.k, size=r.n, digest=r.d))
+        return out
+
+    def base(self, row: Any) -> BaseRefView | None:
+        if row.base_model_id is None:
+            return None
+        return BaseRefView(row.weights_digest, row.layout_digest, self.base_names.get(row.base_model_id, []))
 
 
 @dataclass(frozen=True)
@@ -409,6 +581,8 @@ class AdapterService:
         )
         session.add(version)
         session.flush()
+        if checked.base_id is not None:
+            _note_base(session, checked.base_id, adapter.id)
         session.add_all(VersionFile(version_id=version.id, path=f.path, size=f.size, digest=f.digest) for f in files)
         session.add_all(VersionTarget(version_id=version.id, target=t) for t in sorted(set(facts["targets"])))
         _add_metrics(session, version.id, request.metrics)
@@ -594,20 +768,68 @@ class AdapterService:
     # --- resolve / read -----------------------------------------------------------------------
 
     def get(self, namespace: str, name: str, tag: str = "latest") -> VersionView:
-        with self.registry.sessions.begin() as session:
-            return self._public(session, resolve.version(session, namespace, name, tag))
+        with self.registry.reading() as session:
+            return self._resolved_view(session, namespace, name, tag)
 
     def get_many(self, refs: list[names.Reference]) -> list[VersionView | LoregError]:
         """Each reference's version, or the error a lookup of it alone raises (one session for the
         batch; an alias moved meanwhile changes the ETag of the next batch, so the follower sees it then)."""
         out: list[VersionView | LoregError] = []
-        with self.registry.sessions.begin() as session:
+        with self.registry.reading() as session:
             for r in refs:
                 try:
-                    out.append(self._public(session, resolve.version(session, r.namespace, r.name, r.tag)))
+                    out.append(self._resolved_view(session, r.namespace, r.name, r.tag))
                 except LoregError as exc:
                     out.append(exc)
         return out
+
+    def _resolved_view(self, session: Session, namespace: str, name: str, tag: str) -> VersionView:
+        """The version ``tag`` names, in two statements: the version with its adapter and base, then
+        its files, metrics, aliases and base names. Whatever the one-row statement cannot settle (a
+        short digest, a missing name) goes through ``resolve.version``, which raises the precise error."""
+        names.check_name(namespace, name)
+        tag = names.check_tag(tag)
+        query = _head(full=True).where(Adapter.namespace == namespace, Adapter.name == name)
+        if tag == "latest":
+            query = query.order_by(Version.number.desc()).limit(1)
+        elif tag.isdigit():
+            query = query.where(Version.number == int(tag))
+        elif tag.startswith("sha256:"):
+            query = query.where(Version.manifest_digest == tag) if names.DIGEST.fullmatch(tag) else None
+        else:
+            query = query.join(Alias, and_(Alias.adapter_id == Adapter.id, Alias.version_id == Version.id)).where(
+                Alias.name == tag
+            )
+        rows = session.execute(query).all() if query is not None else []
+        if len(rows) != 1:
+            found = resolve.version(session, namespace, name, tag)
+            rows = session.execute(_head(full=True).where(Version.id == found.id)).all()
+        return self._view(session, rows[0])
+
+    def _public(self, session: Session, v: Version) -> VersionView:
+        session.flush()
+        return self._view(session, session.execute(_head(full=True).where(Version.id == v.id)).one())
+
+    def _view(self, session: Session, row: Any) -> VersionView:
+        extras = _Extras.load(session, [row.id], [row.base_model_id] if row.base_model_id is not None else [], files=True)
+        metrics = extras.metrics.get(row.id, [])
+        return VersionView(
+            name=f"{row.namespace}/{row.name}",
+            version=row.number,
+            digest=row.manifest_digest,
+            size=row.size,
+            message=row.message,
+            created_at=row.created_at,
+            files=extras.files.get(row.id, []),
+            config=row.config,
+            facts=row.facts,
+            warnings=row.warnings,
+            metrics={m.key: m.value for m in metrics},
+            metrics_history=metrics,
+            aliases=extras.aliases.get(row.id, []),
+            base=extras.base(row),
+            made_by=_made_by(session, row.id) if row.made else None,
+        )
 
     def file_entry(self, namespace: str, name: str, tag: str, path: str) -> StoredFile:
         names.check_file_name(path)
@@ -688,27 +910,6 @@ class AdapterService:
             match=match,
         )
 
-    def _public(self, session: Session, v: Version) -> VersionView:
-        adapter = session.get_one(Adapter, v.adapter_id)
-        aliases = self._alias_map(session, [v.id]).get(v.id, [])
-        return VersionView(
-            name=adapter.full_name,
-            version=v.number,
-            digest=v.manifest_digest,
-            size=v.size,
-            message=v.message,
-            created_at=v.created_at,
-            files=[StoredFile(path=f.path, size=f.size, digest=f.digest) for f in v.files],
-            config=v.config,
-            facts=v.facts,
-            warnings=v.warnings,
-            metrics=latest_metrics(v),
-            metrics_history=[MetricView(key=m.key, value=m.value, created_at=m.created_at) for m in v.metrics],
-            aliases=aliases,
-            base=base_ref(v.base_model),
-            made_by=_made_by(session, v.id),
-        )
-
     # --- lookup -------------------------------------------------------------------------------
 
     def lookup(
@@ -719,32 +920,12 @@ class AdapterService:
         With ``latest_only`` each adapter contributes only its newest matching version.
         """
         limit = max(1, min(limit, 500))
-        conds = _filter_conditions(filters)
-        metric_value = _metric_value(filters, conds)
-        query = select(Version.id.label("vid"), Version.adapter_id.label("aid"), Version.number.label("num")).join(
-            Adapter, Adapter.id == Version.adapter_id
-        )
-        if metric_value is not None:
-            query = query.add_columns(metric_value.label("mv"))
-        if conds:
-            query = query.where(and_(*conds))
-        if filters.latest_only:
-            ranked = query.add_columns(
-                func.row_number().over(partition_by=Version.adapter_id, order_by=Version.number.desc()).label("rn")
-            ).subquery()
-            outer = select(ranked).where(ranked.c.rn == 1)
-        else:
-            ranked = query.subquery()
-            outer = select(ranked)
-        desc = (filters.order or default_order(filters.metric)) != "asc"
-        by_metric = metric_value is not None
-        if cursor:
-            outer = outer.where(_after_cursor(ranked, _decode_cursor(cursor, by_metric=by_metric), by_metric, desc))
-        keys = [ranked.c.vid.desc() if desc else ranked.c.vid.asc()]
-        if by_metric:
-            keys.insert(0, (ranked.c.mv.desc() if desc else ranked.c.mv.asc()).nulls_last())
-        with self.registry.sessions.begin() as session:
-            rows = session.execute(outer.order_by(*keys).limit(limit + 1)).all()
+        with self.registry.reading() as session:
+            if filters.base is not None:
+                base_ids, layout_ids = resolve.base_ids(session, filters.base)
+                filters = replace(filters, base=None, base_ids=base_ids, layout_base_ids=layout_ids)
+            query, by_metric = _lookup_query(filters, cursor, limit)
+            rows = session.execute(query).all()
             return self._lookup_page(session, rows, limit, filters.base_ids, by_metric)
 
     def _lookup_page(
@@ -752,32 +933,42 @@ class AdapterService:
     ) -> Listing[VersionSummaryView]:
         more = len(rows) > limit
         rows = rows[:limit]
-        ids = [r.vid for r in rows]
-        versions = {
-            x.id: x
-            for x in session.scalars(
-                select(Version)
-                .where(Version.id.in_(ids))
-                .options(selectinload(Version.metrics), selectinload(Version.adapter), selectinload(Version.base_model))
-            )
-        }
-        alias_map = self._alias_map(session, ids)
+        extras = _Extras.load(session, [r.id for r in rows], sorted({r.base_model_id for r in rows} - {None}))
         validated = set(base_ids or ())
         items = []
         for r in rows:
-            ver = versions[r.vid]
             match = None
             if base_ids is not None:
-                match = "validated" if ver.base_model_id in validated else "layout"
-            items.append(self._summary(ver, ver.adapter, alias_map.get(ver.id, []), match))
+                match = "validated" if r.base_model_id in validated else "layout"
+            items.append(self._summary_of(r, extras, match))
         next_cursor = None
         if more:
             last = rows[-1]
             if not by_metric:
-                next_cursor = _encode_cursor([last.vid])
+                next_cursor = _encode_cursor([last.id])
             else:
-                next_cursor = _encode_cursor([False, None, last.vid] if last.mv is None else [True, last.mv, last.vid])
+                next_cursor = _encode_cursor([False, None, last.id] if last.mv is None else [True, last.mv, last.id])
         return Listing(items=items, next_cursor=next_cursor)
+
+    def _summary_of(self, r: Any, extras: _Extras, match: str | None) -> VersionSummaryView:
+        facts = r.facts
+        return VersionSummaryView(
+            name=f"{r.namespace}/{r.name}",
+            version=r.number,
+            digest=r.manifest_digest,
+            size=r.size,
+            created_at=r.created_at,
+            rank=r.rank_max,
+            lora_alpha=facts.get("lora_alpha"),
+            target_modules=sorted(facts.get("targets", [])),
+            task_type=r.task_type,
+            use_dora=r.use_dora,
+            base=extras.base(r),
+            metrics={m.key: m.value for m in extras.metrics.get(r.id, [])},
+            aliases=extras.aliases.get(r.id, []),
+            warnings=r.warnings,
+            match=match,
+        )
 
     # --- aliases, metrics, delete -------------------------------------------------------------
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +24,23 @@ class AppContext:
     engine: Engine
     sessions: sessionmaker[Session]
     store: BlobStore
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for a read that writes nothing. On Postgres it runs without BEGIN and COMMIT:
+        under READ COMMITTED every statement takes its own snapshot whether a transaction wraps the
+        statements or not, so the transaction would add nothing to a read but two round trips (of the
+        few a read makes). On SQLite the read keeps its transaction (there it is one snapshot)."""
+        if self.engine.dialect.name != "postgresql":
+            with self.sessions.begin() as session:
+                yield session
+            return
+        with self.sessions(bind=self._autocommit) as session:
+            yield session
+
+    @cached_property
+    def _autocommit(self) -> Engine:
+        return self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def close(self) -> None:
         self.engine.dispose()

@@ -125,22 +125,23 @@ def base_ids(session: Session, ref: str) -> tuple[tuple[int, ...], tuple[int, ..
     """(ids of the bases ``ref`` names: every registration of a name without revision, ids of the
     other bases with the same layout)."""
     if ref.startswith("sha256:"):
-        rows = [base(session, ref)]
+        named_q: Any = [base(session, ref).id]
     else:
         name, revision = split_base_ref(ref)
-        query = select(BaseName.base_model_id).where(BaseName.name == name)
+        named_q = select(BaseName.base_model_id).where(BaseName.name == name)
         if revision is not None:
-            query = query.where(BaseName.revision == revision)
-        ids = set(session.scalars(query))
-        if not ids:
-            base(session, ref)  # raises the not-registered error with its hint
-        rows = list(session.scalars(select(BaseModelRow).where(BaseModelRow.id.in_(ids))))
-    named = tuple(sorted(r.id for r in rows))
-    layouts = {r.layout_digest for r in rows}
-    same_layout = session.scalars(
-        select(BaseModelRow.id).where(BaseModelRow.layout_digest.in_(layouts), BaseModelRow.id.not_in(named))
-    )
-    return named, tuple(sorted(same_layout))
+            named_q = named_q.where(BaseName.revision == revision)
+    # one statement: every base sharing a layout with a named one, each marked whether it is named
+    layouts = select(BaseModelRow.layout_digest).where(BaseModelRow.id.in_(named_q))
+    rows = session.execute(
+        select(BaseModelRow.id, BaseModelRow.id.in_(named_q).label("named")).where(
+            BaseModelRow.layout_digest.in_(layouts)
+        )
+    ).all()
+    if not rows:
+        base(session, ref)  # raises the not-registered error with its hint
+    named = tuple(sorted(r.id for r in rows if r.named))
+    return named, tuple(sorted(r.id for r in rows if not r.named))
 
 
 def digest_matches(column: Any, digest: str) -> Any:

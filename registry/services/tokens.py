@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from loreg.registry.db.models import Token
 from loreg.registry.errors import DeniedError, RequestInvalidError, TokenNotFoundError, UnauthorizedError
@@ -150,7 +150,8 @@ class TokenService:
             raise UnauthorizedError("malformed token", hint="tokens look like loreg_…; run loreg login")
         token_id, secret = parsed
         now = now or datetime.now(UTC)
-        with self.registry.sessions.begin() as session:
+        # every request checks its token: a read (one primary-key statement), a write only when used
+        with self.registry.reading() as session:
             row = session.get(Token, token_id)
             if row is None or not hmac.compare_digest(row.secret_hash, _hash(secret)):
                 raise UnauthorizedError("invalid token")
@@ -158,10 +159,13 @@ class TokenService:
                 raise UnauthorizedError("token revoked")
             if row.expires_at is not None and row.expires_at <= now:
                 raise UnauthorizedError("token expired")
-            # one write per minute at most: authentication must not turn every read into a write
-            if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
-                row.last_used_at = now
-            return Principal(token_id=row.id, scope=row.scope, namespaces=tuple(row.namespaces))
+            principal = Principal(token_id=row.id, scope=row.scope, namespaces=tuple(row.namespaces))
+            stale = row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60
+        # one write per minute at most: authentication must not turn every read into a write
+        if stale:
+            with self.registry.sessions.begin() as session:
+                session.execute(update(Token).where(Token.id == token_id).values(last_used_at=now))
+        return principal
 
     def list(self) -> list[Token]:
         with self.registry.sessions.begin() as session:

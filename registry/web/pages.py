@@ -94,12 +94,8 @@ def lookup(request: Request, principal: Principal, params: dict[str, Any], *, ba
     state = request.app.state
     if params.get("namespace") is not None:
         principal.require("read", params["namespace"])
-    base = base or params.get("base")
-    base_ids = layout_ids = None
-    if base is not None:
-        base_ids, layout_ids = state.bases.lookup_ids(base)
     filters = LookupFilters(
-        namespace=params.get("namespace"), base_ids=base_ids, layout_base_ids=layout_ids, target=params.get("target"),
+        namespace=params.get("namespace"), base=base or params.get("base"), target=params.get("target"),
         min_rank=params.get("min_rank"), max_rank=params.get("max_rank"), dora=params.get("dora"),
         task_type=params.get("task_type"), metric=params.get("metric"), metric_min=params.get("metric_min"),
         metric_max=params.get("metric_max"), order=params.get("order"), q=params.get("q"),

@@ -110,3 +110,26 @@ def test_a_later_evaluation_moves_a_version_in_sort_and_bounds(five: RegistryCli
     assert [n for page in pages(api, 2, metric="eval_loss") for n in page] == ["org/a1", "org/a0", "org/a4", "org/a2", "org/a3"]
     assert [n for page in pages(api, 1, metric="eval_loss", metric_max=1.25) for n in page] == ["org/a1", "org/a0", "org/a4"]
     assert [n for page in pages(api, 2, q="ORG/A3") for n in page] == ["org/a3"]
+
+
+def test_by_base_each_adapter_answers_its_newest_matching_version(
+    five: RegistryClient, api: Any, adapter_dir: Path, tmp_path: Path
+) -> None:
+    """With base= each adapter on the base (adapter_bases) is asked for its newest version that
+    matches: the newest when it does, an older one when only that does, nothing once its versions
+    are gone."""
+    from tests import factories
+
+    base = factories.base_name("llama")
+    five.push(variant(adapter_dir, tmp_path / "again", seed=90), "org/a0", metrics={"eval_loss": 2.0})
+
+    def listed(**params: Any) -> dict[str, int]:
+        resp = api.get("/v1/adapters", params={"base": base, "metric": "eval_loss", **params})
+        assert resp.status_code == 200, resp.text
+        return {i["name"]: i["version"] for i in resp.json()["items"]}
+
+    assert listed() == {"org/a0": 2, "org/a1": 1, "org/a2": 1, "org/a3": 1, "org/a4": 1}
+    assert listed(metric_max=1.5) == {"org/a0": 1, "org/a2": 1, "org/a4": 1}
+    assert api.delete("/v1/adapters/org/a3").status_code == 200
+    assert api.delete("/v1/adapters/org/a0/versions/2").status_code == 200
+    assert listed() == {"org/a0": 1, "org/a1": 1, "org/a2": 1, "org/a4": 1}

@@ -160,3 +160,31 @@ def test_0006s_backfills_each_metrics_latest_value(empty_engine: Any) -> None:
     assert search == ["org/a first run", "org/a "]
     migrate.downgrade(empty_engine, "0005")
     assert "version_metrics_latest" not in inspect(empty_engine).get_table_names()
+
+
+def test_0007l_lists_each_adapters_bases_once(empty_engine: Any) -> None:
+    """0007l: adapter_bases holds each distinct (base, adapter) of the versions that have a base."""
+    from sqlalchemy import text
+
+    migrate.upgrade(empty_engine, "0006s")
+    with empty_engine.begin() as conn:
+        for i in (1, 2):
+            conn.execute(text(
+                "INSERT INTO base_models (id, weights_digest, layout_digest, architectures, config, tensors, files, "
+                "weights_uploaded, parameter_count, created_at) VALUES (:i, :w, :l, '[]', '{}', '[]', '[]', false, 0, "
+                "CURRENT_TIMESTAMP)"), {"i": i, "w": "sha256:" + str(i) * 64, "l": "sha256:" + str(i + 5) * 64})
+        for a in (1, 2):
+            conn.execute(text("INSERT INTO adapters (id, namespace, name, last_number, created_at) "
+                              "VALUES (:a, 'org', :n, 3, CURRENT_TIMESTAMP)"), {"a": a, "n": f"a{a}"})
+        for vid, adapter, base in ((1, 1, 1), (2, 1, 1), (3, 1, 2), (4, 2, None), (5, 2, 2)):
+            conn.execute(text(
+                "INSERT INTO versions (id, adapter_id, number, manifest_digest, size, config, facts, warnings, "
+                "rank_min, rank_max, use_dora, base_model_id, search_text, created_at) VALUES (:v, :a, :v, :m, 1, '{}', "
+                "'{}', '[]', 8, 8, false, :b, '', CURRENT_TIMESTAMP)"),
+                {"v": vid, "a": adapter, "b": base, "m": "sha256:" + str(vid) * 64})
+    migrate.upgrade(empty_engine)
+    with empty_engine.connect() as conn:
+        rows = conn.execute(text("SELECT base_model_id, adapter_id FROM adapter_bases")).all()
+    assert sorted(rows) == [(1, 1), (2, 1), (2, 2)]
+    migrate.downgrade(empty_engine, "0006s")
+    assert "adapter_bases" not in inspect(empty_engine).get_table_names()

@@ -28,6 +28,7 @@ def fill_sql(adapters: int, per: int) -> list[str]:
         f" (4 << ((a + n) % 5)), (4 << ((a + n) % 5)), false, 'CAUSAL_LM', (a % 100) + 1,"
         f" 'team-' || (a % 13) || '/adapter-' || a || ' run ' || n, now()"
         f" FROM generate_series(1, {adapters}) a, generate_series(1, {per}) n",
+        "INSERT INTO adapter_bases (base_model_id, adapter_id) SELECT DISTINCT base_model_id, adapter_id FROM versions",
         "INSERT INTO version_targets (version_id, target) SELECT id, t FROM versions, (VALUES ('q_proj'), ('v_proj')) x(t)",
         "INSERT INTO metrics (version_id, key, value, created_at)"
         " SELECT id, 'eval_loss', ((id::bigint * 7919) % 1000) / 1000.0, now() FROM versions ORDER BY id",

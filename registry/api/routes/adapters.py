@@ -42,7 +42,6 @@ STREAM_CHUNK = 1 << 20
 
 @router.get("/v1/adapters", response_model=Page[VersionSummary])
 async def list_adapters(
-    request: Request,
     adapters: AdaptersDep,
     principal: ReadDep,
     namespace: Annotated[str | None, Query(max_length=64)] = None,
@@ -71,13 +70,9 @@ async def list_adapters(
     """
     if namespace is not None:
         principal.require("read", namespace)
-    base_ids = layout_ids = None
-    if base is not None:
-        base_ids, layout_ids = await run_in_threadpool(request.app.state.bases.lookup_ids, base)
     filters = LookupFilters(
         namespace=namespace,
-        base_ids=base_ids,
-        layout_base_ids=layout_ids,
+        base=base,
         target=target,
         min_rank=min_rank,
         max_rank=max_rank,
