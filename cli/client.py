@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import queue
 import secrets
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+import urllib.request
 from urllib.parse import quote
 
 import httpx
@@ -46,7 +48,7 @@ from loreg.registry.errors import (
 )
 from loreg.registry.formats import names
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20
 Progress = Callable[[str, int, int], None]  # (label, advance bytes, total bytes)
 
 
@@ -210,13 +212,19 @@ class RegistryClient:
             self._http = httpx.Client(
                 base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0), follow_redirects=False
             )
+        self._headers = headers
+        # file downloads from the server itself go through urllib3 too (see _open_download), unless
+        # the client was handed its own transport or httpx would send the request through a proxy
+        self._bulk = http is None and not _proxied(self.url)
         self._timeout = timeout
+        self._api: urllib3.PoolManager | None = None  # the server's file downloads, with the token
         self._direct: urllib3.PoolManager | None = None  # presigned storage URLs: no loreg headers
 
     def close(self) -> None:
         self._http.close()
-        if self._direct is not None:
-            self._direct.clear()
+        for pool in (self._api, self._direct):
+            if pool is not None:
+                pool.clear()
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -250,14 +258,21 @@ class RegistryClient:
         """GET a file; when the server redirects to a presigned storage URL, follow it with a
         separate connection pool that carries no loreg token (the URL is its own credential).
 
-        Storage is fetched with urllib3 (botocore's HTTP library): its reads land in large buffers,
-        which measured ~1.3x httpx's throughput on a loopback S3 (bench/push_pull.py).
+        Both are fetched with urllib3 (botocore's HTTP library): its reads land in large buffers
+        straight from the socket, where httpx reads 64 KiB at a time and parses each piece in Python
+        (17 of 24 s of a 1 GB pull over a 1 Gbit/s link were httpx's reads).
         """
-        with self._http.stream("GET", url, headers={**headers, "X-Loreg-Direct": "1"}) as resp:
-            if resp.status_code != 307 or "location" not in resp.headers:
-                yield _Download(resp.status_code, resp.iter_bytes(CHUNK), lambda: _api_error(resp))
-                return
-            location = resp.headers["location"]
+        if self._bulk:
+            with self._api_download(url, headers) as (download, location):
+                if location is None:
+                    yield download
+                    return
+        else:
+            with self._http.stream("GET", url, headers={**headers, "X-Loreg-Direct": "1"}) as resp:
+                if resp.status_code != 307 or "location" not in resp.headers:
+                    yield _Download(resp.status_code, resp.iter_bytes(CHUNK), lambda: _api_error(resp))
+                    return
+                location = resp.headers["location"]
         if not location.startswith(("http://", "https://")):
             raise ConnectionFailedError("the server redirected a download to an unsupported URL")
         direct = self._direct_pool().request("GET", location, headers=headers, preload_content=False, redirect=False)
@@ -268,6 +283,31 @@ class RegistryClient:
             direct.close()  # a body left half read: the connection is not reused
             raise
         direct.release_conn()
+
+    @contextmanager
+    def _api_download(self, url: str, headers: dict[str, str]) -> Iterator[tuple[_Download, str | None]]:
+        """GET a file from the server with urllib3: the download, or the redirect's location."""
+        if self._api is None:
+            tls = httpx.create_ssl_context() if self.url.startswith("https://") else None  # httpx's CAs
+            self._api = urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=10.0, read=self._timeout), retries=False, maxsize=2, ssl_context=tls
+            )
+        resp = self._api.request(
+            "GET", self.url + url, headers={**self._headers, **headers, "X-Loreg-Direct": "1"},
+            preload_content=False, redirect=False,
+        )
+        try:
+            location = resp.headers.get("location") if resp.status == 307 else None
+            if location is not None:
+                resp.drain_conn()
+                yield _Download(resp.status, iter(()), lambda: _storage_error(resp.status)), location
+            else:
+                chunks = resp.stream(CHUNK, decode_content=False)  # the digest is over the bytes as sent
+                yield _Download(resp.status, chunks, lambda: _pool_error(resp)), None
+        except BaseException:
+            resp.close()  # a body left half read: the connection is not reused
+            raise
+        resp.release_conn()
 
     @staticmethod
     def _path(namespace: str, name: str) -> str:
@@ -1154,6 +1194,22 @@ def _api_error(resp: httpx.Response) -> LoregError:
     except ValueError:
         body = None
     return error_from_envelope(resp.status_code, body, request_id=resp.headers.get("x-request-id"))
+
+
+def _pool_error(resp: urllib3.BaseHTTPResponse) -> LoregError:
+    try:
+        body = json.loads(resp.read())
+    except ValueError:
+        body = None
+    return error_from_envelope(resp.status, body, request_id=resp.headers.get("x-request-id"))
+
+
+def _proxied(url: str) -> bool:
+    """Whether httpx would send requests for ``url`` through a proxy (the *_PROXY variables)."""
+    proxies = urllib.request.getproxies()
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    return bool(proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)
 
 
 def _storage_error(status: int) -> LoregError:

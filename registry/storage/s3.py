@@ -120,6 +120,30 @@ class StagedUpload:
     urls: list[str]
 
 
+def _body_stream(answer: dict[str, Any], action: str) -> BinaryIO:
+    """A GetObject body as a RangeStream whose ``readinto`` lands the socket's bytes straight in the
+    caller's buffer: botocore's ``read(n)`` goes through urllib3, which allocates a fresh buffer per
+    call and copies it into bytes (on the pull path that cost more than the sha256 of the bytes).
+    The http.client response under it reads into any buffer; used when the bytes come as stored
+    (no content encoding), else ``read`` alone."""
+    body = answer["Body"]
+
+    def read(n: int) -> bytes:
+        with _s3(action):
+            return cast(bytes, body.read(n))
+
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    readinto = None
+    if raw is not None and not raw.headers.get("content-encoding") and callable(getattr(fp, "readinto", None)):
+
+        def readinto(buffer: memoryview) -> int:
+            with _s3(action):
+                return int(fp.readinto(buffer) or 0)
+
+    return cast(BinaryIO, RangeStream(read, int(answer["ContentLength"]), body.close, readinto))
+
+
 def _utc(value: Any) -> datetime | None:
     return value.astimezone(UTC) if isinstance(value, datetime) else None
 
@@ -423,13 +447,7 @@ class S3BlobStore:
         """The completed staged object, to be read (and verified) once."""
         with _s3("read a staged upload", "staged upload"):
             answer = self._client.get_object(Bucket=self.bucket, Key=self._staging_key(name))
-        body = answer["Body"]
-
-        def read(n: int) -> bytes:
-            with _s3("read a staged upload"):
-                return cast(bytes, body.read(n))
-
-        return cast(BinaryIO, RangeStream(read, int(answer["ContentLength"]), body.close))
+        return _body_stream(answer, "read a staged upload")
 
     def publish_staged(self, name: str, digest: str, size: int) -> None:
         """Copy the verified staged object to blob ``digest`` inside S3 (unless it is stored), then
@@ -520,13 +538,7 @@ class S3BlobStore:
                 # The range starts at or past the end of the blob, which exists (else 404).
                 return cast(BinaryIO, RangeStream(lambda n: b"", 0))
             raise
-        body = answer["Body"]
-
-        def read(n: int) -> bytes:
-            with _s3("read a blob"):
-                return cast(bytes, body.read(n))
-
-        return cast(BinaryIO, RangeStream(read, int(answer["ContentLength"]), body.close))
+        return _body_stream(answer, "read a blob")
 
     def read_range(self, digest: str, start: int, end: int) -> bytes:
         with self.open(digest, start, end) as stream:
