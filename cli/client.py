@@ -19,6 +19,7 @@ import queue
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from loreg.registry.errors import (
     InternalError,
     LoregError,
     RequestInvalidError,
+    SizeMismatchError,
     UnsupportedFormatError,
     error_from_envelope,
 )
@@ -67,6 +69,59 @@ class AdapterFolder:
     root: Path
     files: dict[str, Path]
     skipped: list[str] = field(default_factory=list)
+
+
+class DigestCache:
+    """The sha256 of local files, kept under LOREG_HOME so that pushing a folder again (a retry, a
+    new alias, the same weights under another name) does not hash its gigabytes again.
+
+    An entry is keyed by what any write to the file changes: device, inode, size, mtime and ctime
+    in nanoseconds (ctime cannot be set back by a user). A digest is kept only for a file last
+    written ``MARGIN_NS`` before it was hashed and unchanged while hashed: a write within the same
+    timestamp tick as the hash would change the bytes and leave those fields as they were. A stale
+    digest would be dangerous (a file the server already holds under that digest is not uploaded
+    again, so the version would name the old bytes); a digest the upload's bytes do not match is
+    refused by the server, and the entry is dropped then.
+    """
+
+    MARGIN_NS = 2_000_000_000
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _entry(self, st: os.stat_result) -> Path:
+        key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        name = hashlib.sha256(key.encode()).hexdigest()
+        return self.root / name[:2] / name
+
+    def digest(self, path: Path) -> str:
+        """The file's sha256 digest (``sha256:<hex>``), from the cache when its entry still holds."""
+        before = os.stat(path)
+        entry = self._entry(before)
+        try:
+            cached = entry.read_text()
+        except OSError:
+            cached = ""
+        if names.DIGEST.fullmatch(cached):
+            return cached
+        started = time.time_ns()
+        digest = sha256_file(path)
+        after = os.stat(path)
+        if self._entry(after) == entry and max(after.st_mtime_ns, after.st_ctime_ns) < started - self.MARGIN_NS:
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                temp = entry.with_name(f"{entry.name}.{secrets.token_hex(4)}.tmp")
+                temp.write_text(digest)
+                os.replace(temp, entry)
+            except OSError:  # a read-only home: the digest is only not kept
+                pass
+        return digest
+
+    def forget(self, path: Path) -> None:
+        try:
+            self._entry(os.stat(path)).unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -529,8 +584,9 @@ class RegistryClient:
         # refused before a byte of the files is sent: an unknown base or wrong shapes upload nothing
         self._preflight(scanned, name, choice.ref)
         entries = []
+        digests = DigestCache(config.cache_dir() / "digests")
         for rel, path in scanned.files.items():
-            entries.append({"path": rel, "size": path.stat().st_size, "digest": sha256_file(path)})
+            entries.append({"path": rel, "size": path.stat().st_size, "digest": digests.digest(path)})
         missing_list, direct = self._check_blobs(sorted({e["digest"] for e in entries}), name)
         missing = set(missing_list)
         uploaded = 0
@@ -539,10 +595,15 @@ class RegistryClient:
         for e in entries:
             if e["digest"] in missing and e["digest"] not in done:
                 path = scanned.files[e["path"]]
-                sent = direct and self.upload_blob_direct(path, e["digest"], e["size"], name, progress) is not None
-                if not sent:
-                    direct = False  # storage is not reachable from here: the API for the rest
-                    self.upload_blob(path, e["digest"], e["size"], progress, name=name)
+                try:
+                    sent = direct and self.upload_blob_direct(path, e["digest"], e["size"], name, progress) is not None
+                    if not sent:
+                        direct = False  # storage is not reachable from here: the API for the rest
+                        self.upload_blob(path, e["digest"], e["size"], progress, name=name)
+                except (DigestMismatchError, SizeMismatchError) as exc:
+                    digests.forget(path)
+                    exc.detail["hint"] = f"{e['path']} changed while it was pushed (or since it was hashed): push again"
+                    raise
                 uploaded += e["size"]
                 files_uploaded.append(e["path"])
                 done.add(e["digest"])
