@@ -10,6 +10,7 @@ Errors are the server's typed errors (``loreg.registry.errors``), rebuilt from i
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import hashlib
@@ -51,6 +52,8 @@ from loreg.registry.errors import (
 from loreg.registry.formats import names
 
 CHUNK = 4 << 20
+DIRECT_PART_SIZE = 16 << 20  # presigned uploads: S3's minimum is 5 MiB
+MAX_PARTS = 10_000
 Progress = Callable[[str, int, int], None]  # (label, advance bytes, total bytes)
 
 
@@ -396,15 +399,21 @@ class RegistryClient:
         have the server adopt it (it reads and verifies the bytes there). None when storage cannot
         be reached from here or refuses the URLs: upload through the API then."""
         base = self._blobs_path(name)
-        staged = self.request("POST", base + ":stage", json={"digest": digest, "size": size}).json()
+        part_size = max(DIRECT_PART_SIZE, -(-size // MAX_PARTS))
+        checksums = _part_checksums(path, part_size)
+        stage = {"digest": digest, "size": size, "part_size": part_size, "part_sha256": checksums}
+        staged = self.request("POST", base + ":stage", json=stage).json()
         direct = self._direct_pool()
         with open(path, "rb") as f:
-            for url in staged["urls"]:
+            for url, checksum in zip(staged["urls"], checksums, strict=True):
                 if not url.startswith(("http://", "https://")):
                     return None
                 part = f.read(staged["part_size"])
+                # signed into the URL: storage refuses a part whose bytes changed since they were hashed
+                headers = {"Content-Length": str(len(part)), "x-amz-checksum-sha256": checksum,
+                           "x-amz-sdk-checksum-algorithm": "SHA256"}
                 try:
-                    resp = direct.request("PUT", url, body=part, headers={"Content-Length": str(len(part))}, redirect=False)
+                    resp = direct.request("PUT", url, body=part, headers=headers, redirect=False)
                 except urllib3.exceptions.HTTPError:
                     return None  # storage unreachable from here (the staged upload is left to gc)
                 if resp.status >= 300:
@@ -1263,6 +1272,23 @@ def _pool_error(resp: urllib3.BaseHTTPResponse) -> LoregError:
     except ValueError:
         body = None
     return error_from_envelope(resp.status, body, request_id=resp.headers.get("x-request-id"))
+
+
+def _part_checksums(path: Path, part_size: int) -> list[str]:
+    """The base64 sha256 of each ``part_size`` part of the file (at least one, for an empty file)."""
+    out = []
+    with open(path, "rb") as f:
+        while True:
+            h = hashlib.sha256()
+            left = part_size
+            while left and (chunk := f.read(min(CHUNK, left))):
+                h.update(chunk)
+                left -= len(chunk)
+            if left == part_size and out:
+                return out
+            out.append(base64.b64encode(h.digest()).decode())
+            if left:
+                return out
 
 
 def _proxied(url: str) -> bool:

@@ -393,22 +393,31 @@ class S3BlobStore:
             raise ValueError("a staging name is 64 lowercase hex (derived by the service)")
         return self._staging_prefix + name
 
-    def stage_upload(self, name: str, size: int, expires_s: int) -> StagedUpload:
-        """Start a multipart upload to staging key ``name`` and sign one PUT URL per part."""
+    def stage_upload(
+        self, name: str, size: int, expires_s: int, *, part_size: int | None = None, part_sha256: list[str] | None = None
+    ) -> StagedUpload:
+        """Start a multipart upload to staging key ``name`` and sign one PUT URL per part.
+
+        With ``part_sha256`` (one base64 sha256 per ``part_size`` part), the upload is created with
+        ChecksumAlgorithm SHA256 and each URL signs ``x-amz-checksum-sha256``: S3 refuses a part
+        whose bytes do not match (moto 5.2 does not check them).
+        """
         key = self._staging_key(name)
-        part_size = max(self.part_size, 16 * MIB, math.ceil(size / MAX_PARTS))
+        if part_sha256 is None or part_size is None:
+            part_size, part_sha256 = max(self.part_size, 16 * MIB, math.ceil(size / MAX_PARTS)), None
         count = max(1, math.ceil(size / part_size))
+        if part_size < MIN_PART_SIZE or count > MAX_PARTS or (part_sha256 is not None and len(part_sha256) != count):
+            raise RequestInvalidError("the parts do not fit S3's limits", detail={"part_size": part_size, "parts": count})
+        checksums = {"ChecksumAlgorithm": "SHA256"} if part_sha256 is not None else {}
         with _s3("start a multipart upload"):
-            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **checksums)["UploadId"]
         with _s3("sign a URL"):
-            urls = [
-                self._signer.generate_presigned_url(
-                    "upload_part",
-                    Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number},
-                    ExpiresIn=expires_s,
-                )
-                for number in range(1, count + 1)
-            ]
+            urls = []
+            for number in range(1, count + 1):
+                params = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
+                if part_sha256 is not None:
+                    params.update(ChecksumAlgorithm="SHA256", ChecksumSHA256=part_sha256[number - 1])
+                urls.append(self._signer.generate_presigned_url("upload_part", Params=params, ExpiresIn=expires_s))
         return StagedUpload(upload_id, part_size, urls)
 
     def complete_staged(self, name: str, upload_id: str) -> None:
@@ -429,7 +438,10 @@ class S3BlobStore:
             with _s3("list the parts of an upload", "staged upload"):
                 pages = self._client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id)
                 for page in pages:
-                    parts.extend({"ETag": p["ETag"], "PartNumber": p["PartNumber"]} for p in page.get("Parts", []))
+                    for p in page.get("Parts", []):
+                        # an upload created with a checksum algorithm is completed with each part's checksum
+                        checksum = {"ChecksumSHA256": p["ChecksumSHA256"]} if p.get("ChecksumSHA256") else {}
+                        parts.append({"ETag": p["ETag"], "PartNumber": p["PartNumber"], **checksum})
         except BlobNotFoundError:
             parts = []
         if not parts:
