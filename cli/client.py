@@ -1048,9 +1048,19 @@ class RegistryClient:
             target = dest / f.path
             cached = cache.get(f.digest, f.size)
             if cached is None:
-                downloaded += cache.fetch(
-                    self, f"{pinned}/files/{quote(f.path)}", f.digest, f.size, label=f.path, progress=progress
-                )
+                # the user's copy is written while the file downloads, not copied from the cache after
+                tee = None if link else _Tee(target)
+                try:
+                    downloaded += cache.fetch(
+                        self, f"{pinned}/files/{quote(f.path)}", f.digest, f.size, label=f.path, progress=progress,
+                        tee=tee,
+                    )
+                    if tee is not None and tee.complete:
+                        tee.publish()
+                        continue
+                finally:
+                    if tee is not None:
+                        tee.discard()
                 cached = cache.path(f.digest)
             _place(cached, target, link=link)
         return downloaded
@@ -1100,19 +1110,44 @@ def _place(src: Path, target: Path, *, link: bool = False) -> None:
     _copy_atomic(src, target)
 
 
-def _copy_atomic(src: Path, target: Path) -> None:
-    """Copy ``src`` to a new file beside ``target``, fsync it (a pulled file is not re-verified
-    later, so it must not be torn by a crash), then rename it over ``target``."""
+class _Tee:
+    """The user's copy of a file, written beside ``target`` while the file downloads; published
+    (fsync, rename) only once the download was verified, else removed."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.tmp, fd = _temp_beside(target)
+        self.file = os.fdopen(fd, "wb")
+        self.complete = self.published = False
+
+    def publish(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())  # a pulled file is not re-verified later: no torn file after a crash
+        self.file.close()
+        os.replace(self.tmp, self.target)
+        self.published = True
+
+    def discard(self) -> None:
+        self.file.close()
+        if not self.published:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _temp_beside(target: Path) -> tuple[Path, int]:
     for _ in range(100):
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.partial")
         try:
             # mode 0o666 under the user's umask, like any file they create (mkstemp would give 0600)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-            break
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
             continue
-    else:
-        raise FileExistsError(f"no free temporary name beside {target}")
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
+def _copy_atomic(src: Path, target: Path) -> None:
+    """Copy ``src`` to a new file beside ``target``, fsync it (a pulled file is not re-verified
+    later, so it must not be torn by a crash), then rename it over ``target``."""
+    tmp, fd = _temp_beside(target)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             _copy_contents(inp, out)
@@ -1193,20 +1228,23 @@ class BlobCache:
             os.close(fd)  # releases the lock
 
     def fetch(
-        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None
+        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None,
+        tee: _Tee | None = None,
     ) -> int:
         """Download into the cache, resuming a partial file with a Range request; verify, then publish.
 
         Several processes may share one cache: the first takes the digest's lock and downloads, the
-        others wait and then find the file published (returns 0 bytes for them).
+        others wait and then find the file published (returns 0 bytes for them). A whole body
+        (not a resumed one) is written to ``tee`` too, which is marked complete once verified.
         """
         with self.lock(digest):
             if self.get(digest, size) is not None:
                 return 0
-            return self._fetch_locked(client, url, digest, size, label=label, progress=progress)
+            return self._fetch_locked(client, url, digest, size, label=label, progress=progress, tee=tee)
 
     def _fetch_locked(
-        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None
+        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None,
+        tee: _Tee | None = None,
     ) -> int:
         final = self._path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -1230,8 +1268,12 @@ class BlobCache:
                     if resp.status_code != 206:
                         hasher = hashlib.sha256()
                     mode = "ab" if resp.status_code == 206 else "wb"
+                    teeing = tee if resp.status_code != 206 else None
                     with open(partial, mode) as out:
-                        got = _receive(resp.chunks, out, hasher, lambda n: progress(label, n, size) if progress else None)
+                        got = _receive(
+                            resp.chunks, out, hasher, lambda n: progress(label, n, size) if progress else None,
+                            also=teeing.file if teeing else None,
+                        )
                     # no fsync: every use of a cache file re-verifies its digest, so a file torn by
                     # a crash is caught and fetched again
             except (httpx.TransportError, urllib3.exceptions.HTTPError) as exc:  # the API, or storage
@@ -1245,6 +1287,8 @@ class BlobCache:
                 f"{label}: downloaded bytes do not match {digest}", detail={"path": label, "digest": digest}
             )
         os.replace(partial, final)
+        if tee is not None and have == 0 and got == size:
+            tee.complete = True
         return got
 
 
@@ -1307,12 +1351,15 @@ def _storage_error(status: int) -> LoregError:
     )
 
 
-def _receive(chunks: Iterator[bytes], out: Any, hasher: Any, advanced: Callable[[int], None]) -> int:
+def _receive(
+    chunks: Iterator[bytes], out: Any, hasher: Any, advanced: Callable[[int], None], also: Any = None
+) -> int:
     """Hash and write ``chunks`` in two more threads while this one receives the next: socket reads,
     sha256 and file writes all release the GIL, so they overlap (on a loopback S3 the download then
     takes about as long as hashing alone). Returns the bytes received."""
     failed: list[BaseException] = []
-    queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=16), queue.Queue(maxsize=16)]
+    sinks = [hasher.update, out.write] + ([also.write] if also is not None else [])
+    queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=4) for _ in sinks]
 
     def consume(q: queue.Queue[bytes | None], sink: Callable[[bytes], Any]) -> None:
         try:
@@ -1325,7 +1372,7 @@ def _receive(chunks: Iterator[bytes], out: Any, hasher: Any, advanced: Callable[
 
     threads = [
         threading.Thread(target=consume, args=(q, sink), name=f"loreg-download-{name}", daemon=True)
-        for q, sink, name in zip(queues, (hasher.update, out.write), ("hash", "write"), strict=True)
+        for q, sink, name in zip(queues, sinks, ("hash", "write", "copy"), strict=False)
     ]
     for t in threads:
         t.start()

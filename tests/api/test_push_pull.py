@@ -297,3 +297,26 @@ def test_a_stale_digest_is_refused_by_the_server_and_forgotten(
     with pytest.raises((errors.AdapterNotFoundError, errors.VersionNotFoundError)):
         client.version("org/bot:1")
     assert client.push(adapter_dir, "org/bot")["version"] == 1
+
+
+def test_a_fresh_pull_writes_the_users_copy_while_downloading(
+    client: RegistryClient, adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not copied from the cache afterwards (a second pass over the file, and an fsync after the
+    download instead of during it); a file already cached is still copied."""
+    client.push(adapter_dir, "org/bot")
+    real = client_module._copy_contents
+    copied: list[str] = []
+
+    def counting(inp: Any, out: Any) -> None:
+        copied.append(Path(inp.name).name)
+        real(inp, out)
+
+    monkeypatch.setattr(client_module, "_copy_contents", counting)
+    client.pull("org/bot:1", tmp_path / "a")
+    assert copied == []
+    assert tree_digest(tmp_path / "a") == stored_files(adapter_dir)
+    assert [p.name for p in (tmp_path / "a").iterdir() if p.name.startswith(".")] == []
+    client.pull("org/bot:1", tmp_path / "b")
+    assert len(copied) == len(stored_files(adapter_dir))
+    assert tree_digest(tmp_path / "b") == stored_files(adapter_dir)
