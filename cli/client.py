@@ -10,19 +10,23 @@ Errors are the server's typed errors (``loreg.registry.errors``), rebuilt from i
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import queue
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+import urllib.request
 from urllib.parse import quote
 
 import httpx
@@ -41,12 +45,15 @@ from loreg.registry.errors import (
     InternalError,
     LoregError,
     RequestInvalidError,
+    SizeMismatchError,
     UnsupportedFormatError,
     error_from_envelope,
 )
 from loreg.registry.formats import names
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20
+DIRECT_PART_SIZE = 16 << 20  # presigned uploads: S3's minimum is 5 MiB
+MAX_PARTS = 10_000
 Progress = Callable[[str, int, int], None]  # (label, advance bytes, total bytes)
 
 
@@ -65,6 +72,59 @@ class AdapterFolder:
     root: Path
     files: dict[str, Path]
     skipped: list[str] = field(default_factory=list)
+
+
+class DigestCache:
+    """The sha256 of local files, kept under LOREG_HOME so that pushing a folder again (a retry, a
+    new alias, the same weights under another name) does not hash its gigabytes again.
+
+    An entry is keyed by what any write to the file changes: device, inode, size, mtime and ctime
+    in nanoseconds (ctime cannot be set back by a user). A digest is kept only for a file last
+    written ``MARGIN_NS`` before it was hashed and unchanged while hashed: a write within the same
+    timestamp tick as the hash would change the bytes and leave those fields as they were. A stale
+    digest would be dangerous (a file the server already holds under that digest is not uploaded
+    again, so the version would name the old bytes); a digest the upload's bytes do not match is
+    refused by the server, and the entry is dropped then.
+    """
+
+    MARGIN_NS = 2_000_000_000
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _entry(self, st: os.stat_result) -> Path:
+        key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        name = hashlib.sha256(key.encode()).hexdigest()
+        return self.root / name[:2] / name
+
+    def digest(self, path: Path) -> str:
+        """The file's sha256 digest (``sha256:<hex>``), from the cache when its entry still holds."""
+        before = os.stat(path)
+        entry = self._entry(before)
+        try:
+            cached = entry.read_text()
+        except OSError:
+            cached = ""
+        if names.DIGEST.fullmatch(cached):
+            return cached
+        started = time.time_ns()
+        digest = sha256_file(path)
+        after = os.stat(path)
+        if self._entry(after) == entry and max(after.st_mtime_ns, after.st_ctime_ns) < started - self.MARGIN_NS:
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                temp = entry.with_name(f"{entry.name}.{secrets.token_hex(4)}.tmp")
+                temp.write_text(digest)
+                os.replace(temp, entry)
+            except OSError:  # a read-only home: the digest is only not kept
+                pass
+        return digest
+
+    def forget(self, path: Path) -> None:
+        try:
+            self._entry(os.stat(path)).unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -210,13 +270,19 @@ class RegistryClient:
             self._http = httpx.Client(
                 base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0), follow_redirects=False
             )
+        self._headers = headers
+        # file downloads from the server itself go through urllib3 too (see _open_download), unless
+        # the client was handed its own transport or httpx would send the request through a proxy
+        self._bulk = http is None and not _proxied(self.url)
         self._timeout = timeout
+        self._api: urllib3.PoolManager | None = None  # the server's file downloads, with the token
         self._direct: urllib3.PoolManager | None = None  # presigned storage URLs: no loreg headers
 
     def close(self) -> None:
         self._http.close()
-        if self._direct is not None:
-            self._direct.clear()
+        for pool in (self._api, self._direct):
+            if pool is not None:
+                pool.clear()
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -250,14 +316,21 @@ class RegistryClient:
         """GET a file; when the server redirects to a presigned storage URL, follow it with a
         separate connection pool that carries no loreg token (the URL is its own credential).
 
-        Storage is fetched with urllib3 (botocore's HTTP library): its reads land in large buffers,
-        which measured ~1.3x httpx's throughput on a loopback S3 (bench/push_pull.py).
+        Both are fetched with urllib3 (botocore's HTTP library): its reads land in large buffers
+        straight from the socket, where httpx reads 64 KiB at a time and parses each piece in Python
+        (17 of 24 s of a 1 GB pull over a 1 Gbit/s link were httpx's reads).
         """
-        with self._http.stream("GET", url, headers={**headers, "X-Loreg-Direct": "1"}) as resp:
-            if resp.status_code != 307 or "location" not in resp.headers:
-                yield _Download(resp.status_code, resp.iter_bytes(CHUNK), lambda: _api_error(resp))
-                return
-            location = resp.headers["location"]
+        if self._bulk:
+            with self._api_download(url, headers) as (download, location):
+                if location is None:
+                    yield download
+                    return
+        else:
+            with self._http.stream("GET", url, headers={**headers, "X-Loreg-Direct": "1"}) as resp:
+                if resp.status_code != 307 or "location" not in resp.headers:
+                    yield _Download(resp.status_code, resp.iter_bytes(CHUNK), lambda: _api_error(resp))
+                    return
+                location = resp.headers["location"]
         if not location.startswith(("http://", "https://")):
             raise ConnectionFailedError("the server redirected a download to an unsupported URL")
         direct = self._direct_pool().request("GET", location, headers=headers, preload_content=False, redirect=False)
@@ -268,6 +341,31 @@ class RegistryClient:
             direct.close()  # a body left half read: the connection is not reused
             raise
         direct.release_conn()
+
+    @contextmanager
+    def _api_download(self, url: str, headers: dict[str, str]) -> Iterator[tuple[_Download, str | None]]:
+        """GET a file from the server with urllib3: the download, or the redirect's location."""
+        if self._api is None:
+            tls = httpx.create_ssl_context() if self.url.startswith("https://") else None  # httpx's CAs
+            self._api = urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=10.0, read=self._timeout), retries=False, maxsize=2, ssl_context=tls
+            )
+        resp = self._api.request(
+            "GET", self.url + url, headers={**self._headers, **headers, "X-Loreg-Direct": "1"},
+            preload_content=False, redirect=False,
+        )
+        try:
+            location = resp.headers.get("location") if resp.status == 307 else None
+            if location is not None:
+                resp.drain_conn()
+                yield _Download(resp.status, iter(()), lambda: _storage_error(resp.status)), location
+            else:
+                chunks = resp.stream(CHUNK, decode_content=False)  # the digest is over the bytes as sent
+                yield _Download(resp.status, chunks, lambda: _pool_error(resp)), None
+        except BaseException:
+            resp.close()  # a body left half read: the connection is not reused
+            raise
+        resp.release_conn()
 
     @staticmethod
     def _path(namespace: str, name: str) -> str:
@@ -301,15 +399,21 @@ class RegistryClient:
         have the server adopt it (it reads and verifies the bytes there). None when storage cannot
         be reached from here or refuses the URLs: upload through the API then."""
         base = self._blobs_path(name)
-        staged = self.request("POST", base + ":stage", json={"digest": digest, "size": size}).json()
+        part_size = max(DIRECT_PART_SIZE, -(-size // MAX_PARTS))
+        checksums = _part_checksums(path, part_size)
+        stage = {"digest": digest, "size": size, "part_size": part_size, "part_sha256": checksums}
+        staged = self.request("POST", base + ":stage", json=stage).json()
         direct = self._direct_pool()
         with open(path, "rb") as f:
-            for url in staged["urls"]:
+            for url, checksum in zip(staged["urls"], checksums, strict=True):
                 if not url.startswith(("http://", "https://")):
                     return None
                 part = f.read(staged["part_size"])
+                # signed into the URL: storage refuses a part whose bytes changed since they were hashed
+                headers = {"Content-Length": str(len(part)), "x-amz-checksum-sha256": checksum,
+                           "x-amz-sdk-checksum-algorithm": "SHA256"}
                 try:
-                    resp = direct.request("PUT", url, body=part, headers={"Content-Length": str(len(part))}, redirect=False)
+                    resp = direct.request("PUT", url, body=part, headers=headers, redirect=False)
                 except urllib3.exceptions.HTTPError:
                     return None  # storage unreachable from here (the staged upload is left to gc)
                 if resp.status >= 300:
@@ -489,8 +593,9 @@ class RegistryClient:
         # refused before a byte of the files is sent: an unknown base or wrong shapes upload nothing
         self._preflight(scanned, name, choice.ref)
         entries = []
+        digests = DigestCache(config.cache_dir() / "digests")
         for rel, path in scanned.files.items():
-            entries.append({"path": rel, "size": path.stat().st_size, "digest": sha256_file(path)})
+            entries.append({"path": rel, "size": path.stat().st_size, "digest": digests.digest(path)})
         missing_list, direct = self._check_blobs(sorted({e["digest"] for e in entries}), name)
         missing = set(missing_list)
         uploaded = 0
@@ -499,10 +604,15 @@ class RegistryClient:
         for e in entries:
             if e["digest"] in missing and e["digest"] not in done:
                 path = scanned.files[e["path"]]
-                sent = direct and self.upload_blob_direct(path, e["digest"], e["size"], name, progress) is not None
-                if not sent:
-                    direct = False  # storage is not reachable from here: the API for the rest
-                    self.upload_blob(path, e["digest"], e["size"], progress, name=name)
+                try:
+                    sent = direct and self.upload_blob_direct(path, e["digest"], e["size"], name, progress) is not None
+                    if not sent:
+                        direct = False  # storage is not reachable from here: the API for the rest
+                        self.upload_blob(path, e["digest"], e["size"], progress, name=name)
+                except (DigestMismatchError, SizeMismatchError) as exc:
+                    digests.forget(path)
+                    exc.detail["hint"] = f"{e['path']} changed while it was pushed (or since it was hashed): push again"
+                    raise
                 uploaded += e["size"]
                 files_uploaded.append(e["path"])
                 done.add(e["digest"])
@@ -938,9 +1048,19 @@ class RegistryClient:
             target = dest / f.path
             cached = cache.get(f.digest, f.size)
             if cached is None:
-                downloaded += cache.fetch(
-                    self, f"{pinned}/files/{quote(f.path)}", f.digest, f.size, label=f.path, progress=progress
-                )
+                # the user's copy is written while the file downloads, not copied from the cache after
+                tee = None if link else _Tee(target)
+                try:
+                    downloaded += cache.fetch(
+                        self, f"{pinned}/files/{quote(f.path)}", f.digest, f.size, label=f.path, progress=progress,
+                        tee=tee,
+                    )
+                    if tee is not None and tee.complete:
+                        tee.publish()
+                        continue
+                finally:
+                    if tee is not None:
+                        tee.discard()
                 cached = cache.path(f.digest)
             _place(cached, target, link=link)
         return downloaded
@@ -990,19 +1110,44 @@ def _place(src: Path, target: Path, *, link: bool = False) -> None:
     _copy_atomic(src, target)
 
 
-def _copy_atomic(src: Path, target: Path) -> None:
-    """Copy ``src`` to a new file beside ``target``, fsync it (a pulled file is not re-verified
-    later, so it must not be torn by a crash), then rename it over ``target``."""
+class _Tee:
+    """The user's copy of a file, written beside ``target`` while the file downloads; published
+    (fsync, rename) only once the download was verified, else removed."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.tmp, fd = _temp_beside(target)
+        self.file = os.fdopen(fd, "wb")
+        self.complete = self.published = False
+
+    def publish(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())  # a pulled file is not re-verified later: no torn file after a crash
+        self.file.close()
+        os.replace(self.tmp, self.target)
+        self.published = True
+
+    def discard(self) -> None:
+        self.file.close()
+        if not self.published:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _temp_beside(target: Path) -> tuple[Path, int]:
     for _ in range(100):
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.partial")
         try:
             # mode 0o666 under the user's umask, like any file they create (mkstemp would give 0600)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-            break
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
             continue
-    else:
-        raise FileExistsError(f"no free temporary name beside {target}")
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
+def _copy_atomic(src: Path, target: Path) -> None:
+    """Copy ``src`` to a new file beside ``target``, fsync it (a pulled file is not re-verified
+    later, so it must not be torn by a crash), then rename it over ``target``."""
+    tmp, fd = _temp_beside(target)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             _copy_contents(inp, out)
@@ -1083,20 +1228,23 @@ class BlobCache:
             os.close(fd)  # releases the lock
 
     def fetch(
-        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None
+        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None,
+        tee: _Tee | None = None,
     ) -> int:
         """Download into the cache, resuming a partial file with a Range request; verify, then publish.
 
         Several processes may share one cache: the first takes the digest's lock and downloads, the
-        others wait and then find the file published (returns 0 bytes for them).
+        others wait and then find the file published (returns 0 bytes for them). A whole body
+        (not a resumed one) is written to ``tee`` too, which is marked complete once verified.
         """
         with self.lock(digest):
             if self.get(digest, size) is not None:
                 return 0
-            return self._fetch_locked(client, url, digest, size, label=label, progress=progress)
+            return self._fetch_locked(client, url, digest, size, label=label, progress=progress, tee=tee)
 
     def _fetch_locked(
-        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None
+        self, client: RegistryClient, url: str, digest: str, size: int, *, label: str, progress: Progress | None,
+        tee: _Tee | None = None,
     ) -> int:
         final = self._path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -1120,8 +1268,12 @@ class BlobCache:
                     if resp.status_code != 206:
                         hasher = hashlib.sha256()
                     mode = "ab" if resp.status_code == 206 else "wb"
+                    teeing = tee if resp.status_code != 206 else None
                     with open(partial, mode) as out:
-                        got = _receive(resp.chunks, out, hasher, lambda n: progress(label, n, size) if progress else None)
+                        got = _receive(
+                            resp.chunks, out, hasher, lambda n: progress(label, n, size) if progress else None,
+                            also=teeing.file if teeing else None,
+                        )
                     # no fsync: every use of a cache file re-verifies its digest, so a file torn by
                     # a crash is caught and fetched again
             except (httpx.TransportError, urllib3.exceptions.HTTPError) as exc:  # the API, or storage
@@ -1135,6 +1287,8 @@ class BlobCache:
                 f"{label}: downloaded bytes do not match {digest}", detail={"path": label, "digest": digest}
             )
         os.replace(partial, final)
+        if tee is not None and have == 0 and got == size:
+            tee.complete = True
         return got
 
 
@@ -1156,6 +1310,39 @@ def _api_error(resp: httpx.Response) -> LoregError:
     return error_from_envelope(resp.status_code, body, request_id=resp.headers.get("x-request-id"))
 
 
+def _pool_error(resp: urllib3.BaseHTTPResponse) -> LoregError:
+    try:
+        body = json.loads(resp.read())
+    except ValueError:
+        body = None
+    return error_from_envelope(resp.status, body, request_id=resp.headers.get("x-request-id"))
+
+
+def _part_checksums(path: Path, part_size: int) -> list[str]:
+    """The base64 sha256 of each ``part_size`` part of the file (at least one, for an empty file)."""
+    out = []
+    with open(path, "rb") as f:
+        while True:
+            h = hashlib.sha256()
+            left = part_size
+            while left and (chunk := f.read(min(CHUNK, left))):
+                h.update(chunk)
+                left -= len(chunk)
+            if left == part_size and out:
+                return out
+            out.append(base64.b64encode(h.digest()).decode())
+            if left:
+                return out
+
+
+def _proxied(url: str) -> bool:
+    """Whether httpx would send requests for ``url`` through a proxy (the *_PROXY variables)."""
+    proxies = urllib.request.getproxies()
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    return bool(proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)
+
+
 def _storage_error(status: int) -> LoregError:
     return ConnectionFailedError(
         f"storage answered HTTP {status} to a presigned download",
@@ -1164,12 +1351,15 @@ def _storage_error(status: int) -> LoregError:
     )
 
 
-def _receive(chunks: Iterator[bytes], out: Any, hasher: Any, advanced: Callable[[int], None]) -> int:
+def _receive(
+    chunks: Iterator[bytes], out: Any, hasher: Any, advanced: Callable[[int], None], also: Any = None
+) -> int:
     """Hash and write ``chunks`` in two more threads while this one receives the next: socket reads,
     sha256 and file writes all release the GIL, so they overlap (on a loopback S3 the download then
     takes about as long as hashing alone). Returns the bytes received."""
     failed: list[BaseException] = []
-    queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=16), queue.Queue(maxsize=16)]
+    sinks = [hasher.update, out.write] + ([also.write] if also is not None else [])
+    queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=4) for _ in sinks]
 
     def consume(q: queue.Queue[bytes | None], sink: Callable[[bytes], Any]) -> None:
         try:
@@ -1182,7 +1372,7 @@ def _receive(chunks: Iterator[bytes], out: Any, hasher: Any, advanced: Callable[
 
     threads = [
         threading.Thread(target=consume, args=(q, sink), name=f"loreg-download-{name}", daemon=True)
-        for q, sink, name in zip(queues, (hasher.update, out.write), ("hash", "write"), strict=True)
+        for q, sink, name in zip(queues, sinks, ("hash", "write", "copy"), strict=False)
     ]
     for t in threads:
         t.start()

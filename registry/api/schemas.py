@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 T = TypeVar("T")
 
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$", max_length=71)]
+PartChecksum = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")]
 MetricKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")]
 
 
@@ -87,8 +88,14 @@ class BlobCheckResult(Response):
 
 
 class BlobStage(StrictRequest):
+    """With ``part_sha256`` (the base64 sha256 of each ``part_size`` part, as S3 writes it), every
+    part URL is signed with its checksum: the part is PUT with ``x-amz-checksum-sha256`` (and
+    ``x-amz-sdk-checksum-algorithm: SHA256``), and S3 refuses a part whose bytes differ."""
+
     digest: Digest
     size: int = Field(ge=0)
+    part_size: int | None = Field(default=None, ge=5 << 20, le=5 << 30)
+    part_sha256: list[PartChecksum] | None = Field(default=None, min_length=1, max_length=10_000)
 
 
 class BlobStaged(Response):

@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import queue
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -192,7 +192,8 @@ async def _abort(put: Callable[[Any], Any], task: asyncio.Future[Any], why: str)
         pass
 
 
-DOWNLOAD_CHUNK = 1 << 20
+DOWNLOAD_CHUNK = 4 << 20
+SEND_PIECE = 1 << 20
 UNSATISFIABLE = (-1, -1)
 _INT_RANGE = re.compile(r"(\d{1,18})-(\d{0,18})")
 _SUFFIX_RANGE = re.compile(r"-(\d{1,18})")
@@ -227,18 +228,35 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return None
 
 
-def verified_download(stream: Any, digest: str) -> Iterator[bytes]:
-    """Yield a stored blob's bytes, hashing them; the last chunk is held back until the digest
+async def verified_download(stream: Any, digest: str) -> AsyncIterator[bytes]:
+    """Yield a stored blob's bytes, hashing them; the last piece is held back until the digest
     checks out: with Content-Length already sent, only a short body tells the client the bytes
-    were bad (the status line cannot change any more)."""
+    were bad (the status line cannot change any more).
+
+    A worker thread fills one buffer (``DOWNLOAD_CHUNK``) straight from the store and hashes it;
+    the loop copies it out in ``SEND_PIECE`` pieces (the server may keep what it is given). A
+    sync iterator would cost a thread hop per piece; a fresh buffer per read, or botocore's
+    ``read`` with its layers of small reads, cost more CPU than the sha256 itself, and pieces
+    much larger than the socket's send buffer are copied again into the transport's buffer
+    (bench/server_cpu.py).
+    """
     h = hashlib.sha256()
+    view = memoryview(bytearray(DOWNLOAD_CHUNK))
+
+    def fill() -> int:
+        got = 0
+        while got < len(view) and (n := stream.readinto(view[got:])):
+            got += n
+        h.update(view[:got])
+        return got
+
     held = b""
-    with stream as f:
-        while chunk := f.read(DOWNLOAD_CHUNK):
-            h.update(chunk)
-            if held:
-                yield held
-            held = chunk
+    with stream:
+        while n := await anyio.to_thread.run_sync(fill):
+            for start in range(0, n, SEND_PIECE):
+                if held:
+                    yield held
+                held = bytes(view[start : min(start + SEND_PIECE, n)])
     if "sha256:" + h.hexdigest() != digest:
         raise DigestMismatchError(f"stored blob {digest} is corrupt", detail={"digest": digest})
     if held:

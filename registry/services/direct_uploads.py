@@ -69,17 +69,33 @@ class DirectUploadService:
         if size > limit:
             raise TooLargeError(f"upload of {size} bytes is over the limit of {limit}", detail={"limit": limit})
 
-    def stage(self, token_id: str, link: tuple[str, str], digest: str, size: int) -> StagedBlob:
+    def stage(
+        self, token_id: str, link: tuple[str, str], digest: str, size: int, *,
+        part_size: int | None = None, part_sha256: list[str] | None = None,
+    ) -> StagedBlob:
         """Start a staged upload of ``size`` bytes meant to become blob ``digest`` of adapter ``link``.
 
+        With ``part_sha256`` (the client's ``part_size`` parts' base64 sha256), each part URL is
+        signed with its checksum, so storage refuses a part whose bytes changed on the way.
+
         Raises:
-            RequestInvalidError (direct uploads off), DigestInvalidError, TooLargeError, storage errors.
+            RequestInvalidError (direct uploads off; checksums without a part size, or not one per
+            part), DigestInvalidError, TooLargeError, storage errors.
         """
         store = self._store()
         self._check(digest, size)
+        if part_sha256 is not None:
+            count = max(1, -(-size // part_size)) if part_size else 0
+            if count != len(part_sha256):
+                raise RequestInvalidError(
+                    "part_sha256 needs part_size and one checksum per part",
+                    detail={"parts": count, "checksums": len(part_sha256)},
+                )
         nonce = secrets.token_hex(16)
         name = staging_name(token_id, link, digest, size, nonce)
-        staged = store.stage_upload(name, size, self.registry.settings.s3_presign_expires_s)
+        staged = store.stage_upload(
+            name, size, self.registry.settings.s3_presign_expires_s, part_size=part_size, part_sha256=part_sha256
+        )
         return StagedBlob(nonce, staged.upload_id, staged.part_size, staged.urls)
 
     def adopt(

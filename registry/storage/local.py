@@ -201,7 +201,11 @@ class LocalBlobStore:
             with _filesystem("read a blob"):
                 return file.read(n) or b""
 
-        return cast(BinaryIO, RangeStream(read, stop - first, file.close))
+        def readinto(buffer: memoryview) -> int:
+            with _filesystem("read a blob"):
+                return file.readinto(buffer) or 0
+
+        return cast(BinaryIO, RangeStream(read, stop - first, file.close, readinto))
 
     def read_range(self, digest: str, start: int, end: int) -> bytes:
         with self.open(digest, start, end) as stream:

@@ -155,12 +155,20 @@ class RangeStream(io.RawIOBase):
     """A read-only stream of exactly ``length`` bytes pulled from ``read``; ``close`` runs once.
 
     A source that ends before ``length`` bytes raises StorageUnavailableError: a short blob
-    is never passed off as a whole one.
+    is never passed off as a whole one. ``readinto``, when the source has one, fills a caller's
+    buffer with no bytes object between (the pull path reads a whole blob through one buffer).
     """
 
-    def __init__(self, read: Callable[[int], bytes], length: int, close: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        read: Callable[[int], bytes],
+        length: int,
+        close: Callable[[], None] | None = None,
+        readinto: Callable[[memoryview], int] | None = None,
+    ):
         super().__init__()
         self._read = read
+        self._readinto = readinto
         self._remaining = length
         self._close = close
         self.length = length
@@ -178,13 +186,16 @@ class RangeStream(io.RawIOBase):
             return b""
         data = self._read(want)
         if not data:
-            raise StorageUnavailableError(
-                "the stored blob ended before its expected length",
-                detail={"expected": self.length, "missing": self._remaining},
-            )
+            raise self._short()
         data = bytes(data[:want])
         self._remaining -= len(data)
         return data
+
+    def _short(self) -> StorageUnavailableError:
+        return StorageUnavailableError(
+            "the stored blob ended before its expected length",
+            detail={"expected": self.length, "missing": self._remaining},
+        )
 
     def readall(self) -> bytes:
         pieces = []
@@ -193,9 +204,20 @@ class RangeStream(io.RawIOBase):
         return b"".join(pieces)
 
     def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        if self._readinto is None:
+            data = self.read(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+        if self.closed:
+            raise ValueError("I/O operation on closed stream")
+        want = min(len(buffer), self._remaining)
+        if want <= 0:
+            return 0
+        n = self._readinto(memoryview(buffer).cast("B")[:want])
+        if not n:
+            raise self._short()
+        self._remaining -= n
+        return n
 
     def close(self) -> None:
         if self.closed:

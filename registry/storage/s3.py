@@ -121,6 +121,30 @@ class StagedUpload:
     urls: list[str]
 
 
+def _body_stream(answer: dict[str, Any], action: str) -> BinaryIO:
+    """A GetObject body as a RangeStream whose ``readinto`` lands the socket's bytes straight in the
+    caller's buffer: botocore's ``read(n)`` goes through urllib3, which allocates a fresh buffer per
+    call and copies it into bytes (on the pull path that cost more than the sha256 of the bytes).
+    The http.client response under it reads into any buffer; used when the bytes come as stored
+    (no content encoding), else ``read`` alone."""
+    body = answer["Body"]
+
+    def read(n: int) -> bytes:
+        with _s3(action):
+            return cast(bytes, body.read(n))
+
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    readinto = None
+    if raw is not None and not raw.headers.get("content-encoding") and callable(getattr(fp, "readinto", None)):
+
+        def readinto(buffer: memoryview) -> int:
+            with _s3(action):
+                return int(fp.readinto(buffer) or 0)
+
+    return cast(BinaryIO, RangeStream(read, int(answer["ContentLength"]), body.close, readinto))
+
+
 def _utc(value: Any) -> datetime | None:
     return value.astimezone(UTC) if isinstance(value, datetime) else None
 
@@ -448,22 +472,31 @@ class S3BlobStore:
             raise ValueError("a staging name is 64 lowercase hex (derived by the service)")
         return self._staging_prefix + name
 
-    def stage_upload(self, name: str, size: int, expires_s: int) -> StagedUpload:
-        """Start a multipart upload to staging key ``name`` and sign one PUT URL per part."""
+    def stage_upload(
+        self, name: str, size: int, expires_s: int, *, part_size: int | None = None, part_sha256: list[str] | None = None
+    ) -> StagedUpload:
+        """Start a multipart upload to staging key ``name`` and sign one PUT URL per part.
+
+        With ``part_sha256`` (one base64 sha256 per ``part_size`` part), the upload is created with
+        ChecksumAlgorithm SHA256 and each URL signs ``x-amz-checksum-sha256``: S3 refuses a part
+        whose bytes do not match (moto 5.2 does not check them).
+        """
         key = self._staging_key(name)
-        part_size = max(self.part_size, 16 * MIB, math.ceil(size / MAX_PARTS))
+        if part_sha256 is None or part_size is None:
+            part_size, part_sha256 = max(self.part_size, 16 * MIB, math.ceil(size / MAX_PARTS)), None
         count = max(1, math.ceil(size / part_size))
+        if part_size < MIN_PART_SIZE or count > MAX_PARTS or (part_sha256 is not None and len(part_sha256) != count):
+            raise RequestInvalidError("the parts do not fit S3's limits", detail={"part_size": part_size, "parts": count})
+        checksums = {"ChecksumAlgorithm": "SHA256"} if part_sha256 is not None else {}
         with _s3("start a multipart upload"):
-            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **checksums)["UploadId"]
         with _s3("sign a URL"):
-            urls = [
-                self._signer.generate_presigned_url(
-                    "upload_part",
-                    Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number},
-                    ExpiresIn=expires_s,
-                )
-                for number in range(1, count + 1)
-            ]
+            urls = []
+            for number in range(1, count + 1):
+                params = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
+                if part_sha256 is not None:
+                    params.update(ChecksumAlgorithm="SHA256", ChecksumSHA256=part_sha256[number - 1])
+                urls.append(self._signer.generate_presigned_url("upload_part", Params=params, ExpiresIn=expires_s))
         return StagedUpload(upload_id, part_size, urls)
 
     def complete_staged(self, name: str, upload_id: str) -> None:
@@ -484,7 +517,10 @@ class S3BlobStore:
             with _s3("list the parts of an upload", "staged upload"):
                 pages = self._client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id)
                 for page in pages:
-                    parts.extend({"ETag": p["ETag"], "PartNumber": p["PartNumber"]} for p in page.get("Parts", []))
+                    for p in page.get("Parts", []):
+                        # an upload created with a checksum algorithm is completed with each part's checksum
+                        checksum = {"ChecksumSHA256": p["ChecksumSHA256"]} if p.get("ChecksumSHA256") else {}
+                        parts.append({"ETag": p["ETag"], "PartNumber": p["PartNumber"], **checksum})
         except BlobNotFoundError:
             parts = []
         if not parts:
@@ -502,13 +538,7 @@ class S3BlobStore:
         """The completed staged object, to be read (and verified) once."""
         with _s3("read a staged upload", "staged upload"):
             answer = self._client.get_object(Bucket=self.bucket, Key=self._staging_key(name))
-        body = answer["Body"]
-
-        def read(n: int) -> bytes:
-            with _s3("read a staged upload"):
-                return cast(bytes, body.read(n))
-
-        return cast(BinaryIO, RangeStream(read, int(answer["ContentLength"]), body.close))
+        return _body_stream(answer, "read a staged upload")
 
     def publish_staged(self, name: str, digest: str, size: int) -> None:
         """Copy the verified staged object to blob ``digest`` inside S3 (unless it is stored), then
@@ -599,13 +629,7 @@ class S3BlobStore:
                 # The range starts at or past the end of the blob, which exists (else 404).
                 return cast(BinaryIO, RangeStream(lambda n: b"", 0))
             raise
-        body = answer["Body"]
-
-        def read(n: int) -> bytes:
-            with _s3("read a blob"):
-                return cast(bytes, body.read(n))
-
-        return cast(BinaryIO, RangeStream(read, int(answer["ContentLength"]), body.close))
+        return _body_stream(answer, "read a blob")
 
     def read_range(self, digest: str, start: int, end: int) -> bytes:
         with self.open(digest, start, end) as stream:

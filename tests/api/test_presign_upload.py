@@ -3,10 +3,12 @@ through presigned URLs for a staging key, the server adopts (reads, verifies, co
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import urllib3
@@ -176,3 +178,49 @@ def test_a_local_store_offers_no_direct_uploads(api: Any, backend: str, adapter_
     if backend == "sqlite":
         resp = api.post("/v1/adapters/org/bot/blobs:stage", json={"digest": digest, "size": 10})
         assert resp.status_code == 400
+
+
+@S3
+def test_each_part_is_signed_and_sent_with_its_sha256(
+    client: RegistryClient, registry: Any, adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # moto 5.2 does not check part checksums: this shows them signed into each URL and sent; S3 checks them
+    sent: list[tuple[str, dict[str, str], bytes]] = []
+    real = urllib3.PoolManager.request
+
+    def recording(self: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "PUT":
+            sent.append((url, dict(kwargs.get("headers") or {}), bytes(kwargs["body"])))
+        return real(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.PoolManager, "request", recording)
+    out = client.push(adapter_dir, "org/bot")
+    assert len(sent) == len(out["files_uploaded"]) >= 2  # each file one part (under 16 MiB)
+    for url, headers, body in sent:
+        checksum = base64.b64encode(hashlib.sha256(body).digest()).decode()
+        query = parse_qs(urlsplit(url).query)
+        if "X-Amz-SignedHeaders" in query:  # SigV4: the headers the client must send are signed
+            signed = set(query["X-Amz-SignedHeaders"][0].split(";"))
+            assert {"x-amz-checksum-sha256", "x-amz-sdk-checksum-algorithm"} <= signed
+        else:  # SigV2 (botocore's choice for this endpoint): the signed query carries them
+            assert query["x-amz-checksum-sha256"] == [checksum] and query["x-amz-sdk-checksum-algorithm"] == ["SHA256"]
+        assert headers["x-amz-checksum-sha256"] == checksum
+        assert headers["x-amz-sdk-checksum-algorithm"] == "SHA256"
+    monkeypatch.undo()
+    client.pull("org/bot", tmp_path / "out")
+    assert tree_digest(tmp_path / "out") == stored_files(adapter_dir)
+    assert staging_state(registry) == ([], [])
+
+
+@S3
+def test_part_checksums_that_are_not_one_per_part_are_refused(api: Any, registry: Any, adapter_dir: Path) -> None:
+    data, digest = weights(adapter_dir)
+    one = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    for body in (
+        {"digest": digest, "size": len(data), "part_size": 5 << 20, "part_sha256": [one, one]},
+        {"digest": digest, "size": len(data), "part_sha256": [one]},
+        {"digest": digest, "size": len(data), "part_size": 5 << 20, "part_sha256": ["not base64"]},
+    ):
+        resp = api.post("/v1/adapters/org/bot/blobs:stage", json=body)
+        assert resp.status_code in (400, 422), resp.text
+    assert staging_state(registry) == ([], [])

@@ -5,12 +5,14 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from loreg.cli import client as client_module
 from loreg.cli import config
 from loreg.cli.client import RegistryClient
 from loreg.registry import errors
@@ -223,3 +225,98 @@ def test_a_file_the_version_does_not_hold_is_file_not_found(client: RegistryClie
     resp = api.get("/v1/adapters/org/bot/versions/1/files/tokenizer.json")  # a legal name, not pushed
     assert resp.status_code == 404 and resp.json()["errors"][0]["code"] == "FILE_NOT_FOUND"
     assert api.get("/v1/adapters/org/bot/versions/9/files/tokenizer.json").json()["errors"][0]["code"] == "VERSION_NOT_FOUND"
+
+
+def hashes_of(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files the client hashes from now on (each full sha256 pass over a local file)."""
+    hashed: list[Path] = []
+    real = client_module.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(client_module, "sha256_file", counting)
+    return hashed
+
+
+def test_pushing_a_folder_again_does_not_hash_its_files_again(
+    client: RegistryClient, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module.DigestCache, "MARGIN_NS", 0)  # the test's files were written just now
+    hashed = hashes_of(monkeypatch)
+    first = client.push(adapter_dir, "org/bot")
+    assert len(hashed) == len(first["files"])
+    hashed.clear()
+    again = client.push(adapter_dir, "org/bot", aliases=["prod"])
+    assert hashed == []
+    assert again["version"] == first["version"] and again["digest"] == first["digest"]
+
+
+def test_a_file_written_since_it_was_hashed_is_hashed_and_pushed_again(
+    client: RegistryClient, adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module.DigestCache, "MARGIN_NS", 0)
+    client.push(adapter_dir, "org/bot")
+    weights = adapter_dir / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 0x01  # same size, a low bit of the last value: still a valid adapter
+    weights.write_bytes(bytes(data))
+    hashed = hashes_of(monkeypatch)
+    second = client.push(adapter_dir, "org/bot")
+    assert weights in hashed
+    assert second["version"] == 2 and second["files_uploaded"] == ["adapter_model.safetensors"]
+    pulled = client.pull("org/bot:2", tmp_path / "pulled")
+    assert (Path(pulled["path"]) / "adapter_model.safetensors").read_bytes() == bytes(data)
+
+
+def test_a_file_written_just_before_it_was_hashed_keeps_no_digest(
+    client: RegistryClient, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a write in the same timestamp tick as the hash would leave size, mtime and ctime as they were
+    client.push(adapter_dir, "org/bot")
+    hashed = hashes_of(monkeypatch)
+    second = client.push(adapter_dir, "org/bot")
+    assert len(hashed) == len(second["files"])
+
+
+def test_a_stale_digest_is_refused_by_the_server_and_forgotten(
+    client: RegistryClient, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module.DigestCache, "MARGIN_NS", 0)
+    weights = adapter_dir / "adapter_model.safetensors"
+    cache = client_module.DigestCache(config.cache_dir() / "digests")
+    wrong = "sha256:" + hashlib.sha256(b"other bytes").hexdigest()
+    entry = cache._entry(os.stat(weights))  # as if the file changed in the tick it was hashed
+    entry.parent.mkdir(parents=True)
+    entry.write_text(wrong)
+    with pytest.raises(errors.DigestMismatchError) as info:
+        client.push(adapter_dir, "org/bot")
+    assert "push again" in (info.value.hint or "")
+    assert not entry.exists()
+    with pytest.raises((errors.AdapterNotFoundError, errors.VersionNotFoundError)):
+        client.version("org/bot:1")
+    assert client.push(adapter_dir, "org/bot")["version"] == 1
+
+
+def test_a_fresh_pull_writes_the_users_copy_while_downloading(
+    client: RegistryClient, adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not copied from the cache afterwards (a second pass over the file, and an fsync after the
+    download instead of during it); a file already cached is still copied."""
+    client.push(adapter_dir, "org/bot")
+    real = client_module._copy_contents
+    copied: list[str] = []
+
+    def counting(inp: Any, out: Any) -> None:
+        copied.append(Path(inp.name).name)
+        real(inp, out)
+
+    monkeypatch.setattr(client_module, "_copy_contents", counting)
+    client.pull("org/bot:1", tmp_path / "a")
+    assert copied == []
+    assert tree_digest(tmp_path / "a") == stored_files(adapter_dir)
+    assert [p.name for p in (tmp_path / "a").iterdir() if p.name.startswith(".")] == []
+    client.pull("org/bot:1", tmp_path / "b")
+    assert len(copied) == len(stored_files(adapter_dir))
+    assert tree_digest(tmp_path / "b") == stored_files(adapter_dir)

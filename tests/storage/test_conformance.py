@@ -34,7 +34,7 @@ from loreg.registry.errors import (
     StorageUnavailableError,
 )
 from loreg.registry.storage import local as local_module
-from loreg.registry.storage.protocol import CHUNK_SIZE, BlobStat, BlobStore
+from loreg.registry.storage.protocol import CHUNK_SIZE, BlobStat, BlobStore, RangeStream
 from loreg.registry.storage.factory import store_from_url
 from loreg.registry.storage.local import LocalBlobStore
 from tests.storage.conftest import TEST_PART_SIZE
@@ -341,6 +341,37 @@ def test_open_stream_reads_in_pieces_and_closes(blob_store: BlobStore) -> None:
     assert stream.read(5) == b""
     stream.close()
     assert stream.closed
+
+
+def test_open_stream_reads_into_a_buffer_straight_from_its_source(
+    blob_store: BlobStore, large: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pull path reads whole blobs with readinto: the bytes land in its buffer from the file
+    or the S3 response itself, never through read(n) and a copy (bench/server_cpu.py)."""
+    digest = sha(large)
+    blob_store.put(io.BytesIO(large), digest, len(large))
+
+    def no_read(self: RangeStream, size: int | None = -1) -> bytes:
+        raise AssertionError("readinto went through read()")
+
+    monkeypatch.setattr(RangeStream, "read", no_read)
+    view = memoryview(bytearray(len(large)))
+    got = 0
+    with blob_store.open(digest, 5) as stream:
+        while n := stream.readinto(view[got:]):
+            got += n
+        assert stream.readinto(bytearray(8)) == 0
+    assert got == len(large) - 5
+    assert view[:got] == large[5:]
+
+
+def test_a_source_that_ends_early_is_refused_by_readinto() -> None:
+    source = io.BytesIO(b"0123")
+    stream = RangeStream(source.read, 10, readinto=source.readinto)
+    buffer = bytearray(16)
+    assert stream.readinto(buffer) == 4
+    with pytest.raises(StorageUnavailableError):
+        stream.readinto(buffer)
 
 
 def test_iter_digests_lists_every_blob_once(blob_store: BlobStore) -> None:

@@ -49,7 +49,10 @@ async def stage_blob(namespace: str, name: str, body: BlobStage, blobs: BlobsDep
     uploads: see ``direct_upload`` in blobs:check). Nothing is a blob until it is adopted."""
     names.check_name(namespace, name)
     direct = DirectUploadService(blobs.registry)
-    staged = await run_in_threadpool(direct.stage, principal.token_id, (namespace, name), body.digest, body.size)
+    staged = await run_in_threadpool(
+        direct.stage, principal.token_id, (namespace, name), body.digest, body.size,
+        part_size=body.part_size, part_sha256=body.part_sha256,
+    )
     return BlobStaged(nonce=staged.nonce, upload_id=staged.upload_id, part_size=staged.part_size, urls=staged.urls)
 
 
