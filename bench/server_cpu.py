@@ -9,7 +9,8 @@ the server's CPU (user + system, /proc/<pid>/stat) around each of:
                     object once (sha256 + value scan) and copies it inside S3
   pull (API)        the bytes through the API, verified again as they are sent (TESTPLAN F10)
 Loopback is fine: this counts CPU, not the link. Goals: <= 1.5 CPU-s per GB pushed; per GB
-pulled <= 1.3x one sha256 pass.
+pulled <= 1.3x one sha256 pass. Two floors of a push are printed beside them: a bare ASGI app on
+uvicorn receiving the same bytes, and raw boto3 part uploads of them to the same S3 server.
 
     python bench/server_cpu.py [--layers 40] [--repeat 3]
 """
@@ -21,6 +22,7 @@ import hashlib
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +50,72 @@ def sha256_cpu(path: Path) -> float:
     t0 = time.process_time()
     hashlib.sha256(data).digest()
     return time.process_time() - t0
+
+
+# A bare ASGI app on uvicorn, configured as `loreg serve` configures it (h11, the allocator tuned),
+# that only reads a body: what receiving the bytes costs before loreg does anything with them.
+BARE_RECEIVER = """
+import sys, uvicorn
+from loreg.registry.allocator import tune_for_streaming
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+tune_for_streaming()
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", http="h11")
+"""
+
+
+def receive_floor(path: Path) -> tuple[float, float]:
+    """(user, system) CPU seconds a bare uvicorn app spends receiving the file's bytes over HTTP."""
+    import httpx
+
+    from tests.support.moto import free_port
+    from tests.support.server import poll_until
+
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-c", BARE_RECEIVER, str(port)]) as proc:
+        try:
+            poll_until(lambda: _answers(port), "the bare receiver")
+            c0 = process_cpu(proc.pid)
+            with open(path, "rb") as body:
+                httpx.put(f"http://127.0.0.1:{port}/", content=iter(lambda: body.read(1 << 20), b""),
+                          headers={"content-length": str(path.stat().st_size)}, timeout=300)
+            return used(c0, process_cpu(proc.pid))
+        finally:
+            proc.terminate()
+
+
+def _answers(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def s3_send_floor(endpoint_url: str, path: Path) -> float:
+    """CPU seconds this process spends sending the file to S3 as 8 MiB parts from one reused buffer
+    with the store's client settings (boto3 upload_part): what handing the bytes on costs."""
+    from loreg.registry.storage.s3 import S3BlobStore, _PartBody
+
+    with S3BlobStore("bench-floor", endpoint_url=endpoint_url, region="us-east-1") as store:
+        client, part = store._client, bytearray(store.part_size)
+        upload = client.create_multipart_upload(Bucket="bench-floor", Key="floor")["UploadId"]
+        parts, t0 = [], time.process_time()
+        with open(path, "rb") as f:
+            while n := f.readinto(part):
+                answer = client.upload_part(Bucket="bench-floor", Key="floor", UploadId=upload,
+                                            PartNumber=len(parts) + 1, Body=_PartBody(part, n))
+                parts.append({"ETag": answer["ETag"], "PartNumber": len(parts) + 1})
+        spent = time.process_time() - t0
+        client.complete_multipart_upload(Bucket="bench-floor", Key="floor", UploadId=upload,
+                                         MultipartUpload={"Parts": parts})
+    return spent
 
 
 def measure(
@@ -104,6 +172,10 @@ def main() -> None:
                            LOREG_S3_ENDPOINT_URL=moto.endpoint_url, LOREG_S3_REGION="us-east-1",
                            LOREG_EXPORT_WORKER="external", LOREG_S3_PRESIGN_UPLOADS=str(presign).lower())
             results[label] = measure(env, work, adapters, args.layers, pull=not presign)
+        make_bucket(moto.endpoint_url, "bench-floor")
+        weights = [a / "adapter_model.safetensors" for a in adapters]
+        receiving = statistics.median(sum(receive_floor(w)) for w in weights) / gb
+        sending = statistics.median(s3_send_floor(moto.endpoint_url, w) for w in weights) / gb
     sha = statistics.median(sha256_cpu(a / "adapter_model.safetensors") for a in adapters) / gb
 
     def per_gb(runs: list[tuple[float, float]]) -> tuple[float, float, float]:
@@ -119,6 +191,9 @@ def main() -> None:
         total, user, system = per_gb(runs)
         print(f"{label:24s} {total:5.2f} CPU-s/GB (user {user:.2f}, system {system:.2f})  "
               f"{total / sha:5.2f}x sha256   {goal}")
+    print("what a push costs before loreg does anything with the bytes (same bytes, same run):")
+    print(f"bare uvicorn receive     {receiving:5.2f} CPU-s/GB  (an ASGI app that only reads the body, h11, allocator tuned)")
+    print(f"boto3 parts to S3        {sending:5.2f} CPU-s/GB  (8 MiB upload_part calls from one buffer, this process)")
     shutil.rmtree(work, ignore_errors=True)
 
 
