@@ -902,14 +902,8 @@ class RegistryClient:
         """
         import time
 
-        weights = list(weights or [1.0] * len(refs))
-        if len(weights) != len(refs):
-            raise RequestInvalidError(
-                f"{len(weights)} weights for {len(refs)} references", hint="give one --weight per adapter reference, in order"
-            )
-        for r in refs:
-            names.parse_reference(r)
-        body: dict[str, Any] = {"adapters": [{"ref": r, "weight": float(w)} for r, w in zip(refs, weights)], "dtype": dtype}
+        weighted = _weighted(refs, weights)
+        body: dict[str, Any] = {"adapters": weighted, "dtype": dtype}
         if base is not None:
             body["base"] = base
         body.update({k: v for k, v in (combination or {}).items() if v is not None})
@@ -973,15 +967,9 @@ class RegistryClient:
         """
         import time
 
-        weights = list(weights or [1.0] * len(refs))
-        if len(weights) != len(refs):
-            raise RequestInvalidError(
-                f"{len(weights)} weights for {len(refs)} references", hint="give one --weight per adapter reference, in order"
-            )
-        for r in refs:
-            names.parse_reference(r)
+        weighted = _weighted(refs, weights)
         body: dict[str, Any] = {
-            "inputs": [{"ref": r, "weight": float(w)} for r, w in zip(refs, weights)], "method": method, "to": to,
+            "inputs": weighted, "method": method, "to": to,
             "aliases": list(aliases or []),
         }
         optional = {"density": density, "majority_sign_method": majority_sign_method, "svd_rank": svd_rank,
@@ -1308,6 +1296,22 @@ def _api_error(resp: httpx.Response) -> LoregError:
     except ValueError:
         body = None
     return error_from_envelope(resp.status_code, body, request_id=resp.headers.get("x-request-id"))
+
+
+def _weighted(refs: list[str], weights: list[float] | None) -> list[dict[str, Any]]:
+    """``[{"ref", "weight"}]`` for an export or combination request (weight 1 each by default).
+
+    Raises:
+        RequestInvalidError: not one weight per reference, or a malformed reference.
+    """
+    weights = list(weights or [1.0] * len(refs))
+    if len(weights) != len(refs):
+        raise RequestInvalidError(
+            f"{len(weights)} weights for {len(refs)} references", hint="give one --weight per adapter reference, in order"
+        )
+    for r in refs:
+        names.parse_reference(r)
+    return [{"ref": r, "weight": float(w)} for r, w in zip(refs, weights, strict=True)]
 
 
 def _pool_error(resp: urllib3.BaseHTTPResponse) -> LoregError:

@@ -891,24 +891,7 @@ class AdapterService:
         return out
 
     def _summary(self, v: Version, adapter: Adapter, aliases: list[str], match: str | None = None) -> VersionSummaryView:
-        facts = v.facts
-        return VersionSummaryView(
-            name=adapter.full_name,
-            version=v.number,
-            digest=v.manifest_digest,
-            size=v.size,
-            created_at=v.created_at,
-            rank=v.rank_max,
-            lora_alpha=facts.get("lora_alpha"),
-            target_modules=sorted(facts.get("targets", [])),
-            task_type=v.task_type,
-            use_dora=v.use_dora,
-            base=base_ref(v.base_model),
-            metrics=latest_metrics(v),
-            aliases=aliases,
-            warnings=v.warnings,
-            match=match,
-        )
+        return _summary_view(v, adapter.full_name, base_ref(v.base_model), latest_metrics(v), aliases, match)
 
     # --- lookup -------------------------------------------------------------------------------
 
@@ -951,24 +934,8 @@ class AdapterService:
         return Listing(items=items, next_cursor=next_cursor)
 
     def _summary_of(self, r: Any, extras: _Extras, match: str | None) -> VersionSummaryView:
-        facts = r.facts
-        return VersionSummaryView(
-            name=f"{r.namespace}/{r.name}",
-            version=r.number,
-            digest=r.manifest_digest,
-            size=r.size,
-            created_at=r.created_at,
-            rank=r.rank_max,
-            lora_alpha=facts.get("lora_alpha"),
-            target_modules=sorted(facts.get("targets", [])),
-            task_type=r.task_type,
-            use_dora=r.use_dora,
-            base=extras.base(r),
-            metrics={m.key: m.value for m in extras.metrics.get(r.id, [])},
-            aliases=extras.aliases.get(r.id, []),
-            warnings=r.warnings,
-            match=match,
-        )
+        metrics = {m.key: m.value for m in extras.metrics.get(r.id, [])}
+        return _summary_view(r, f"{r.namespace}/{r.name}", extras.base(r), metrics, extras.aliases.get(r.id, []), match)
 
     # --- aliases, metrics, delete -------------------------------------------------------------
 
@@ -1107,3 +1074,27 @@ def peft_facts(config: peft.AdapterConfig, header: safetensors.Header) -> dict[s
     from loreg.registry.formats import validate
 
     return validate.describe_adapter(config, header).to_dict()
+
+
+def _summary_view(
+    v: Any, name: str, base: Any, metrics: dict[str, float], aliases: list[str], match: str | None
+) -> VersionSummaryView:
+    """A version's summary from a Version row or a lookup row (the same column names)."""
+    facts = v.facts
+    return VersionSummaryView(
+        name=name,
+        version=v.number,
+        digest=v.manifest_digest,
+        size=v.size,
+        created_at=v.created_at,
+        rank=v.rank_max,
+        lora_alpha=facts.get("lora_alpha"),
+        target_modules=sorted(facts.get("targets", [])),
+        task_type=v.task_type,
+        use_dora=v.use_dora,
+        base=base,
+        metrics=metrics,
+        aliases=aliases,
+        warnings=v.warnings,
+        match=match,
+    )
