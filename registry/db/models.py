@@ -81,13 +81,25 @@ class BlobScan(OrmBase):
 
 class Adapter(OrmBase):
     __tablename__ = "adapters"
-    __table_args__ = (UniqueConstraint("namespace", "name"),)
+    __table_args__ = (
+        UniqueConstraint("namespace", "name"),
+        # ?q= matches names here, a table of adapters, not of versions: a name's trigrams would
+        # otherwise sit in the index once per version, and common ones cost the whole table
+        Index(
+            "ix_adapters_search_name_trgm",
+            "search_name",
+            postgresql_using="gin",
+            postgresql_ops={"search_name": "gin_trgm_ops"},
+        ).ddl_if(dialect="postgresql"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     namespace: Mapped[str] = mapped_column(String(128))
     name: Mapped[str] = mapped_column(String(128))
     # last number handed out: numbers are never reused, even after a version is deleted
     last_number: Mapped[int] = mapped_column(Integer, default=0)
+    # "namespace/name", what ?q= matches besides version messages (names are lowercase already)
+    search_name: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     versions: Mapped[list[Version]] = relationship(back_populates="adapter", passive_deletes=True)
@@ -175,7 +187,7 @@ class Version(OrmBase):
         # a base's versions in the order of lookup's newest-per-adapter window, with the columns the
         # window and the rank filters read: an index-only scan, no visit to the wide rows
         Index("ix_versions_base_adapter_number", "base_model_id", "adapter_id", "number", "rank_min", "rank_max", "id"),
-        # lookups' ?q= is a substring match: a trigram index serves it on Postgres (SQLite scans)
+        # lookups' ?q= is a substring match: trigram indexes serve it on Postgres (SQLite scans)
         Index(
             "ix_versions_search_text_trgm",
             "search_text",
@@ -200,7 +212,7 @@ class Version(OrmBase):
     task_type: Mapped[str | None] = mapped_column(String(64), index=True)
     base_model_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
     base_mapping: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    # lower("namespace/name message"), what ?q= searches, kept here so one index can serve it
+    # lower(message), what ?q= matches in a version (the adapter's name is adapters.search_name)
     search_text: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -10,9 +11,28 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Float, and_, cast, delete, exists, func, literal, null, or_, select, true, union_all, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    exists,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    true,
+    union,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from loreg.registry.db.models import (
     Adapter,
@@ -172,11 +192,28 @@ def _filter_conditions(filters: LookupFilters) -> list[Any]:
         conds.append(v.use_dora.is_(filters.dora))
     if filters.task_type:
         conds.append(v.task_type == filters.task_type)
-    if filters.q:
-        needle = filters.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        pattern = f"%{needle.lower()}%"
-        conds.append(v.search_text.like(pattern, escape="\\"))
     return conds
+
+
+def _search_pattern(q: str) -> str:
+    """``?q=`` as a LIKE pattern: the text anywhere, its wildcards taken literally, lowercased (names
+    are lowercase and ``search_text`` is the lowercased message)."""
+    needle = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{needle.lower()}%"
+
+
+def _search_condition(q: str) -> Any:
+    """The versions ``?q=`` finds, for a lookup over all versions: those of adapters whose name holds
+    the text, and those whose message does. Two sets of ids, each from its own table and index (a
+    name is one row of adapters, not one per version), so neither side scans the other's table."""
+    pattern = _search_pattern(q)
+    named, other = aliased(Adapter), aliased(Version)
+    return Version.id.in_(
+        union(
+            select(other.id).join(named, named.id == other.adapter_id).where(named.search_name.like(pattern, escape="\\")),
+            select(other.id).where(other.search_text.like(pattern, escape="\\")),
+        )
+    )
 
 
 def _adapter_conditions(filters: LookupFilters) -> list[Any]:
@@ -284,9 +321,11 @@ def _lookup_query(filters: LookupFilters, cursor: str | None, limit: int) -> tup
     adapter), joined afterwards with the columns a summary shows. Returns (statement, by_metric)."""
     conds = _filter_conditions(filters)
     metric_value = _metric_value(filters, conds)
-    if filters.latest_only and filters.base_ids is not None:
+    if filters.latest_only and (filters.base_ids is not None or filters.q):
         ranked, outer = _newest_per_adapter(filters, conds)
     else:
+        if filters.q:
+            conds.append(_search_condition(filters.q))
         ranked, outer = _ranked(filters, conds, metric_value)
     desc = (filters.order or default_order(filters.metric)) != "asc"
     by_metric = metric_value is not None
@@ -327,23 +366,43 @@ def _ranked(filters: LookupFilters, conds: list[Any], metric_value: Any) -> tupl
 
 
 def _newest_per_adapter(filters: LookupFilters, conds: list[Any]) -> tuple[Any, Any]:
-    """By base: each adapter with versions on these bases (adapter_bases) names its newest matching
-    version, one probe down its (adapter_id, number) index until a version matches. The work follows
-    the base's adapters, not all of its versions, and the answer is the window's."""
-    newest = (
-        select(Version.id)
-        .where(Version.adapter_id == Adapter.id, *conds)
-        .order_by(Version.number.desc())
-        .limit(1)
-        .correlate(Adapter)
-        .scalar_subquery()
-    )
-    on_base = select(AdapterBase.adapter_id).where(AdapterBase.base_model_id.in_(_all_base_ids(filters)))
+    """By base or by text: each candidate adapter names its newest matching version, one probe down
+    its (adapter_id, number) index until a version matches. Candidates are the adapters with versions
+    on the bases (adapter_bases) and, with ``q``, those whose name holds the text or that have a
+    version whose message does. The work follows the candidate adapters, not all of their versions,
+    and the answer is the window's."""
+
+    def newest(*more: Any) -> Any:
+        return (
+            select(Version.id)
+            .where(Version.adapter_id == Adapter.id, *conds, *more)
+            .order_by(Version.number.desc())
+            .limit(1)
+            .correlate(Adapter)
+            .scalar_subquery()
+        )
+
+    candidates = []
+    if filters.base_ids is not None:
+        on_base = select(AdapterBase.adapter_id).where(AdapterBase.base_model_id.in_(_all_base_ids(filters)))
+        candidates.append(Adapter.id.in_(on_base))
+    vid = newest()
+    if filters.q:
+        pattern = _search_pattern(filters.q)
+        other, said = aliased(Adapter), aliased(Version)
+        candidates.append(Adapter.id.in_(union(
+            select(other.id).where(other.search_name.like(pattern, escape="\\")),
+            select(said.adapter_id).where(said.search_text.like(pattern, escape="\\")),
+        )))
+        # an adapter whose name matches answers its newest version as by base (every version
+        # matches: the walk stops at the first); any other, its newest whose message matches
+        vid = case(
+            (Adapter.search_name.like(pattern, escape="\\"), vid),
+            else_=newest(Version.search_text.like(pattern, escape="\\")),
+        )
     # OFFSET 0 keeps the planner from inlining the subquery: each adapter's probe runs once, not once
     # per reference to its result (the filter, the metric, the sort)
-    picked = (
-        select(newest.label("vid")).where(Adapter.id.in_(on_base), *_adapter_conditions(filters)).offset(0).subquery()
-    )
+    picked = select(vid.label("vid")).where(*candidates, *_adapter_conditions(filters)).offset(0).subquery()
     columns = [picked.c.vid]
     if filters.metric:
         columns.append(
@@ -360,9 +419,11 @@ def _all_base_ids(filters: LookupFilters) -> tuple[int, ...]:
     return (tuple(filters.base_ids or ()) + tuple(filters.layout_base_ids or ())) or (-1,)
 
 
+@functools.cache
 def _head(*, full: bool) -> Any:
     """A version's own columns with its adapter's name and its base's digests (a summary's, or with
-    ``full`` a whole version's); the base may be absent."""
+    ``full`` a whole version's); the base may be absent. Built once (statements are immutable):
+    building it cost more than running it."""
     columns = [
         Version.id, Version.number, Version.manifest_digest, Version.size, Version.created_at, Version.rank_max,
         Version.facts, Version.task_type, Version.use_dora, Version.warnings, Version.base_model_id,
@@ -376,6 +437,52 @@ def _head(*, full: bool) -> Any:
         .join(Adapter, Adapter.id == Version.adapter_id)
         .outerjoin(BaseModelRow, BaseModelRow.id == Version.base_model_id)
     )
+
+
+@functools.cache
+def _version_query(kind: str) -> Any:
+    """A whole version's row by ``ns``/``name`` and ``tag`` (``kind``: latest, number, digest, alias),
+    built once per kind."""
+    query = _head(full=True).where(Adapter.namespace == bindparam("ns"), Adapter.name == bindparam("name"))
+    if kind == "latest":
+        return query.order_by(Version.number.desc()).limit(1)
+    if kind == "number":
+        return query.where(Version.number == bindparam("tag", type_=Integer))
+    if kind == "digest":
+        return query.where(Version.manifest_digest == bindparam("tag", type_=String))
+    on_alias = and_(Alias.adapter_id == Adapter.id, Alias.version_id == Version.id)
+    return query.join(Alias, on_alias).where(Alias.name == bindparam("tag", type_=String))
+
+
+@functools.cache
+def _extras_query(*, bases: bool, files: bool) -> Any:
+    """The one statement of ``_Extras.load`` (versions' ids in ``ids``, bases' in ``base_ids``), built
+    once per shape. One column set for every kind: k the name, s its sort key (by the database's
+    collation, as separate ORDER BYs would), n a number (metric row id, file size, base name id), d a
+    string."""
+    ids = bindparam("ids", expanding=True)
+    no_value, no_time = cast(null(), Float), cast(null(), UTCDateTime())
+    parts = [
+        select(literal("m").label("kind"), Metric.version_id.label("owner"), Metric.key.label("k"),
+               literal("").label("s"), Metric.id.label("n"), Metric.value.label("x"), Metric.created_at.label("at"),
+               literal("").label("d"))
+        .where(Metric.version_id.in_(ids)),
+        select(literal("a"), Alias.version_id, Alias.name, Alias.name, literal(0), no_value, no_time, literal(""))
+        .where(Alias.version_id.in_(ids)),
+    ]
+    if bases:
+        parts.append(
+            select(literal("b"), BaseName.base_model_id, BaseName.name, literal(""), BaseName.id, no_value,
+                   no_time, BaseName.revision).where(BaseName.base_model_id.in_(bindparam("base_ids", expanding=True)))
+        )
+    if files:
+        parts.append(
+            select(literal("f"), VersionFile.version_id, VersionFile.path, VersionFile.path, VersionFile.size,
+                   no_value, no_time, VersionFile.digest).where(VersionFile.version_id.in_(ids))
+        )
+    query = union_all(*parts)
+    c = query.selected_columns
+    return query.order_by(c.kind, c.owner, c.s, c.n)
 
 
 @dataclass
@@ -393,30 +500,9 @@ class _Extras:
         out = cls()
         if not version_ids:
             return out
-        # one column set for every kind: k the name, s its sort key (by the database's collation, as
-        # the separate ORDER BYs were), n a number (metric row id, file size, base name id), d a string
-        no_value, no_time = cast(null(), Float), cast(null(), UTCDateTime())
-        parts = [
-            select(literal("m").label("kind"), Metric.version_id.label("owner"), Metric.key.label("k"),
-                   literal("").label("s"), Metric.id.label("n"), Metric.value.label("x"), Metric.created_at.label("at"),
-                   literal("").label("d"))
-            .where(Metric.version_id.in_(version_ids)),
-            select(literal("a"), Alias.version_id, Alias.name, Alias.name, literal(0), no_value, no_time, literal(""))
-            .where(Alias.version_id.in_(version_ids)),
-        ]
-        if base_ids:
-            parts.append(
-                select(literal("b"), BaseName.base_model_id, BaseName.name, literal(""), BaseName.id, no_value,
-                       no_time, BaseName.revision).where(BaseName.base_model_id.in_(base_ids))
-            )
-        if files:
-            parts.append(
-                select(literal("f"), VersionFile.version_id, VersionFile.path, VersionFile.path, VersionFile.size,
-                       no_value, no_time, VersionFile.digest).where(VersionFile.version_id.in_(version_ids))
-            )
-        query = union_all(*parts)
-        c = query.selected_columns
-        for r in session.execute(query.order_by(c.kind, c.owner, c.s, c.n)):
+        query = _extras_query(bases=bool(base_ids), files=files)
+        params = {"ids": version_ids, "base_ids": base_ids} if base_ids else {"ids": version_ids}
+        for r in session.execute(query, params):
             if r.kind == "m":
                 out.metrics.setdefault(r.owner, []).append(MetricView(key=r.k, value=r.x, created_at=r.at))
             elif r.kind == "a":
@@ -577,7 +663,7 @@ class AdapterService:
             task_type=facts.get("task_type"),
             base_model_id=checked.base_id,
             base_mapping=checked.base_mapping,
-            search_text=f"{namespace}/{name} {request.message or ''}".lower(),
+            search_text=(request.message or "").lower(),
         )
         session.add(version)
         session.flush()
@@ -723,7 +809,7 @@ class AdapterService:
             select(Adapter).where(Adapter.namespace == namespace, Adapter.name == name).with_for_update()
         )
         if adapter is None:
-            adapter = Adapter(namespace=namespace, name=name, last_number=0)
+            adapter = Adapter(namespace=namespace, name=name, last_number=0, search_name=f"{namespace}/{name}")
             session.add(adapter)
             session.flush()
         return adapter
@@ -789,18 +875,16 @@ class AdapterService:
         short digest, a missing name) goes through ``resolve.version``, which raises the precise error."""
         names.check_name(namespace, name)
         tag = names.check_tag(tag)
-        query = _head(full=True).where(Adapter.namespace == namespace, Adapter.name == name)
         if tag == "latest":
-            query = query.order_by(Version.number.desc()).limit(1)
+            kind, value = "latest", None
         elif tag.isdigit():
-            query = query.where(Version.number == int(tag))
+            kind, value = "number", int(tag)
         elif tag.startswith("sha256:"):
-            query = query.where(Version.manifest_digest == tag) if names.DIGEST.fullmatch(tag) else None
+            kind, value = ("digest", tag) if names.DIGEST.fullmatch(tag) else (None, None)
         else:
-            query = query.join(Alias, and_(Alias.adapter_id == Adapter.id, Alias.version_id == Version.id)).where(
-                Alias.name == tag
-            )
-        rows = session.execute(query).all() if query is not None else []
+            kind, value = "alias", tag
+        params = {"ns": namespace, "name": name} if value is None else {"ns": namespace, "name": name, "tag": value}
+        rows = session.execute(_version_query(kind), params).all() if kind is not None else []
         if len(rows) != 1:
             found = resolve.version(session, namespace, name, tag)
             rows = session.execute(_head(full=True).where(Version.id == found.id)).all()

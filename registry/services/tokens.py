@@ -17,11 +17,16 @@ import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from loreg.registry.db.models import Token
 from loreg.registry.errors import DeniedError, RequestInvalidError, TokenNotFoundError, UnauthorizedError
 from loreg.registry.services.context import AppContext
+
+# what every request's token check reads, built once: a Core row by primary key (no ORM identity map)
+_CHECK = select(
+    Token.id, Token.secret_hash, Token.scope, Token.namespaces, Token.expires_at, Token.revoked_at, Token.last_used_at
+).where(Token.id == bindparam("id"))
 
 PREFIX = "loreg_"
 ALPHABET = string.ascii_letters + string.digits
@@ -152,7 +157,7 @@ class TokenService:
         now = now or datetime.now(UTC)
         # every request checks its token: a read (one primary-key statement), a write only when used
         with self.registry.reading() as session:
-            row = session.get(Token, token_id)
+            row = session.execute(_CHECK, {"id": token_id}).first()
             if row is None or not hmac.compare_digest(row.secret_hash, _hash(secret)):
                 raise UnauthorizedError("invalid token")
             if row.revoked_at is not None:

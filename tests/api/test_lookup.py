@@ -133,3 +133,27 @@ def test_by_base_each_adapter_answers_its_newest_matching_version(
     assert api.delete("/v1/adapters/org/a3").status_code == 200
     assert api.delete("/v1/adapters/org/a0/versions/2").status_code == 200
     assert listed() == {"org/a0": 1, "org/a1": 1, "org/a2": 1, "org/a4": 1}
+
+
+def test_q_finds_names_and_messages_and_each_adapter_answers_its_newest_match(
+    client: RegistryClient, api: Any, adapter_dir: Path, tmp_path: Path
+) -> None:
+    """?q= matches the adapter's name (every version of it: the newest answers) or a version's message
+    (the newest whose message matches answers, even when newer versions do not); case-insensitive,
+    wildcards literal; with all_versions every matching version answers."""
+    pushes = [("org/chat", "Warmup run"), ("org/chat", "final"), ("org/code", "warmup 2"), ("org/code", "later"),
+              ("team/warmup", None), ("org/x_y", None)]
+    for i, (name, message) in enumerate(pushes):
+        client.push(variant(adapter_dir, tmp_path / f"q{i}", seed=60 + i), name, message=message)
+
+    def found(**params: Any) -> list[tuple[str, int]]:
+        resp = api.get("/v1/adapters", params=params)
+        assert resp.status_code == 200, resp.text
+        return sorted((i["name"], i["version"]) for i in resp.json()["items"])
+
+    assert found(q="WARMUP") == [("org/chat", 1), ("org/code", 1), ("team/warmup", 1)]
+    assert found(q="org/c") == [("org/chat", 2), ("org/code", 2)]
+    assert found(q="final") == [("org/chat", 2)]
+    assert found(q="x_y") == [("org/x_y", 1)] and found(q="x%y") == []
+    assert found(q="warmup", all_versions=True) == [("org/chat", 1), ("org/code", 1), ("team/warmup", 1)]
+    assert found(q="org/code", all_versions=True) == [("org/code", 1), ("org/code", 2)]

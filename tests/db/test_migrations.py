@@ -152,7 +152,7 @@ def test_0006s_backfills_each_metrics_latest_value(empty_engine: Any) -> None:
             conn.execute(text("INSERT INTO metrics (id, version_id, key, value, created_at) "
                               "VALUES (:i, :v, :k, :x, CURRENT_TIMESTAMP)"),
                          {"i": metric_id, "v": version_id, "k": key, "x": value})
-    migrate.upgrade(empty_engine)
+    migrate.upgrade(empty_engine, "0006s")
     with empty_engine.connect() as conn:
         rows = set(conn.execute(text("SELECT version_id, key, value, metric_id FROM version_metrics_latest")).all())
         search = conn.execute(text("SELECT search_text FROM versions ORDER BY id")).scalars().all()
@@ -188,3 +188,28 @@ def test_0007l_lists_each_adapters_bases_once(empty_engine: Any) -> None:
     assert sorted(rows) == [(1, 1), (2, 1), (2, 2)]
     migrate.downgrade(empty_engine, "0006s")
     assert "adapter_bases" not in inspect(empty_engine).get_table_names()
+
+
+def test_0008q_moves_names_to_adapters_and_keeps_messages_on_versions(empty_engine: Any) -> None:
+    """0008q: adapters.search_name is "namespace/name", versions.search_text the lowercased message
+    alone; the downgrade puts the names back into the versions' text."""
+    from sqlalchemy import text
+
+    migrate.upgrade(empty_engine, "0007l")
+    with empty_engine.begin() as conn:
+        conn.execute(text("INSERT INTO adapters (id, namespace, name, last_number, created_at) "
+                          "VALUES (1, 'org', 'a', 2, CURRENT_TIMESTAMP)"))
+        for vid, message in ((1, "First Run"), (2, None)):
+            conn.execute(text(
+                "INSERT INTO versions (id, adapter_id, number, manifest_digest, message, size, config, facts, warnings, "
+                "rank_min, rank_max, use_dora, search_text, created_at) VALUES (:v, 1, :v, :m, :msg, 1, '{}', '{}', "
+                "'[]', 8, 8, false, :s, CURRENT_TIMESTAMP)"),
+                {"v": vid, "m": "sha256:" + str(vid) * 64, "msg": message, "s": f"org/a {(message or '').lower()}"})
+    migrate.upgrade(empty_engine)
+    with empty_engine.connect() as conn:
+        assert conn.execute(text("SELECT search_name FROM adapters")).scalars().all() == ["org/a"]
+        assert conn.execute(text("SELECT search_text FROM versions ORDER BY id")).scalars().all() == ["first run", ""]
+    migrate.downgrade(empty_engine, "0007l")
+    with empty_engine.connect() as conn:
+        assert conn.execute(text("SELECT search_text FROM versions ORDER BY id")).scalars().all() == ["org/a first run", "org/a "]
+    assert "search_name" not in {c["name"] for c in inspect(empty_engine).get_columns("adapters")}
