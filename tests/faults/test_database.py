@@ -96,6 +96,31 @@ def test_without_pool_pre_ping_a_restart_costs_requests_but_never_a_500(
     assert statuses[first_ok:] == [200] * (20 - first_ok), statuses  # recovered for good
 
 
+def test_a_pooled_connection_is_pinged_only_after_it_sat_idle(settings: Any) -> None:
+    """make_engine pings on checkout only a connection idle longer than ping_after_idle_s: a fresh
+    one never, a request's second checkout (the same connection, LIFO, a moment later) not within the
+    window, an idle one always (the restart tests above show a dead one replaced)."""
+    pinged: list[float] = []
+
+    def engine_with(idle_s: float) -> Any:
+        engine = make_engine(settings.database_url, ping_after_idle_s=idle_s)
+        real = engine.dialect.do_ping
+        engine.dialect.do_ping = lambda conn: (pinged.append(idle_s), real(conn))[1]  # type: ignore[method-assign]
+        return engine
+
+    for idle_s, expected in ((3600.0, []), (-1.0, [-1.0, -1.0])):
+        engine = engine_with(idle_s)
+        try:
+            for _ in range(3):
+                with engine.connect() as conn:
+                    assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+            assert engine.pool.checkedin() == 1  # one connection, reused each time
+        finally:
+            engine.dispose()
+        assert pinged == expected, (idle_s, pinged)
+        pinged.clear()
+
+
 def durable_commits(pg_server: PgServer, registry: AppContext) -> None:
     """The test cluster runs with synchronous_commit=off (speed), so an immediate stop, a crash,
     may lose the last commits. Turn it back on (the Postgres default) for this test's database,
