@@ -16,7 +16,7 @@ limited to `team-6/*` and `team-7/*`, it measures p50/p99 over --repeat rounds o
 Goals: p99 <= 1.5x the floor; p99 at the large size <= 1.2x p99 at 1,000 versions.
 
     python bench/lookup.py [--versions 1000000] [--quick] [--repeat 200] [--database-url postgresql://…]
-                           [--keep DIR]
+                           [--keep DIR] [--shared-buffers 2GB]
 
 --keep DIR keeps the throwaway cluster in DIR (created on first use) and reuses each size's database
 when a previous run filled it (the schema is still upgraded, so a new migration applies): a 1M fill
@@ -364,7 +364,7 @@ def report(big: int, at: dict[Any, list[float]]) -> None:
 
 
 @contextlib.contextmanager
-def kept_postgres(root: Path) -> Iterator[Any]:
+def kept_postgres(root: Path, settings: tuple[str, ...] = ()) -> Iterator[Any]:
     """A cluster in ``root`` that outlives the run (--keep)."""
     import os
     import shutil
@@ -380,7 +380,8 @@ def kept_postgres(root: Path) -> Iterator[Any]:
         os.chmod(root, 0o755)
         shutil.chown(root, "postgres")
         shutil.chown(sockdir, "postgres")
-    server = PgServer(datadir=datadir, sockdir=sockdir, port=free_port(), logfile=root / "postgres.log")
+    server = PgServer(datadir=datadir, sockdir=sockdir, port=free_port(), logfile=root / "postgres.log",
+                      settings=settings)
     if not datadir.exists():
         subprocess.run(_as_postgres(["initdb", "-D", str(datadir), "-U", "postgres", "-A", "trust", "-E", "UTF8",
                                      "--no-sync"]), check=True, stdout=subprocess.DEVNULL)
@@ -393,9 +394,9 @@ def kept_postgres(root: Path) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def databases(given: str | None, keep: Path | None = None) -> Iterator[Callable[[str], str]]:
+def databases(given: str | None, keep: Path | None = None, settings: tuple[str, ...] = ()) -> Iterator[Callable[[str], str]]:
     if keep is not None:
-        with kept_postgres(keep) as pg:
+        with kept_postgres(keep, settings) as pg:
             def make_kept(name: str) -> str:
                 from sqlalchemy import create_engine, text
 
@@ -421,7 +422,7 @@ def databases(given: str | None, keep: Path | None = None) -> Iterator[Callable[
 
         yield make
         return
-    with start_postgres() as pg:
+    with start_postgres(settings) as pg:
         def make_local(name: str) -> str:
             pg.execute(f"CREATE DATABASE {name}")
             return pg.url(name)
@@ -437,9 +438,12 @@ def main() -> None:
     ap.add_argument("--database-url", help="a Postgres server (postgresql+psycopg://…/postgres) to create databases on")
     ap.add_argument("--no-explain", action="store_true", help="skip the EXPLAIN ANALYZE output")
     ap.add_argument("--keep", type=Path, help="keep the cluster in this folder and reuse filled databases")
+    ap.add_argument("--shared-buffers", default="2GB",
+                    help="the throwaway cluster's shared_buffers (Postgres' default, 128MB, is for a laptop; the"
+                         " million-version database is 1.8 GB, and a server for it is sized to hold it)")
     args = ap.parse_args()
     big, repeat = (100_000, 50) if args.quick else (args.versions, args.repeat)
-    with databases(args.database_url, args.keep) as make:
+    with databases(args.database_url, args.keep, (f"shared_buffers={args.shared_buffers}",)) as make:
         urls = {}
         for size in (big, SMALL):
             urls[size] = url = make(f"bench_lookup_{size}")

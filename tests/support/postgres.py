@@ -34,6 +34,8 @@ class PgServer:
     sockdir: Path
     port: int
     logfile: Path
+    # more server settings ("shared_buffers=1GB"), each passed as -c
+    settings: tuple[str, ...] = ()
 
     @property
     def admin_dsn(self) -> str:
@@ -51,7 +53,8 @@ class PgServer:
             _as_postgres(
                 ["pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60", "-o",
                  f"-p {self.port} -k {self.sockdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300", "start"]
+                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+                 + "".join(f" -c {x}" for x in self.settings), "start"]
             ),
             check=True, stdout=subprocess.DEVNULL,
         )
@@ -80,7 +83,7 @@ class PgServer:
 
 
 @contextmanager
-def start_postgres() -> Iterator[PgServer]:
+def start_postgres(settings: tuple[str, ...] = ()) -> Iterator[PgServer]:
     root = Path(tempfile.mkdtemp(prefix="loreg-pg-"))
     os.chmod(root, 0o755)
     datadir, sockdir = root / "data", root / "sock"
@@ -88,7 +91,8 @@ def start_postgres() -> Iterator[PgServer]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(sockdir, "postgres")
-    server = PgServer(datadir=datadir, sockdir=sockdir, port=free_port(), logfile=root / "postgres.log")
+    server = PgServer(datadir=datadir, sockdir=sockdir, port=free_port(), logfile=root / "postgres.log",
+                      settings=settings)
     subprocess.run(_as_postgres(["initdb", "-D", str(datadir), "-U", "postgres", "-A", "trust", "-E", "UTF8",
                                  "--no-sync"]), check=True, stdout=subprocess.DEVNULL)
     server.start()
