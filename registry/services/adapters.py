@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Float,
     Integer,
     String,
@@ -123,20 +124,33 @@ def visible(allowed: tuple[str, ...]) -> Any:
     Names and namespaces hold no ``/``, so a glob matches part by part: a part without ``*`` is an
     equality (``team-a/*`` is ``namespace = 'team-a'``, which the (namespace, name) index serves), a
     ``*`` part matches anything, and only a part with ``*`` among other characters needs a LIKE."""
-    return or_(*[_glob_condition(g) for g in allowed])
+    return or_(*[_glob_condition(_glob_parts(g), lambda _part, value: value) for g in allowed])
 
 
-def _glob_condition(glob: str) -> Any:
+def _glob_parts(glob: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """A glob's namespace and name parts, each (kind, value): ("any", ""), ("eq", the part) or
+    ("like", its LIKE pattern)."""
     if "/" not in glob:
         glob = f"{glob}/*"
-    conds = []
-    for column, part in zip((Adapter.namespace, Adapter.name), glob.split("/", 1), strict=True):
+    parts = []
+    for part in glob.split("/", 1):
         if part == "*":
-            continue
-        if "*" not in part:
-            conds.append(column == part)
+            parts.append(("any", ""))
+        elif "*" not in part:
+            parts.append(("eq", part))
         else:
-            conds.append(column.like(_glob_to_like(part), escape="\\"))
+            parts.append(("like", _glob_to_like(part)))
+    return parts[0], parts[1]
+
+
+def _glob_condition(parts: Any, value: Callable[[int, str], Any]) -> Any:
+    """One glob's condition; ``value(i, v)`` gives part i's value in SQL (itself, or a bound parameter)."""
+    conds = []
+    for i, (column, (kind, part)) in enumerate(zip((Adapter.namespace, Adapter.name), parts, strict=True)):
+        if kind == "eq":
+            conds.append(column == value(i, part))
+        elif kind == "like":
+            conds.append(column.like(value(i, part), escape="\\"))
     return and_(true(), *conds)
 
 
@@ -176,22 +190,93 @@ def _finite(value: Any) -> bool:
     return _row_id(value) or (isinstance(value, float) and math.isfinite(value))
 
 
-def _filter_conditions(filters: LookupFilters) -> list[Any]:
-    """The SQL conditions of every filter but the metric bounds."""
-    v = Version
-    conds = _adapter_conditions(filters)
+@dataclass(frozen=True)
+class _Shape:
+    """What a lookup statement's structure depends on: which filters are set, and how, never their
+    values, which are bound parameters (``_shape_and_params``). A statement is built once per shape:
+    building one cost as much as running it."""
+
+    namespace: bool
+    name: bool
+    globs: tuple[Any, ...]  # each token glob's parts' kinds (_glob_parts)
+    base: bool
+    target: bool
+    min_rank: bool
+    max_rank: bool
+    dora: bool
+    task_type: bool
+    metric: bool
+    metric_min: bool
+    metric_max: bool
+    q: bool
+    latest_only: bool
+    desc: bool
+    cursor: str  # "" the first page; "id"; by a metric "value" (after a row with it) or "null"
+
+
+def _shape_and_params(filters: LookupFilters, cursor: str | None, limit: int) -> tuple[_Shape, dict[str, Any]]:
+    """The lookup's shape and its parameters' values; raises the filters' and the cursor's errors."""
+    if filters.namespace is not None:
+        names.check_name_part(filters.namespace, "namespace")
+    _check_metric_bounds(filters)
+    globs = [_glob_parts(g) for g in filters.allowed or ()]
+    values: dict[str, Any] = {
+        "namespace": filters.namespace, "name": filters.name, "target": filters.target or None,
+        "min_rank": filters.min_rank, "max_rank": filters.max_rank, "dora": filters.dora,
+        "task_type": filters.task_type or None, "metric": filters.metric or None,
+        "metric_min": filters.metric_min, "metric_max": filters.metric_max,
+        "q": _search_pattern(filters.q) if filters.q else None,
+    }
+    params = {k: v for k, v in values.items() if v is not None}
+    params["limit"] = limit + 1
     if filters.base_ids is not None:
-        conds.append(v.base_model_id.in_(_all_base_ids(filters)))
-    if filters.target:
-        conds.append(v.id.in_(select(VersionTarget.version_id).where(VersionTarget.target == filters.target)))
-    if filters.min_rank is not None:
-        conds.append(v.rank_min >= filters.min_rank)
-    if filters.max_rank is not None:
-        conds.append(v.rank_max <= filters.max_rank)
-    if filters.dora is not None:
-        conds.append(v.use_dora.is_(filters.dora))
-    if filters.task_type:
-        conds.append(v.task_type == filters.task_type)
+        params["base_ids"] = list(_all_base_ids(filters))
+    for g, parts in enumerate(globs):
+        for i, (kind, part) in enumerate(parts):
+            if kind != "any":
+                params[f"glob{g}_{i}"] = part
+    by_metric = "metric" in params
+    kind = ""
+    if cursor:
+        after = _decode_cursor(cursor, by_metric=by_metric)
+        params["after_id"] = after[-1]
+        kind = "id"
+        if by_metric:
+            kind = "value" if after[0] else "null"
+            if after[0]:
+                params["after_value"] = after[1]
+    shape = _Shape(
+        **{k: k in params for k in ("namespace", "name", "target", "min_rank", "max_rank", "dora", "task_type",
+                                    "metric", "metric_min", "metric_max", "q")},
+        globs=tuple(tuple(k for k, _v in parts) for parts in globs),
+        base=filters.base_ids is not None,
+        latest_only=filters.latest_only,
+        desc=(filters.order or default_order(filters.metric)) != "asc",
+        cursor=kind,
+    )
+    return shape, params
+
+
+def _bound(name: str, type_: Any) -> Any:
+    return bindparam(name, type_=type_)
+
+
+def _filter_conditions(shape: _Shape) -> list[Any]:
+    """The SQL conditions of every filter but the metric bounds and the text."""
+    v = Version
+    conds = _adapter_conditions(shape)
+    if shape.base:
+        conds.append(v.base_model_id.in_(bindparam("base_ids", expanding=True)))
+    if shape.target:
+        conds.append(v.id.in_(select(VersionTarget.version_id).where(VersionTarget.target == _bound("target", String))))
+    if shape.min_rank:
+        conds.append(v.rank_min >= _bound("min_rank", Integer))
+    if shape.max_rank:
+        conds.append(v.rank_max <= _bound("max_rank", Integer))
+    if shape.dora:
+        conds.append(v.use_dora == _bound("dora", Boolean))
+    if shape.task_type:
+        conds.append(v.task_type == _bound("task_type", String))
     return conds
 
 
@@ -207,35 +292,35 @@ def _search_pattern(q: str) -> str:
     return f"%{needle.lower()}%"
 
 
-def _search_condition(q: str) -> Any:
+def _search_condition() -> Any:
     """The versions ``?q=`` finds, for a lookup over all versions: those of adapters whose name holds
     the text, and those whose message does. Two sets of ids, each from its own table and index (a
     name is one row of adapters, not one per version), so neither side scans the other's table."""
-    pattern = _search_pattern(q)
+    q = _bound("q", String)
     return Version.id.in_(
         union(
-            select(_SAID.id).join(_NAMED, _NAMED.id == _SAID.adapter_id).where(_NAMED.search_name.like(pattern, escape="\\")),
-            select(_SAID.id).where(_SAID.search_text.like(pattern, escape="\\")),
+            select(_SAID.id).join(_NAMED, _NAMED.id == _SAID.adapter_id).where(_NAMED.search_name.like(q, escape="\\")),
+            select(_SAID.id).where(_SAID.search_text.like(q, escape="\\")),
         )
     )
 
 
-def _adapter_conditions(filters: LookupFilters) -> list[Any]:
+def _adapter_conditions(shape: _Shape) -> list[Any]:
     """The filters on the adapter alone (namespace, name, the token's globs)."""
     conds: list[Any] = []
-    if filters.namespace is not None:
-        names.check_name_part(filters.namespace, "namespace")
-        conds.append(Adapter.namespace == filters.namespace)
-    if filters.name is not None:
-        conds.append(Adapter.name == filters.name)
-    if filters.allowed:
-        conds.append(visible(filters.allowed))
+    if shape.namespace:
+        conds.append(Adapter.namespace == _bound("namespace", String))
+    if shape.name:
+        conds.append(Adapter.name == _bound("name", String))
+    if shape.globs:
+        conds.append(or_(*[
+            _glob_condition(tuple((k, "") for k in kinds), lambda i, _v, g=g: _bound(f"glob{g}_{i}", String))
+            for g, kinds in enumerate(shape.globs)
+        ]))
     return conds
 
 
-def _metric_value(filters: LookupFilters, conds: list[Any]) -> Any:
-    """The named metric's latest value per version (from ``version_metrics_latest``), None without a metric;
-    its bounds are appended to ``conds``. Sorting alone does not filter: versions without it come last."""
+def _check_metric_bounds(filters: LookupFilters) -> None:
     bounds = {k: x for k, x in (("metric_min", filters.metric_min), ("metric_max", filters.metric_max)) if x is not None}
     if bounds and not filters.metric:
         raise RequestInvalidError(
@@ -245,24 +330,29 @@ def _metric_value(filters: LookupFilters, conds: list[Any]) -> Any:
         )
     if not all(math.isfinite(x) for x in bounds.values()):
         raise RequestInvalidError("metric_min and metric_max must be finite numbers", detail={"fields": sorted(bounds)})
-    if not filters.metric:
+
+
+def _metric_value(shape: _Shape, conds: list[Any]) -> Any:
+    """The named metric's latest value per version (from ``version_metrics_latest``), None without a metric;
+    its bounds are appended to ``conds``. Sorting alone does not filter: versions without it come last."""
+    if not shape.metric:
         return None
     # a probe of the (version_id, key) primary key per candidate: a join would let the planner hash
     # the key's whole column when the other filters are selective only together
     value = (
         select(MetricLatest.value)
-        .where(MetricLatest.version_id == Version.id, MetricLatest.key == filters.metric)
+        .where(MetricLatest.version_id == Version.id, MetricLatest.key == _bound("metric", String))
         .correlate(Version)
         .scalar_subquery()
     )
-    if filters.metric_min is not None:
-        conds.append(value >= filters.metric_min)
-    if filters.metric_max is not None:
-        conds.append(value <= filters.metric_max)
+    if shape.metric_min:
+        conds.append(value >= _bound("metric_min", Float))
+    if shape.metric_max:
+        conds.append(value <= _bound("metric_max", Float))
     return value
 
 
-def _after_cursor(ranked: Any, values: list[Any], by_metric: bool, desc: bool) -> Any:
+def _after_cursor(ranked: Any, kind: str, desc: bool) -> Any:
     """The rows after a cursor. Keyset order: (metric NULLS LAST, id), one direction, the same on
     SQLite and Postgres. The condition is two plain ranges, over (value, id) and over the rows
     without a value by id: the shape an index on the sort key serves, wherever the boundary falls."""
@@ -270,12 +360,12 @@ def _after_cursor(ranked: Any, values: list[Any], by_metric: bool, desc: bool) -
     def after(col: Any, value: Any) -> Any:
         return col < value if desc else col > value
 
-    vid = ranked.c.vid
-    if not by_metric:
-        return after(vid, values[0])
+    vid, last_id = ranked.c.vid, _bound("after_id", Integer)
+    if kind == "id":
+        return after(vid, last_id)
     mv = ranked.c.mv
-    has, value, last_id = values
-    if has:
+    if kind == "value":
+        value = _bound("after_value", Float)
         return or_(after(mv, value), and_(mv == value, after(vid, last_id)), mv.is_(None))
     return and_(mv.is_(None), after(vid, last_id))
 
@@ -320,21 +410,21 @@ def latest_metrics(version: Version) -> dict[str, float]:
     return out
 
 
-def _lookup_query(filters: LookupFilters, cursor: str | None, limit: int) -> tuple[Any, bool]:
+@functools.lru_cache(maxsize=512)
+def _lookup_statement(shape: _Shape) -> Any:
     """One statement for a lookup page: the keyset page of version ids (newest matching version per
-    adapter), joined afterwards with the columns a summary shows. Returns (statement, by_metric)."""
-    conds = _filter_conditions(filters)
-    metric_value = _metric_value(filters, conds)
-    if filters.latest_only and (filters.base_ids is not None or filters.q):
-        ranked, outer = _newest_per_adapter(filters, conds)
+    adapter), joined afterwards with the columns a summary shows."""
+    conds = _filter_conditions(shape)
+    metric_value = _metric_value(shape, conds)
+    if shape.latest_only and (shape.base or shape.q):
+        ranked, outer = _newest_per_adapter(shape, conds)
     else:
-        if filters.q:
-            conds.append(_search_condition(filters.q))
-        ranked, outer = _ranked(filters, conds, metric_value)
-    desc = (filters.order or default_order(filters.metric)) != "asc"
-    by_metric = metric_value is not None
-    if cursor:
-        outer = outer.where(_after_cursor(ranked, _decode_cursor(cursor, by_metric=by_metric), by_metric, desc))
+        if shape.q:
+            conds.append(_search_condition())
+        ranked, outer = _ranked(shape, conds, metric_value)
+    desc, by_metric = shape.desc, shape.metric
+    if shape.cursor:
+        outer = outer.where(_after_cursor(ranked, shape.cursor, desc))
 
     def keys(t: Any) -> list[Any]:
         out = [t.c.vid.desc() if desc else t.c.vid.asc()]
@@ -343,14 +433,14 @@ def _lookup_query(filters: LookupFilters, cursor: str | None, limit: int) -> tup
         return out
 
     # the limit stays inside: only the page's rows are joined to the wide columns
-    page = outer.order_by(*keys(ranked)).limit(limit + 1).subquery()
+    page = outer.order_by(*keys(ranked)).limit(_bound("limit", Integer)).subquery()
     joined = _head(full=False).join(page, page.c.vid == Version.id)
     if by_metric:
         joined = joined.add_columns(page.c.mv)
-    return joined.order_by(*keys(page)), by_metric
+    return joined.order_by(*keys(page))
 
 
-def _ranked(filters: LookupFilters, conds: list[Any], metric_value: Any) -> tuple[Any, Any]:
+def _ranked(shape: _Shape, conds: list[Any], metric_value: Any) -> tuple[Any, Any]:
     """Every matching version, ranked by number within its adapter (a window) when only the newest
     counts: (the subquery with vid and, by a metric, mv; the select of the rows that count)."""
     query = select(Version.id.label("vid"), Version.adapter_id.label("aid"), Version.number.label("num")).join(
@@ -360,7 +450,7 @@ def _ranked(filters: LookupFilters, conds: list[Any], metric_value: Any) -> tupl
         query = query.add_columns(metric_value.label("mv"))
     if conds:
         query = query.where(and_(*conds))
-    if not filters.latest_only:
+    if not shape.latest_only:
         ranked = query.subquery()
         return ranked, select(ranked)
     ranked = query.add_columns(
@@ -369,7 +459,7 @@ def _ranked(filters: LookupFilters, conds: list[Any], metric_value: Any) -> tupl
     return ranked, select(ranked).where(ranked.c.rn == 1)
 
 
-def _newest_per_adapter(filters: LookupFilters, conds: list[Any]) -> tuple[Any, Any]:
+def _newest_per_adapter(shape: _Shape, conds: list[Any]) -> tuple[Any, Any]:
     """By base or by text: each candidate adapter names its newest matching version, one probe down
     its (adapter_id, number) index until a version matches. Candidates are the adapters with versions
     on the bases (adapter_bases) and, with ``q``, those whose name holds the text or that have a
@@ -387,30 +477,27 @@ def _newest_per_adapter(filters: LookupFilters, conds: list[Any]) -> tuple[Any, 
         )
 
     candidates = []
-    if filters.base_ids is not None:
-        on_base = select(AdapterBase.adapter_id).where(AdapterBase.base_model_id.in_(_all_base_ids(filters)))
+    if shape.base:
+        on_base = select(AdapterBase.adapter_id).where(AdapterBase.base_model_id.in_(bindparam("base_ids", expanding=True)))
         candidates.append(Adapter.id.in_(on_base))
     vid = newest()
-    if filters.q:
-        pattern = _search_pattern(filters.q)
+    if shape.q:
+        q = _bound("q", String)
         candidates.append(Adapter.id.in_(union(
-            select(_NAMED.id).where(_NAMED.search_name.like(pattern, escape="\\")),
-            select(_SAID.adapter_id).where(_SAID.search_text.like(pattern, escape="\\")),
+            select(_NAMED.id).where(_NAMED.search_name.like(q, escape="\\")),
+            select(_SAID.adapter_id).where(_SAID.search_text.like(q, escape="\\")),
         )))
         # an adapter whose name matches answers its newest version as by base (every version
         # matches: the walk stops at the first); any other, its newest whose message matches
-        vid = case(
-            (Adapter.search_name.like(pattern, escape="\\"), vid),
-            else_=newest(Version.search_text.like(pattern, escape="\\")),
-        )
+        vid = case((Adapter.search_name.like(q, escape="\\"), vid), else_=newest(Version.search_text.like(q, escape="\\")))
     # OFFSET 0 keeps the planner from inlining the subquery: each adapter's probe runs once, not once
     # per reference to its result (the filter, the metric, the sort)
-    picked = select(vid.label("vid")).where(*candidates, *_adapter_conditions(filters)).offset(0).subquery()
+    picked = select(vid.label("vid")).where(*candidates, *_adapter_conditions(shape)).offset(0).subquery()
     columns = [picked.c.vid]
-    if filters.metric:
+    if shape.metric:
         columns.append(
             select(MetricLatest.value)
-            .where(MetricLatest.version_id == picked.c.vid, MetricLatest.key == filters.metric)
+            .where(MetricLatest.version_id == picked.c.vid, MetricLatest.key == _bound("metric", String))
             .scalar_subquery()
             .label("mv")
         )
@@ -994,9 +1081,9 @@ class AdapterService:
             if filters.base is not None:
                 base_ids, layout_ids = resolve.base_ids(session, filters.base)
                 filters = replace(filters, base=None, base_ids=base_ids, layout_base_ids=layout_ids)
-            query, by_metric = _lookup_query(filters, cursor, limit)
-            rows = session.execute(query).all()
-            return self._lookup_page(session, rows, limit, filters.base_ids, by_metric)
+            shape, params = _shape_and_params(filters, cursor, limit)
+            rows = session.execute(_lookup_statement(shape), params).all()
+            return self._lookup_page(session, rows, limit, filters.base_ids, shape.metric)
 
     def _lookup_page(
         self, session: Session, rows: list[Any], limit: int, base_ids: tuple[int, ...] | None, by_metric: bool
