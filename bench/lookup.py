@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import sys
 import tempfile
 import time
@@ -182,14 +183,17 @@ def floor_app(url: str) -> Any:
 
 def timed(calls: dict[Any, Callable[[], Any]], repeat: int) -> dict[Any, list[float]]:
     """Seconds per call of each of ``calls``, round-robin: every round runs each once, so a burst of
-    load on a shared machine falls on all of them alike and the ratios stay fair."""
+    load on a shared machine falls on all of them alike and the ratios stay fair; in a new order each
+    round, so none always follows the same heavy call (the floor's window over 10,000 versions)."""
     for fn in calls.values():
         fn()  # warm
     out: dict[Any, list[float]] = {k: [] for k in calls}
+    order, shuffle = list(calls), random.Random(16).shuffle
     for _ in range(repeat):
-        for key, fn in calls.items():
+        shuffle(order)
+        for key in order:
             t = time.perf_counter()
-            fn()
+            calls[key]()
             out[key].append(time.perf_counter() - t)
     return out
 
