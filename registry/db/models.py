@@ -50,6 +50,13 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def trigram_index(name: str, column: str) -> Index:
+    """A trigram GIN index for substring matches (LIKE '%text%') on Postgres; SQLite scans."""
+    return Index(name, column, postgresql_using="gin", postgresql_ops={column: "gin_trgm_ops"}).ddl_if(
+        dialect="postgresql"
+    )
+
+
 def digest_check(column: str) -> CheckConstraint:
     # LIKE, not a regex: it must run on SQLite and Postgres alike; the API validates the full form.
     return CheckConstraint(f"{column} LIKE 'sha256:%' AND length({column}) = {DIGEST_LEN}", name=f"{column}_sha256")
@@ -85,12 +92,7 @@ class Adapter(OrmBase):
         UniqueConstraint("namespace", "name"),
         # ?q= matches names here, a table of adapters, not of versions: a name's trigrams would
         # otherwise sit in the index once per version, and common ones cost the whole table
-        Index(
-            "ix_adapters_search_name_trgm",
-            "search_name",
-            postgresql_using="gin",
-            postgresql_ops={"search_name": "gin_trgm_ops"},
-        ).ddl_if(dialect="postgresql"),
+        trigram_index("ix_adapters_search_name_trgm", "search_name"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -188,12 +190,7 @@ class Version(OrmBase):
         # window and the rank filters read: an index-only scan, no visit to the wide rows
         Index("ix_versions_base_adapter_number", "base_model_id", "adapter_id", "number", "rank_min", "rank_max", "id"),
         # lookups' ?q= is a substring match: trigram indexes serve it on Postgres (SQLite scans)
-        Index(
-            "ix_versions_search_text_trgm",
-            "search_text",
-            postgresql_using="gin",
-            postgresql_ops={"search_text": "gin_trgm_ops"},
-        ).ddl_if(dialect="postgresql"),
+        trigram_index("ix_versions_search_text_trgm", "search_text"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
